@@ -1,0 +1,150 @@
+"""Benchmark of multi-scale deformable attention: forward and forward+backward of
+every available backend on the shapes of ../shared/shapes.md.
+
+    python bench/bench_msda.py                       # GPU if present, else CPU (queries scaled to 1/4)
+    python bench/bench_msda.py --device cpu --batch 2 --query-scale 0.25 --dtype float32
+
+Prints a table (ms, achieved GB/s, ratio to the memory floor) and appends the
+numbers to bench/results/msda_<device>.jsonl with device, versions and commit.
+The memory floor is the bytes of value, locations, weights and output moved
+once, over the copy bandwidth measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import copy_bandwidth_gbs, device_name, environment, format_table, progress, time_ms, write_results  # noqa: E402
+
+import piip_kernels  # noqa: E402
+from piip_kernels.msda.api import BACKENDS  # noqa: E402
+from piip_kernels.msda.reference import ms_deform_attn_reference  # noqa: E402
+
+# (name, queries, level grids, heads, head dim, points); PIIP interactions use 1 level,
+# 16 heads, 4 points (shapes.md); the last row is a Deformable DETR encoder.
+SHAPES = [
+    ("SBL 1764q 70x70 D32", 1764, [(70, 70)], 16, 32, 4),
+    ("SBL 4900q 42x42 D24", 4900, [(42, 42)], 16, 24, 4),
+    ("SBL 4900q 98x98 D24", 4900, [(98, 98)], 16, 24, 4),
+    ("SBL 9604q 70x70 D12", 9604, [(70, 70)], 16, 12, 4),
+    ("cls 144q 8x8 D12", 144, [(8, 8)], 16, 12, 4),
+    ("DETR enc 4 levels D32", 20197, [(100, 152), (50, 76), (25, 38), (13, 19)], 8, 32, 4),
+]
+
+
+def make_inputs(batch, Lq, grids, M, D, P, dtype, device, seed):
+    """Realistic inputs: queries on a regular grid, offsets of a few pixels, softmaxed weights."""
+    g = torch.Generator().manual_seed(seed)
+    L = len(grids)
+    S = sum(h * w for h, w in grids)
+    side = math.ceil(math.sqrt(Lq))
+    idx = torch.arange(Lq)
+    ref = torch.stack([(idx % side + 0.5) / side, (idx // side + 0.5) / side], -1)  # [Lq, 2]
+    wh = torch.tensor([[w, h] for h, w in grids], dtype=torch.float32)  # [L, 2]
+    offsets = torch.randn(batch, Lq, M, L, P, 2, generator=g) * 2.0 / wh[None, None, None, :, None, :]
+    loc = ref[None, :, None, None, None, :] + offsets
+    attn = torch.randn(batch, Lq, M, L * P, generator=g).softmax(-1).view(batch, Lq, M, L, P)
+    value = torch.randn(batch, S, M, D, generator=g)
+    shapes = torch.tensor(grids, dtype=torch.long)
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
+    loc_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    return [value.to(device, dtype), shapes.to(device), starts.to(device), loc.to(device, loc_dtype), attn.to(device, loc_dtype)]
+
+
+def floor_bytes(inputs, out_elems):
+    value, _, _, loc, attn = inputs
+    return value.numel() * value.element_size() + loc.numel() * loc.element_size() + attn.numel() * attn.element_size() + out_elems * value.element_size()
+
+
+def runners(device):
+    """name -> function(value, shapes, starts, loc, attn) for every backend that can run here."""
+    out = {}
+    for name in ("reference", "cpu", "cuda", "triton"):
+        if not BACKENDS[name](device, torch.float32):
+            out[name] = (lambda n: lambda *a: piip_kernels.ms_deform_attn(*a, backend=n))(name)
+    if device.type == "cuda":
+        out["compiled reference"] = torch.compile(ms_deform_attn_reference, dynamic=False)
+    return out
+
+
+def bench_one(fn, inputs, device, backward):
+    value, shapes, starts, loc, attn = inputs
+    if not backward:
+        with torch.no_grad():
+            return time_ms(lambda: fn(value, shapes, starts, loc, attn), device)
+    leaves = [t.detach().requires_grad_(True) for t in (value, loc, attn)]
+    grad = torch.randn(value.shape[0], loc.shape[1], value.shape[2] * value.shape[3], device=device, dtype=value.dtype)
+
+    def step():
+        # autograd.grad, not backward(): accumulating into .grad would add a
+        # full read-modify-write of value to every backend's time.
+        out = fn(leaves[0], shapes, starts, leaves[1], leaves[2])
+        torch.autograd.grad(out, leaves, grad)
+
+    return time_ms(step, device)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, nargs="+", default=None, help="default: 2 8 on a GPU, 2 on the CPU")
+    p.add_argument("--dtype", nargs="+", default=None, help="default: float32 bfloat16 on a GPU, float32 on the CPU")
+    p.add_argument("--query-scale", type=float, default=None, help="scale the query counts (default 1 on a GPU, 0.25 on the CPU)")
+    p.add_argument("--shapes", nargs="*", default=None, help="substrings selecting shape rows")
+    p.add_argument("--sets", type=int, default=2, help="input sets per case (median over them)")
+    p.add_argument("--no-save", action="store_true")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    batches = args.batch or ([2, 8] if gpu else [2])
+    dtypes = [getattr(torch, d) for d in (args.dtype or (["float32", "bfloat16"] if gpu else ["float32"]))]
+    scale = args.query_scale if args.query_scale is not None else (1.0 if gpu else 0.25)
+    shapes = [s for s in SHAPES if not args.shapes or any(k in s[0] for k in args.shapes)]
+    if not gpu:
+        shapes = [s for s in shapes if not s[0].startswith("DETR")] if args.shapes is None else shapes
+    bw = copy_bandwidth_gbs(device)
+    progress(f"device: {device_name(device)}; copy bandwidth {bw:.0f} GB/s")
+    fns = runners(device)
+    rows = []
+    for batch in batches:
+        for dtype in dtypes:
+            for name, Lq, grids, M, D, P in shapes:
+                Lq = max(1, round(Lq * scale))
+                sets = [make_inputs(batch, Lq, grids, M, D, P, dtype, device, seed) for seed in range(args.sets)]
+                fbytes = floor_bytes(sets[0], batch * Lq * M * D)
+                floor_ms = fbytes / (bw * 1e9) * 1e3
+                for backend, fn in fns.items():
+                    progress(f"  batch {batch} {str(dtype)[6:]} {name} ({Lq} queries): {backend}")
+                    fwd = sorted(bench_one(fn, s, device, False) for s in sets)[len(sets) // 2]
+                    fb = sorted(bench_one(fn, s, device, True) for s in sets)[len(sets) // 2]
+                    rows.append({
+                        "case": name, "batch": batch, "queries": Lq, "dtype": str(dtype)[6:], "backend": backend,
+                        "fwd_ms": fwd, "fwd_bwd_ms": fb, "fwd_GBps": fbytes / (fwd * 1e-3) / 1e9,
+                        "fwd_x_floor": fwd / floor_ms, "floor_ms": floor_ms,
+                    })
+    # Speed-up of each backend over the reference, same case.
+    ref = {(r["case"], r["batch"], r["dtype"]): r for r in rows if r["backend"] == "reference"}
+    for r in rows:
+        base = ref.get((r["case"], r["batch"], r["dtype"]))
+        if base:
+            r["fwd_speedup"] = base["fwd_ms"] / r["fwd_ms"]
+            r["fwd_bwd_speedup"] = base["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+    cols = ["case", "batch", "queries", "dtype", "backend", "fwd_ms", "fwd_bwd_ms", "fwd_GBps", "fwd_x_floor", "fwd_speedup", "fwd_bwd_speedup"]
+    table = format_table(rows, cols)
+    env = environment()
+    env["device"] = device_name(device)
+    env["copy_bandwidth_GBps"] = round(bw, 1)
+    if not args.no_save:
+        path = write_results(f"msda_{device.type}", env, rows, table)
+        progress(f"results appended to {path}")
+    print(table)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

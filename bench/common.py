@@ -1,0 +1,114 @@
+"""Shared benchmark protocol: timing, environment description, result files.
+
+Protocol: warm-up calls, then the median of many timed repetitions (CUDA
+events on a GPU, perf_counter on the CPU), over several input sets. Results
+are appended to bench/results/ as JSON lines with the device, versions and
+git commit, so numbers are always traceable.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def environment() -> dict:
+    """Device, versions and commit of this run."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=RESULTS.parent).stdout.strip())
+    except OSError:
+        commit, dirty = "unknown", False
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit + ("-dirty" if dirty else ""),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def time_ms(fn, device: torch.device, warmup: int = 3, reps: int = 20, budget_s: float = 2.0) -> float:
+    """Median wall time of fn() in milliseconds; reps shrink to fit budget_s."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+    times = []
+    deadline = time.perf_counter() + budget_s
+    for i in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+        if i >= 2 and time.perf_counter() > deadline:
+            break
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 28) -> float:
+    """Measured device-to-device copy bandwidth (read + write), GB/s."""
+    n = nbytes // 4 if device.type == "cuda" else nbytes // 16
+    src = torch.empty(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, reps=30)
+    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def write_results(name: str, env: dict, rows: list[dict], table: str) -> Path:
+    """Appends one JSON record to results/<name>.jsonl and rewrites results/<name>.md with the latest table."""
+    RESULTS.mkdir(exist_ok=True)
+    record = {"env": env, "rows": rows}
+    path = RESULTS / f"{name}.jsonl"
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    header = "\n".join(f"- {k}: {v}" for k, v in env.items())
+    (RESULTS / f"{name}.md").write_text(f"# {name}\n\n{header}\n\n{table}\n")
+    return path
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    """Markdown table of the given columns."""
+    def fmt(v):
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

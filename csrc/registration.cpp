@@ -1,0 +1,25 @@
+// Schemas of the private kernel entry points, and the Python module stub.
+//
+// The public ops (piip::*) are defined in piip_kernels/ops.py together with
+// their fake kernels, autograd and FLOP formulas; they call these private
+// entry points for the compiled backends. Each kernel file registers its own
+// implementation with TORCH_LIBRARY_IMPL(piip_C, <CPU|CUDA>, m).
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(piip_C, m) {
+  m.def(
+      "msda_forward(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
+      "Tensor sampling_locations, Tensor attention_weights) -> Tensor");
+  m.def(
+      "msda_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
+      "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights) "
+      "-> (Tensor, Tensor, Tensor)");
+}
+
+// `import piip_kernels._C` loads this library (and with it the registrations
+// above); the module itself has no Python-level members.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&def);
+}

@@ -1,0 +1,17 @@
+"""piip-kernels: fast, faithful kernels for Parameter-Inverted Image Pyramid networks.
+
+Ops (each with a plain-PyTorch reference and compiled backends):
+  ms_deform_attn   multi-scale deformable attention (Deformable DETR / ViT-Adapter / PIIP)
+
+Modules:
+  MSDeformAttn     drop-in replacement of the Deformable DETR module (same parameter names)
+
+Set ``PIIP_KERNELS_BACKEND=reference|cpu|cuda|triton`` to force a backend;
+``backend_report()`` prints which backends can run here and why not.
+"""
+from . import ops  # noqa: F401  (registers the torch.library ops)
+from .backends import backend_report
+from .msda import MSDeformAttn, ms_deform_attn, ms_deform_attn_reference
+
+__version__ = "0.1.0"
+__all__ = ["ms_deform_attn", "ms_deform_attn_reference", "MSDeformAttn", "backend_report", "__version__"]

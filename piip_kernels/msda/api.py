@@ -1,0 +1,122 @@
+"""Public multi-scale deformable attention: input checks, backend choice, dispatch."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from ..ops import ms_deform_attn_op
+from .reference import ms_deform_attn_reference
+
+OP = "ms_deform_attn"
+_HALF = (torch.float16, torch.bfloat16)
+
+BACKENDS: dict[str, backends.WhyNot] = {
+    "reference": lambda device, dtype: backends.float_reasons(dtype),
+    "cpu": lambda device, dtype: backends.compiled_reasons("msda_forward", device, "cpu") + backends.float_reasons(dtype),
+    "cuda": lambda device, dtype: backends.compiled_reasons("msda_forward", device, "cuda") + backends.float_reasons(dtype),
+    "triton": lambda device, dtype: backends.triton_reasons(device, implemented=False),
+}
+backends.register_op(OP, BACKENDS)
+
+
+def _shape_error(name: str, expected: str, got: Tensor) -> ValueError:
+    return ValueError(f"{OP}: {name} must be {expected}, got shape {tuple(got.shape)} ({got.dtype})")
+
+
+def check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """Validates shapes, dtypes and devices; returns the inputs with index tensors as int64
+    and locations/weights in a dtype the kernels take (their own, or fp32 beside 16-bit values).
+
+    Value-dependent checks (levels tile ``value``) run in :func:`check_levels`.
+    """
+    names = ("value", "spatial_shapes", "level_start_index", "sampling_locations", "attention_weights")
+    args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    for name, t in zip(names, args):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if value.dim() != 4 or not value.is_floating_point():
+        raise _shape_error("value", "a floating tensor [N, S, M, D]", value)
+    N, S, M, D = value.shape
+    if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2 or not sampling_locations.is_floating_point():
+        raise _shape_error("sampling_locations", "a floating tensor [N, Lq, M, L, P, 2]", sampling_locations)
+    Nl, Lq, Ml, L, P, _ = sampling_locations.shape
+    if (Nl, Ml) != (N, M):
+        raise ValueError(
+            f"{OP}: sampling_locations {tuple(sampling_locations.shape)} must have N={N} and M={M} "
+            f"like value {tuple(value.shape)}"
+        )
+    if tuple(attention_weights.shape) != (N, Lq, M, L, P) or not attention_weights.is_floating_point():
+        raise _shape_error("attention_weights", f"a floating tensor [N, Lq, M, L, P] = {(N, Lq, M, L, P)}", attention_weights)
+    if L == 0:
+        raise ValueError(f"{OP}: at least one level is needed (sampling_locations has L = 0)")
+    if tuple(spatial_shapes.shape) != (L, 2) or spatial_shapes.is_floating_point() or spatial_shapes.is_complex():
+        raise _shape_error("spatial_shapes", f"an integer tensor [L, 2] = {(L, 2)} of (H, W)", spatial_shapes)
+    if tuple(level_start_index.shape) != (L,) or level_start_index.is_floating_point() or level_start_index.is_complex():
+        raise _shape_error("level_start_index", f"an integer tensor [L] = {(L,)}", level_start_index)
+    devices = {name: t.device for name, t in zip(names, args)}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"{OP}: all inputs must be on one device, got " + ", ".join(f"{k}: {v}" for k, v in devices.items()))
+
+    spatial_shapes = spatial_shapes.long()
+    level_start_index = level_start_index.long()
+    # Locations and weights share one dtype: their own if it matches value, fp32 beside
+    # 16-bit values (keeps sub-pixel precision), value's dtype otherwise.
+    loc_dtype = torch.promote_types(sampling_locations.dtype, attention_weights.dtype)
+    if loc_dtype != value.dtype and not (value.dtype in _HALF and loc_dtype == torch.float32):
+        loc_dtype = torch.float32 if value.dtype in _HALF else value.dtype
+    return value, spatial_shapes, level_start_index, sampling_locations.to(loc_dtype), attention_weights.to(loc_dtype)
+
+
+def check_levels(spatial_shapes: Tensor, level_start_index: Tensor, S: int) -> None:
+    """Checks that the levels are non-empty and tile the S rows of value in order."""
+    shapes = spatial_shapes.tolist()
+    starts = level_start_index.tolist()
+    total = 0
+    for lvl, ((H, W), start) in enumerate(zip(shapes, starts)):
+        if H <= 0 or W <= 0:
+            raise ValueError(f"{OP}: level {lvl} is empty or negative: spatial_shapes[{lvl}] = ({H}, {W})")
+        if start != total:
+            raise ValueError(f"{OP}: level_start_index[{lvl}] = {start}, but the levels before it cover {total} rows")
+        total += H * W
+    if total != S:
+        raise ValueError(f"{OP}: spatial_shapes {shapes} cover {total} rows, but value has S = {S}")
+
+
+def ms_deform_attn(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """Multi-scale deformable attention (Deformable DETR), differentiable in value,
+    sampling_locations and attention_weights.
+
+    Args:
+        value: [N, S, M, D] float32/float64/float16/bfloat16; S = sum of H_l * W_l.
+        spatial_shapes: [L, 2] integer, (H_l, W_l) of each level.
+        level_start_index: [L] integer, first row of each level in ``value``.
+        sampling_locations: [N, Lq, M, L, P, 2], normalised (x, y) in [0, 1]; points
+            outside read zeros (``grid_sample`` with ``align_corners=False``, zero padding).
+        attention_weights: [N, Lq, M, L, P].
+        backend: "reference", "cpu", "cuda" or "triton"; default: ``PIIP_KERNELS_BACKEND``
+            if set, else the fastest available for the device. A requested backend
+            that cannot run raises RuntimeError with the reasons.
+
+    Returns:
+        [N, Lq, M * D] in value's dtype (accumulated in fp32, fp64 for fp64 inputs).
+    """
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = check_inputs(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    )
+    if not torch.compiler.is_compiling():
+        # Needs the tensors' values; under torch.compile the compiled kernels check
+        # the same at run time instead.
+        check_levels(spatial_shapes, level_start_index, value.shape[1])
+    name = backends.select(OP, BACKENDS, value.device, value.dtype, backend)
+    if name == "reference":
+        return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return ms_deform_attn_op(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, name)

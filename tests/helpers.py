@@ -1,0 +1,83 @@
+"""Shared test helpers: random MSDA inputs and tolerances derived from a float64 reference."""
+from __future__ import annotations
+
+import torch
+
+from piip_kernels.msda.reference import ms_deform_attn_reference
+
+
+def level_starts(shapes: list[tuple[int, int]]) -> torch.Tensor:
+    starts, total = [], 0
+    for h, w in shapes:
+        starts.append(total)
+        total += h * w
+    return torch.tensor(starts, dtype=torch.long)
+
+
+def msda_inputs(shapes, N=2, Lq=7, M=3, D=6, P=2, dtype=torch.float32, loc_dtype=None, outside=0.25, seed=0):
+    """Random inputs; about ``outside`` of the locations fall outside [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    L = len(shapes)
+    S = sum(h * w for h, w in shapes)
+    value = torch.randn(N, S, M, D, generator=g, dtype=torch.float64)
+    # Spread of [-m, 1+m] puts the wanted fraction outside the unit interval on one axis or the other.
+    m = outside / 2
+    loc = torch.rand(N, Lq, M, L, P, 2, generator=g, dtype=torch.float64) * (1 + 2 * m) - m
+    attn = torch.rand(N, Lq, M, L, P, generator=g, dtype=torch.float64)
+    attn = attn / attn.sum((-1, -2), keepdim=True)
+    loc_dtype = loc_dtype or dtype
+    return (
+        value.to(dtype),
+        torch.tensor(shapes, dtype=torch.long),
+        level_starts(shapes),
+        loc.to(loc_dtype),
+        attn.to(loc_dtype),
+    )
+
+
+def run_with_grads(fn, inputs, grad_out=None, seed=1):
+    """Output and gradients w.r.t. value, locations and weights of fn(*inputs)."""
+    value, shapes, starts, loc, attn = (t.detach().clone() for t in inputs)
+    for t in (value, loc, attn):
+        t.requires_grad_(True)
+    out = fn(value, shapes, starts, loc, attn)
+    if grad_out is None:
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    grads = torch.autograd.grad(out, (value, loc, attn), grad_out.to(out.dtype))
+    return [out.detach()] + [g.detach() for g in grads], grad_out
+
+
+def reference64(inputs, grad_out):
+    inputs64 = [t.double() if t.is_floating_point() else t for t in inputs]
+    return run_with_grads(ms_deform_attn_reference, inputs64, grad_out)[0]
+
+
+def assert_derived_close(name, got, ref_lowp, ref64, factor=2.0, floor=1e-6):
+    """``got`` may be at most ``factor`` times as far from the float64 truth as the
+    reference evaluated in the same precision, plus a floor relative to the scale."""
+    scale = ref64.abs().max().item() + 1e-30
+    err = (got.double() - ref64).abs().max().item()
+    err_ref = (ref_lowp.double() - ref64).abs().max().item()
+    bound = factor * err_ref + floor * scale
+    assert err <= bound, f"{name}: max error {err:.3e} > {bound:.3e} (reference in same dtype: {err_ref:.3e}, scale {scale:.3e})"
+
+
+def official_fixture(name: str) -> dict:
+    """Loads ../shared/fixtures/official/<name> (or $PIIP_FIXTURES/<name>).
+
+    Skips when the folder is absent (a plain clone has no fixtures) unless
+    PIIP_REQUIRE_FIXTURES=1, which CI sets so a missing fixture fails loudly.
+    """
+    import os
+    from pathlib import Path
+
+    import pytest
+
+    root = Path(os.environ.get("PIIP_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official"))
+    path = root / name
+    if not path.exists():
+        msg = f"official fixture {path} not found"
+        if os.environ.get("PIIP_REQUIRE_FIXTURES") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return torch.load(path, weights_only=True)

@@ -1,0 +1,278 @@
+"""Multi-scale deformable attention: every backend against a float64 reference."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import piip_kernels
+from piip_kernels import ms_deform_attn
+from piip_kernels.msda.reference import ms_deform_attn_reference
+
+from helpers import assert_derived_close, msda_inputs, official_fixture, reference64, run_with_grads
+
+CPU_REASONS = piip_kernels.msda.api.BACKENDS["cpu"](torch.device("cpu"), torch.float32)
+needs_cpu_kernel = pytest.mark.skipif(bool(CPU_REASONS) and os.environ.get("PIIP_REQUIRE_EXT") != "1", reason="; ".join(CPU_REASONS))
+
+CASES = [
+    # (level shapes, Lq, M, D, P)
+    ([(5, 7)], 9, 2, 1, 3),
+    ([(7, 11), (3, 5)], 13, 3, 6, 2),
+    ([(1, 1), (2, 3), (13, 17)], 5, 2, 12, 4),
+    ([(11, 13)], 8, 4, 24, 4),
+    ([(6, 7), (3, 5), (1, 1), (2, 2)], 6, 2, 32, 3),
+    ([(9, 5)], 4, 1, 100, 2),
+]
+
+
+def cpu_backend(*args):
+    return ms_deform_attn(*args, backend="cpu")
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"L{len(c[0])}-D{c[3]}")
+def test_cpu_matches_float64_reference(case, dtype):
+    shapes, Lq, M, D, P = case
+    inputs = msda_inputs(shapes, Lq=Lq, M=M, D=D, P=P, dtype=dtype, outside=0.4)
+    got, grad_out = run_with_grads(cpu_backend, inputs)
+    ref_lowp, _ = run_with_grads(ms_deform_attn_reference, inputs, grad_out)
+    truth = reference64(inputs, grad_out)
+    for name, g, r, t in zip(["out", "grad_value", "grad_loc", "grad_attn"], got, ref_lowp, truth):
+        assert g.dtype == r.dtype
+        floor = 1e-12 if dtype == torch.float64 else 1e-6
+        assert_derived_close(name, g, r, t, floor=floor)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype,loc_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.bfloat16, torch.float32), (torch.float16, torch.float32)])
+def test_cpu_half_precision_accumulates_in_fp32(dtype, loc_dtype):
+    inputs = msda_inputs([(7, 11), (3, 5)], Lq=11, M=2, D=24, P=4, dtype=dtype, loc_dtype=loc_dtype)
+    got, grad_out = run_with_grads(cpu_backend, inputs)
+    ref_lowp, _ = run_with_grads(ms_deform_attn_reference, inputs, grad_out)
+    truth = reference64(inputs, grad_out)
+    assert got[0].dtype == dtype and got[2].dtype == loc_dtype
+    for name, g, r, t in zip(["out", "grad_value", "grad_loc", "grad_attn"], got, ref_lowp, truth):
+        assert_derived_close(name, g, r, t, floor=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpu_kernel)])
+def test_gradcheck_float64(backend):
+    value, shapes, starts, loc, attn = msda_inputs([(3, 4), (2, 1)], N=1, Lq=3, M=2, D=3, P=2, dtype=torch.float64, outside=0.5)
+    # Keep locations away from pixel centres' kinks by a random offset (grid_sample is piecewise linear).
+    value.requires_grad_(True), loc.requires_grad_(True), attn.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda v, l, a: ms_deform_attn(v, shapes, starts, l, a, backend=backend), (value, loc, attn), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpu_kernel)])
+def test_official_core_fixture(backend):
+    fx = official_fixture("msda_core.pt")
+    i, o = fx["inputs"], fx["outputs"]
+    args = (i["value"], i["spatial_shapes"], i["level_start_index"], i["sampling_locations"], i["attention_weights"])
+    (out, gv, gl, ga), _ = run_with_grads(lambda *a: ms_deform_attn(*a, backend=backend), args, i["grad_output_G"])
+    for got, want in [(out, o["output"]), (gv, o["grad_value"]), (gl, o["grad_sampling_locations"]), (ga, o["grad_attention_weights"])]:
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12 * max(1.0, want.abs().max().item()))
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpu_kernel)])
+def test_official_module_fixture(backend):
+    fx = official_fixture("msda_module.pt")
+    cfg, i, o = fx["config"], fx["inputs"], fx["outputs"]
+    module = piip_kernels.MSDeformAttn(**cfg["official_kwargs"], backend=backend)
+    module.load_state_dict(fx["state_dict"], strict=True)
+    with torch.no_grad():
+        out = module(i["query"], i["reference_points"], i["input_flatten"], i["spatial_shapes"], i["level_start_index"])
+        loc, weights = module.sampling(i["query"], i["reference_points"], i["spatial_shapes"])
+    scale = o["output"].abs().max().item()
+    torch.testing.assert_close(loc, o["sampling_locations"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(weights, o["attention_weights"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(out, o["output"], rtol=0, atol=1e-5 * scale)
+
+
+@needs_cpu_kernel
+def test_non_contiguous_inputs():
+    value, shapes, starts, loc, attn = msda_inputs([(5, 6), (2, 3)], Lq=5, M=2, D=8, P=3)
+    # Same values, strided storage.
+    value_nc = value.transpose(2, 3).contiguous().transpose(2, 3)
+    loc_nc = loc.permute(5, 0, 1, 2, 3, 4).contiguous().permute(1, 2, 3, 4, 5, 0)
+    attn_nc = attn.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not (value_nc.is_contiguous() or loc_nc.is_contiguous() or attn_nc.is_contiguous())
+    want = ms_deform_attn(value, shapes, starts, loc, attn, backend="cpu")
+    got = ms_deform_attn(value_nc, shapes, starts, loc_nc, attn_nc, backend="cpu")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@needs_cpu_kernel
+def test_cpu_backward_is_deterministic_across_thread_counts():
+    inputs = msda_inputs([(13, 17), (5, 3)], N=2, Lq=40, M=4, D=16, P=4)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            results.append(run_with_grads(cpu_backend, inputs)[0])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@needs_cpu_kernel
+def test_nan_locations_read_zeros_like_grid_sample():
+    value, shapes, starts, loc, attn = msda_inputs([(4, 4)], N=1, Lq=3, M=1, D=4, P=2)
+    loc[0, 1] = float("nan")
+    out = ms_deform_attn(value, shapes, starts, loc, attn, backend="cpu")
+    assert torch.isfinite(out[0, 0]).all() and torch.isfinite(out[0, 2]).all()
+    # A point at NaN contributes nothing.
+    assert torch.equal(out[0, 1], torch.zeros_like(out[0, 1]))
+
+
+@needs_cpu_kernel
+def test_flat_index_beyond_int32():
+    """The second level starts past 2**31 elements: offsets must be 64-bit."""
+    big = (1 << 16, (1 << 15) + 1)  # 2**31 + 2**16 rows of D = 1
+    small = (3, 5)
+    S = big[0] * big[1] + small[0] * small[1]
+    value = torch.empty(1, S, 1, 1, dtype=torch.bfloat16)  # untouched pages cost no memory
+    tail = torch.randn(small[0] * small[1], dtype=torch.float64)
+    value[0, -tail.numel():, 0, 0] = tail.to(torch.bfloat16)
+    shapes = torch.tensor([big, small])
+    starts = torch.tensor([0, big[0] * big[1]])
+    g = torch.Generator().manual_seed(3)
+    loc = torch.rand(1, 6, 1, 2, 2, 2, generator=g)
+    loc[:, :, :, 0] = -5.0  # the huge level is never read (its memory is uninitialised)
+    attn = torch.rand(1, 6, 1, 2, 2, generator=g)
+    got = ms_deform_attn(value, shapes, starts, loc, attn, backend="cpu")
+    small_value = value[:, -tail.numel():].float()
+    want = ms_deform_attn(small_value, shapes[1:], starts[:1], loc[:, :, :, 1:].contiguous(), attn[:, :, :, 1:].contiguous(), backend="reference")
+    torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
+
+
+# --- torch.library registration ---------------------------------------------
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(dtype):
+    value, shapes, starts, loc, attn = msda_inputs([(5, 6), (2, 3)], Lq=4, M=2, D=5, P=2, dtype=dtype)
+    for t in (value, loc, attn):
+        t.requires_grad_(True)
+    torch.library.opcheck(torch.ops.piip.ms_deform_attn.default, (value, shapes, starts, loc, attn, "cpu"))
+
+
+@needs_cpu_kernel
+def test_torch_compile_fullgraph_forward_and_backward():
+    inputs = msda_inputs([(6, 5), (3, 2)], Lq=6, M=2, D=4, P=2)
+
+    def f(value, shapes, starts, loc, attn):
+        return (ms_deform_attn(value, shapes, starts, loc, attn, backend="cpu") * 2).sin()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    want, grad_out = run_with_grads(f, inputs)
+    got, _ = run_with_grads(compiled, inputs, grad_out)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+@needs_cpu_kernel
+def test_flop_counter_uses_the_registered_formula():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    value, shapes, starts, loc, attn = msda_inputs([(5, 6), (2, 3)], N=2, Lq=4, M=3, D=5, P=2)
+    with FlopCounterMode(display=False) as counter:
+        ms_deform_attn(value, shapes, starts, loc, attn, backend="cpu")
+    # 5 MACs (4 corners + weight) per batch, query, head, level, point and channel; 2 FLOPs per MAC.
+    assert counter.get_total_flops() == 2 * 5 * 2 * 4 * 3 * 2 * 2 * 5
+
+
+# --- input validation and backend choice -------------------------------------
+
+def _bad_inputs():
+    ok = msda_inputs([(5, 6), (2, 3)], N=2, Lq=4, M=2, D=3, P=2)
+    value, shapes, starts, loc, attn = ok
+    yield "value must be", (value[0], shapes, starts, loc, attn)
+    yield "value must be", (value.long(), shapes, starts, loc, attn)
+    yield "must have N=2 and M=2", (value, shapes, starts, loc[:1], attn[:1])
+    yield "must have N=2 and M=1", (value[:, :, :1], shapes, starts, loc, attn)
+    yield "attention_weights must be", (value, shapes, starts, loc, attn[..., :1])
+    yield "sampling_locations must be", (value, shapes, starts, loc[..., :1], attn)
+    yield "spatial_shapes must be", (value, shapes[:1], starts, loc, attn)
+    yield "spatial_shapes must be", (value, shapes.float(), starts, loc, attn)
+    yield "level_start_index must be", (value, shapes, starts[:1], loc, attn)
+    yield "cover 36 rows, but value has S = 35", (value[:, :-1], shapes, starts, loc, attn)
+    yield "level_start_index\\[1\\] = 29", (value, shapes, starts - torch.tensor([0, 1]), loc, attn)
+    yield "level 1 is empty", (value, torch.tensor([[6, 6], [0, 3]]), torch.tensor([0, 36]), loc, attn)
+    yield "at least one level", (value, shapes[:0], starts[:0], loc[:, :, :, :0], attn[:, :, :, :0])
+    yield "one device", (value, shapes, starts, loc.to("meta"), attn)
+    yield "must be a torch.Tensor", (value, [[5, 6], [2, 3]], starts, loc, attn)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpu_kernel)])
+@pytest.mark.parametrize("match,args", list(_bad_inputs()), ids=[m for m, _ in _bad_inputs()])
+def test_bad_input_raises_clear_error(match, args, backend):
+    with pytest.raises(ValueError, match=match):
+        ms_deform_attn(*args, backend=backend)
+
+
+@needs_cpu_kernel
+def test_private_kernel_checks_levels_itself():
+    value, shapes, starts, loc, attn = msda_inputs([(5, 6), (2, 3)])
+    with pytest.raises(RuntimeError, match="cover"):
+        torch.ops.piip_C.msda_forward(value[:, :-1], shapes, starts, loc, attn)
+
+
+def test_unknown_and_unavailable_backends():
+    inputs = msda_inputs([(4, 4)])
+    with pytest.raises(ValueError, match="unknown backend argument 'fast'"):
+        ms_deform_attn(*inputs, backend="fast")
+    # An explicit request never falls back: the error lists the reasons.
+    with pytest.raises(RuntimeError, match="(?s)backend .cuda. cannot run on cpu.*needs cuda tensors"):
+        ms_deform_attn(*inputs, backend="cuda")
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot run"):
+        ms_deform_attn(*inputs, backend="triton")
+
+
+def test_environment_variable_forces_backend(monkeypatch):
+    inputs = msda_inputs([(4, 4)])
+    monkeypatch.setenv("PIIP_KERNELS_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run"):
+        ms_deform_attn(*inputs)
+    monkeypatch.setenv("PIIP_KERNELS_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="unknown PIIP_KERNELS_BACKEND 'nonsense'"):
+        ms_deform_attn(*inputs)
+    monkeypatch.setenv("PIIP_KERNELS_BACKEND", "reference")
+    torch.testing.assert_close(ms_deform_attn(*inputs), ms_deform_attn_reference(*inputs))
+
+
+@needs_cpu_kernel
+def test_default_backend_on_cpu_is_the_compiled_kernel(monkeypatch):
+    monkeypatch.delenv("PIIP_KERNELS_BACKEND", raising=False)
+    assert piip_kernels.backends.select("ms_deform_attn", piip_kernels.msda.api.BACKENDS, torch.device("cpu"), torch.float32, None) == "cpu"
+
+
+def test_backend_report_lists_every_backend(capsys):
+    text = piip_kernels.backend_report(devices=["cpu"])
+    for name in ("reference", "cpu", "cuda", "triton"):
+        assert f" {name} " in text
+    assert "ms_deform_attn" in capsys.readouterr().out
+
+
+def test_import_without_extension_falls_back_to_reference():
+    """With the compiled extension hidden, import works, one line says why, and the op runs."""
+    code = (
+        "import sys; sys.modules['piip_kernels._C'] = None\n"
+        "import torch, piip_kernels\n"
+        "from piip_kernels.msda.api import BACKENDS\n"
+        "print('CPU_REASONS', BACKENDS['cpu'](torch.device('cpu'), torch.float32))\n"
+        "v = torch.randn(1, 4, 1, 2); s = torch.tensor([[2, 2]]); i = torch.tensor([0])\n"
+        "out = piip_kernels.ms_deform_attn(v, s, i, torch.rand(1, 3, 1, 1, 2, 2), torch.rand(1, 3, 1, 1, 2))\n"
+        "print('SHAPE', tuple(out.shape))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PIIP_KERNELS_BACKEND"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "SHAPE (1, 3, 2)" in res.stdout
+    assert "compiled extension piip_kernels._C not available" in res.stdout
+    warnings = [line for line in res.stderr.splitlines() if "Falling back to the reference" in line]
+    assert len(warnings) == 1, res.stderr
