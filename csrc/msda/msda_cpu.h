@@ -30,11 +30,13 @@ struct Sizes {
 
 // Forward for the query rows [row_begin, row_end) of the flattened (N, Lq)
 // range. `acc` is caller-provided scratch of D elements (one per thread).
-template <typename T, typename U, typename acc_t>
+template <typename T, typename U, typename acc_t, int kD = 0>
 void forward_rows(const Sizes& z, const T* value, const int64_t* shapes, const int64_t* starts,
                   const U* loc, const U* attn, T* out, int64_t row_begin, int64_t row_end,
                   acc_t* acc) {
-  const int64_t D = z.D, M = z.M, L = z.L, P = z.P;
+  // kD > 0 fixes the head dim at compile time, so the channel loops unroll.
+  const int64_t D = kD > 0 ? kD : z.D;
+  const int64_t M = z.M, L = z.L, P = z.P;
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t n = row / z.Lq;
     for (int64_t m = 0; m < M; ++m) {
@@ -79,12 +81,14 @@ void forward_rows(const Sizes& z, const T* value, const int64_t* shapes, const i
 //   grad_value  [N, S, M, D]   (acc_t, zero-initialised by the caller)
 //   grad_loc    [N, Lq, M, L, P, 2], grad_attn [N, Lq, M, L, P]  (U, fully written here)
 // `g` is caller-provided scratch of D elements.
-template <typename T, typename U, typename acc_t>
+template <typename T, typename U, typename acc_t, int kD = 0>
 void backward_heads(const Sizes& z, const T* value, const int64_t* shapes, const int64_t* starts,
                     const U* loc, const U* attn, const T* grad_out, acc_t* grad_value,
                     U* grad_loc, U* grad_attn, int64_t n, int64_t m_begin, int64_t m_end,
                     acc_t* g) {
-  const int64_t D = z.D, M = z.M, L = z.L, P = z.P;
+  // kD > 0 fixes the head dim at compile time, so the channel loops unroll.
+  const int64_t D = kD > 0 ? kD : z.D;
+  const int64_t M = z.M, L = z.L, P = z.P;
   for (int64_t q = 0; q < z.Lq; ++q) {
     const int64_t row = n * z.Lq + q;
     for (int64_t m = m_begin; m < m_end; ++m) {
