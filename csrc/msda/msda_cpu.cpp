@@ -54,37 +54,36 @@ void zero_parallel(at::Tensor& t) {
   at::parallel_for(0, bytes, 1 << 18, [&](int64_t b, int64_t e) { std::memset(p + b, 0, e - b); });
 }
 
+// The five inputs as the torch-free kernels take them (tensors already contiguous).
+struct Args {
+  at::Tensor value, shapes, starts, loc, attn;
+
+  template <typename T, typename U>
+  Inputs<T, U> get() const {
+    return {value.const_data_ptr<T>(), shapes.const_data_ptr<int64_t>(),
+            starts.const_data_ptr<int64_t>(), loc.const_data_ptr<U>(), attn.const_data_ptr<U>()};
+  }
+};
+
 template <typename T, typename U>
-void forward_impl(const Sizes& z, const at::Tensor& value, const at::Tensor& shapes,
-                  const at::Tensor& starts, const at::Tensor& loc, const at::Tensor& attn,
-                  at::Tensor& out) {
+void forward_impl(const Sizes& z, const Args& args, at::Tensor& out) {
   using acc_t = typename Acc<T>::type;
-  const T* v = value.const_data_ptr<T>();
-  const U* lp = loc.const_data_ptr<U>();
-  const U* ap = attn.const_data_ptr<U>();
-  const int64_t* sp = shapes.const_data_ptr<int64_t>();
-  const int64_t* st = starts.const_data_ptr<int64_t>();
+  const Inputs<T, U> in = args.get<T, U>();
   T* o = out.mutable_data_ptr<T>();
   at::parallel_for(0, z.N * z.Lq, grain(z.M * z.L * z.P * 4 * z.D), [&](int64_t b, int64_t e) {
     std::vector<acc_t> acc(z.D);
     with_head_dim(z.D, [&]<int kD>() {
-      forward_rows<T, U, acc_t, kD>(z, v, sp, st, lp, ap, o, b, e, acc.data());
+      forward_rows<T, U, acc_t, kD>(z, in, o, b, e, acc.data());
     });
   });
 }
 
 template <typename T, typename U>
-void backward_impl(const Sizes& z, const at::Tensor& grad_out, const at::Tensor& value,
-                   const at::Tensor& shapes, const at::Tensor& starts, const at::Tensor& loc,
-                   const at::Tensor& attn, at::Tensor& grad_value_acc, at::Tensor& grad_loc,
-                   at::Tensor& grad_attn) {
+void backward_impl(const Sizes& z, const Args& args, const at::Tensor& grad_out,
+                   at::Tensor& grad_value_acc, at::Tensor& grad_loc, at::Tensor& grad_attn) {
   using acc_t = typename Acc<T>::type;
-  const T* v = value.const_data_ptr<T>();
+  const Inputs<T, U> in = args.get<T, U>();
   const T* go = grad_out.const_data_ptr<T>();
-  const U* lp = loc.const_data_ptr<U>();
-  const U* ap = attn.const_data_ptr<U>();
-  const int64_t* sp = shapes.const_data_ptr<int64_t>();
-  const int64_t* st = starts.const_data_ptr<int64_t>();
   acc_t* gv = grad_value_acc.mutable_data_ptr<acc_t>();
   U* gl = grad_loc.mutable_data_ptr<U>();
   U* ga = grad_attn.mutable_data_ptr<U>();
@@ -101,7 +100,7 @@ void backward_impl(const Sizes& z, const at::Tensor& grad_out, const at::Tensor&
       const int64_t n = u / chunks, m0 = (u % chunks) * per;
       const int64_t m1 = std::min(z.M, m0 + per);
       with_head_dim(z.D, [&]<int kD>() {
-        backward_heads<T, U, acc_t, kD>(z, v, sp, st, lp, ap, go, gv, gl, ga, n, m0, m1, g.data());
+        backward_heads<T, U, acc_t, kD>(z, in, go, gv, gl, ga, n, m0, m1, g.data());
       });
     }
   });
@@ -136,14 +135,11 @@ at::Tensor msda_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_s
                             const at::Tensor& attention_weights) {
   Sizes z = check_and_sizes(value, spatial_shapes, level_start_index, sampling_locations,
                             attention_weights, /*cuda=*/false);
-  auto v = value.contiguous();
-  auto loc = sampling_locations.contiguous();
-  auto attn = attention_weights.contiguous();
-  auto shapes = spatial_shapes.contiguous();
-  auto starts = level_start_index.contiguous();
+  const Args args{value.contiguous(), spatial_shapes.contiguous(), level_start_index.contiguous(),
+                  sampling_locations.contiguous(), attention_weights.contiguous()};
   auto out = at::empty({z.N, z.Lq, z.M * z.D}, value.options());
-  dispatch_types(v.scalar_type(), loc.scalar_type(), [&]<typename T, typename U>() {
-    forward_impl<T, U>(z, v, shapes, starts, loc, attn, out);
+  dispatch_types(value.scalar_type(), args.loc.scalar_type(), [&]<typename T, typename U>() {
+    forward_impl<T, U>(z, args, out);
   });
   return out;
 }
@@ -155,20 +151,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msda_backward_cpu(
   Sizes z = check_and_sizes(value, spatial_shapes, level_start_index, sampling_locations,
                             attention_weights, /*cuda=*/false);
   check_grad_output(grad_output, value, z);
-  auto v = value.contiguous();
+  const Args args{value.contiguous(), spatial_shapes.contiguous(), level_start_index.contiguous(),
+                  sampling_locations.contiguous(), attention_weights.contiguous()};
   auto go = grad_output.contiguous();
-  auto loc = sampling_locations.contiguous();
-  auto attn = attention_weights.contiguous();
-  auto shapes = spatial_shapes.contiguous();
-  auto starts = level_start_index.contiguous();
   // grad_value accumulates in fp32 (fp64 for fp64) and is cast at the end.
   const auto acc_type = value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto gv = at::empty(value.sizes(), value.options().dtype(acc_type));
   zero_parallel(gv);
-  auto gl = at::empty(loc.sizes(), loc.options());
-  auto ga = at::empty(attn.sizes(), attn.options());
-  dispatch_types(v.scalar_type(), loc.scalar_type(), [&]<typename T, typename U>() {
-    backward_impl<T, U>(z, go, v, shapes, starts, loc, attn, gv, gl, ga);
+  auto gl = at::empty(args.loc.sizes(), args.loc.options());
+  auto ga = at::empty(args.attn.sizes(), args.attn.options());
+  dispatch_types(value.scalar_type(), args.loc.scalar_type(), [&]<typename T, typename U>() {
+    backward_impl<T, U>(z, args, go, gv, gl, ga);
   });
   return {gv.to(value.scalar_type()), gl, ga};
 }

@@ -28,12 +28,21 @@ struct Sizes {
   int64_t N, S, M, D, Lq, L, P;
 };
 
+// The read-only inputs of one call (layouts above).
+template <typename T, typename U>
+struct Inputs {
+  const T* value;
+  const int64_t* shapes;
+  const int64_t* starts;
+  const U* loc;
+  const U* attn;
+};
+
 // Forward for the query rows [row_begin, row_end) of the flattened (N, Lq)
 // range. `acc` is caller-provided scratch of D elements (one per thread).
 template <typename T, typename U, typename acc_t, int kD = 0>
-void forward_rows(const Sizes& z, const T* value, const int64_t* shapes, const int64_t* starts,
-                  const U* loc, const U* attn, T* out, int64_t row_begin, int64_t row_end,
-                  acc_t* acc) {
+void forward_rows(const Sizes& z, const Inputs<T, U>& in, T* out, int64_t row_begin,
+                  int64_t row_end, acc_t* acc) {
   // kD > 0 fixes the head dim at compile time, so the channel loops unroll.
   const int64_t D = kD > 0 ? kD : z.D;
   const int64_t M = z.M, L = z.L, P = z.P;
@@ -44,17 +53,17 @@ void forward_rows(const Sizes& z, const T* value, const int64_t* shapes, const i
       // Points of (row, m) are contiguous in loc and attn.
       const int64_t pt0 = (row * M + m) * L * P;
       for (int64_t l = 0; l < L; ++l) {
-        const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
+        const int64_t H = in.shapes[2 * l], W = in.shapes[2 * l + 1];
         // Row r of level l, head m, lives at value[n, starts[l] + r, m, :].
-        const T* level = value + ((n * z.S + starts[l]) * M + m) * D;
+        const T* level = in.value + ((n * z.S + in.starts[l]) * M + m) * D;
         for (int64_t p = 0; p < P; ++p) {
           const int64_t pt = pt0 + l * P + p;
           Bilinear<acc_t> b;
-          if (!make_bilinear<acc_t>(static_cast<acc_t>(loc[2 * pt]),
-                                    static_cast<acc_t>(loc[2 * pt + 1]), H, W, b)) {
+          if (!make_bilinear<acc_t>(static_cast<acc_t>(in.loc[2 * pt]),
+                                    static_cast<acc_t>(in.loc[2 * pt + 1]), H, W, b)) {
             continue;
           }
-          const acc_t a = static_cast<acc_t>(attn[pt]);
+          const acc_t a = static_cast<acc_t>(in.attn[pt]);
           for (int c = 0; c < 4; ++c) {
             if (b.idx[c] < 0) continue;
             const acc_t coef = a * b.w[c];
@@ -82,10 +91,9 @@ void forward_rows(const Sizes& z, const T* value, const int64_t* shapes, const i
 //   grad_loc    [N, Lq, M, L, P, 2], grad_attn [N, Lq, M, L, P]  (U, fully written here)
 // `g` is caller-provided scratch of D elements.
 template <typename T, typename U, typename acc_t, int kD = 0>
-void backward_heads(const Sizes& z, const T* value, const int64_t* shapes, const int64_t* starts,
-                    const U* loc, const U* attn, const T* grad_out, acc_t* grad_value,
-                    U* grad_loc, U* grad_attn, int64_t n, int64_t m_begin, int64_t m_end,
-                    acc_t* g) {
+void backward_heads(const Sizes& z, const Inputs<T, U>& in, const T* grad_out,
+                    acc_t* grad_value, U* grad_loc, U* grad_attn, int64_t n, int64_t m_begin,
+                    int64_t m_end, acc_t* g) {
   // kD > 0 fixes the head dim at compile time, so the channel loops unroll.
   const int64_t D = kD > 0 ? kD : z.D;
   const int64_t M = z.M, L = z.L, P = z.P;
@@ -96,24 +104,24 @@ void backward_heads(const Sizes& z, const T* value, const int64_t* shapes, const
       for (int64_t d = 0; d < D; ++d) g[d] = static_cast<acc_t>(go[d]);
       const int64_t pt0 = (row * M + m) * L * P;
       for (int64_t l = 0; l < L; ++l) {
-        const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
-        const int64_t level_off = ((n * z.S + starts[l]) * M + m) * D;
+        const int64_t H = in.shapes[2 * l], W = in.shapes[2 * l + 1];
+        const int64_t level_off = ((n * z.S + in.starts[l]) * M + m) * D;
         for (int64_t p = 0; p < P; ++p) {
           const int64_t pt = pt0 + l * P + p;
           Bilinear<acc_t> b;
-          if (!make_bilinear<acc_t>(static_cast<acc_t>(loc[2 * pt]),
-                                    static_cast<acc_t>(loc[2 * pt + 1]), H, W, b)) {
+          if (!make_bilinear<acc_t>(static_cast<acc_t>(in.loc[2 * pt]),
+                                    static_cast<acc_t>(in.loc[2 * pt + 1]), H, W, b)) {
             grad_attn[pt] = U(0);
             grad_loc[2 * pt] = U(0);
             grad_loc[2 * pt + 1] = U(0);
             continue;
           }
-          const acc_t a = static_cast<acc_t>(attn[pt]);
+          const acc_t a = static_cast<acc_t>(in.attn[pt]);
           acc_t s[4] = {0, 0, 0, 0};
           for (int c = 0; c < 4; ++c) {
             if (b.idx[c] < 0) continue;
             const int64_t off = level_off + b.idx[c] * M * D;
-            const T* v = value + off;
+            const T* v = in.value + off;
             acc_t* gv = grad_value + off;
             const acc_t coef = a * b.w[c];
             acc_t dot = 0;
