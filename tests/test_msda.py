@@ -119,6 +119,19 @@ def test_cpu_backward_is_deterministic_across_thread_counts():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpu_kernel)])
+@pytest.mark.parametrize("sizes", [dict(N=0), dict(Lq=0), dict(P=0), dict(D=0)], ids=lambda d: f"{list(d)[0]}=0")
+def test_empty_sizes(sizes, backend):
+    """Empty batches, queries, points or channels give empty or zero results, never a crash."""
+    args = dict(N=2, Lq=3, M=2, D=4, P=2) | sizes
+    inputs = msda_inputs([(3, 4), (2, 2)], **args)
+    (out, gv, gl, ga), _ = run_with_grads(lambda *a: ms_deform_attn(*a, backend=backend), inputs)
+    assert out.shape == (args["N"], args["Lq"], args["M"] * args["D"])
+    assert gv.shape == inputs[0].shape and gl.shape == inputs[3].shape and ga.shape == inputs[4].shape
+    for g in (out, gv, gl, ga):
+        assert not g.any()
+
+
 @needs_cpu_kernel
 def test_nan_locations_read_zeros_like_grid_sample():
     value, shapes, starts, loc, attn = msda_inputs([(4, 4)], N=1, Lq=3, M=1, D=4, P=2)
@@ -162,14 +175,15 @@ def test_opcheck(dtype):
 
 
 @needs_cpu_kernel
-def test_torch_compile_fullgraph_forward_and_backward():
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_forward_and_backward(compiler):
     inputs = msda_inputs([(6, 5), (3, 2)], Lq=6, M=2, D=4, P=2)
 
     def f(value, shapes, starts, loc, attn):
         return (ms_deform_attn(value, shapes, starts, loc, attn, backend="cpu") * 2).sin()
 
     torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(f, fullgraph=True, backend=compiler)
     want, grad_out = run_with_grads(f, inputs)
     got, _ = run_with_grads(compiled, inputs, grad_out)
     for a, b in zip(got, want):

@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -156,6 +157,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msda_backward_cpu(
   auto go = grad_output.contiguous();
   // grad_value accumulates in fp32 (fp64 for fp64) and is cast at the end.
   const auto acc_type = value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (z.N * z.Lq * z.M * z.L * z.P * z.D == 0) {
+    // No sampled products at all: every gradient is zero (and the task split
+    // below would divide by zero).
+    return {at::zeros_like(value), at::zeros_like(args.loc), at::zeros_like(args.attn)};
+  }
   auto gv = at::empty(value.sizes(), value.options().dtype(acc_type));
   zero_parallel(gv);
   auto gl = at::empty(args.loc.sizes(), args.loc.options());
