@@ -291,3 +291,56 @@ def test_import_without_extension_falls_back_to_reference():
     assert "compiled extension piip_kernels._C not available" in res.stdout
     warnings = [line for line in res.stderr.splitlines() if "Falling back to the reference" in line]
     assert len(warnings) == 1, res.stderr
+
+
+# --- the drop-in module ---------------------------------------------------------
+
+def _module_inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes, starts = torch.tensor([[6, 7], [3, 4]]), torch.tensor([0, 42])
+    return g, shapes, starts, torch.randn(2, 10, 64, generator=g), torch.randn(2, 54, 48, generator=g)
+
+
+def test_module_padding_mask_hides_padded_values():
+    g, shapes, starts, query, x = _module_inputs()
+    m = piip_kernels.MSDeformAttn(d_model=64, n_levels=2, n_heads=4, n_points=2, d_feat=48)
+    ref = torch.rand(2, 10, 2, 4, generator=g)  # boxes (cx, cy, w, h)
+    mask = torch.zeros(2, 54, dtype=torch.bool)
+    mask[:, 30:] = True
+    x2 = x.clone()
+    x2[:, 30:] = 1e3 * torch.randn(2, 24, 48, generator=g)
+    with torch.no_grad():
+        out = m(query, ref, x, shapes, starts, mask)
+        torch.testing.assert_close(m(query, ref, x2, shapes, starts, mask), out)
+        assert not torch.allclose(m(query, ref, x2, shapes, starts), out)
+
+
+@pytest.mark.parametrize("ref_dim", [2, 4])
+def test_module_backends_agree_and_train(ref_dim):
+    g, shapes, starts, query, x = _module_inputs(1)
+    ref = torch.rand(1, 10, 2, ref_dim, generator=g)  # batch 1 broadcasts, as in PIIP
+    modules = [piip_kernels.MSDeformAttn(d_model=64, n_levels=2, n_heads=4, n_points=2, d_feat=48, backend=b) for b in ("reference", None)]
+    modules[1].load_state_dict(modules[0].state_dict())
+    outs = [m(query, ref, x, shapes, starts) for m in modules]
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    outs[1].square().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in modules[1].parameters())
+
+
+def test_module_rejects_bad_configuration():
+    with pytest.raises(ValueError, match="divisible by n_heads"):
+        piip_kernels.MSDeformAttn(d_model=64, n_heads=6)
+    m = piip_kernels.MSDeformAttn(d_model=64, n_levels=2, n_heads=4, n_points=2)
+    _, shapes, starts, query, _ = _module_inputs()
+    with pytest.raises(ValueError, match="reference_points must be"):
+        m(query, torch.rand(2, 10, 3, 2), torch.randn(2, 54, 64), shapes, starts)
+
+
+def test_compat_entry_points_match_the_op():
+    value, shapes, starts, loc, attn = msda_inputs([(5, 6), (2, 3)], Lq=4, M=2, D=3, P=2)
+    want = ms_deform_attn(value, shapes, starts, loc, attn)
+    from piip_kernels import compat
+
+    torch.testing.assert_close(compat.MSDeformAttnFunction.apply(value, shapes, starts, loc, attn, 64), want)
+    torch.testing.assert_close(compat.multi_scale_deformable_attn_pytorch(value, shapes, loc, attn), want)
+    torch.testing.assert_close(compat.multi_scale_deformable_attn_pytorch(value, [(5, 6), (2, 3)], loc, attn), want)
