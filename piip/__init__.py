@@ -1,0 +1,7 @@
+"""piip: a lean N-branch Parameter-Inverted Image Pyramid model package."""
+from .models.config import BranchConfig, PIIPConfig
+from .models.piip import PIIP
+from .official import from_official, load_official_checkpoint, official_config, to_official_state_dict
+
+__all__ = ["BranchConfig", "PIIPConfig", "PIIP", "from_official", "load_official_checkpoint",
+           "official_config", "to_official_state_dict"]
