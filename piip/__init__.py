@@ -1,7 +1,8 @@
 """piip: a lean N-branch Parameter-Inverted Image Pyramid model package."""
 from .models.config import BranchConfig, PIIPConfig
 from .models.piip import PIIP
+from .models.presets import create_model, get_config, list_models
 from .official import from_official, load_official_checkpoint, official_config, to_official_state_dict
 
 __all__ = ["BranchConfig", "PIIPConfig", "PIIP", "from_official", "load_official_checkpoint",
-           "official_config", "to_official_state_dict"]
+           "official_config", "to_official_state_dict", "create_model", "get_config", "list_models"]

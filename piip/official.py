@@ -11,6 +11,7 @@ which :func:`official_config` sets:
   - ``PIIPConfig.head_reads_first_patch`` (classification heads read patch token 0);
   - the 4-branch detection code builds branch 4 from branch 3's definition
     (:func:`official_config` with ``official_branch4_from_branch3=True``);
+  - the DINO SBL and LH6B backbones build the 4x pyramid level although DINO never uses it;
   - images are resized by scale factor with floored sizes, position embeddings are
     resized bicubically from the stored grid, and the speedup/6B configs use the tanh GELU
     (these are data in the config, or the only behaviour of the model).
@@ -160,7 +161,10 @@ def official_config(cfg: PIIPConfig, official_branch4_from_branch3: bool = True)
     if official_branch4_from_branch3 and len(branches) == 4 and cfg.output == "detection":
         b3, b4 = branches[2], branches[3]
         branches[3] = replace(b3, name=b4.name, image_size=b4.image_size, interaction_indexes=b4.interaction_indexes)
-    return replace(cfg, branches=tuple(branches), head_reads_first_patch=cfg.output == "classification")
+    extra = dict(cfg.extra)
+    if extra.get("official_all_fpn"):
+        extra["build_all_fpn"] = True  # two official DINO backbones build the unused 4x level too
+    return replace(cfg, branches=tuple(branches), head_reads_first_patch=cfg.output == "classification", extra=extra)
 
 
 def from_official(config, state_dict: dict[str, Tensor], backend: str | None = None) -> PIIP:

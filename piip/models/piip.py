@@ -25,6 +25,11 @@ def _init_linear_and_norms(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
+def _linspace(end: float, n: int) -> list[float]:
+    """Stochastic-depth rates 0..end over n layers (plain floats: also works under a meta device context)."""
+    return [end * i / (n - 1) for i in range(n)] if n > 1 else [end] * n
+
+
 class ViTBranch(nn.Module):
     """Patch embedding, position embedding, blocks and (for classification) norm and head."""
 
@@ -36,7 +41,7 @@ class ViTBranch(nn.Module):
         gh, gw = cfg.pos_embed_grid
         self.pos_embed = nn.Parameter(torch.zeros(1, gh * gw + int(cfg.pos_embed_cls_slot), C))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, C)) if cfg.cls_token else None
-        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist() if cfg.depth > 1 else [cfg.drop_path_rate]
+        dpr = _linspace(cfg.drop_path_rate, cfg.depth)
         self.blocks = nn.ModuleList(
             Block(C, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.norm, cfg.qk_norm, cfg.layer_scale,
                   cfg.window_sizes[i], cfg.pad_before_qkv, cfg.mlp_act, dpr[i])
@@ -98,7 +103,7 @@ class PIIP(nn.Module):
         self.interactions = nn.ModuleList()
         if n > 1:
             S = cfg.num_stages
-            dpr = torch.linspace(0, cfg.interaction_drop_path, S).tolist() if S > 1 else [cfg.interaction_drop_path]
+            dpr = _linspace(cfg.interaction_drop_path, S)
             for s in range(S):
                 self.interactions.append(nn.ModuleList(
                     InteractionUnit(cfg.branches[u].embed_dim, cfg.branches[u + 1].embed_dim, cfg.interaction_proj,
@@ -124,9 +129,12 @@ class PIIP(nn.Module):
                               nn.Conv2d(C1, C1, 3, padding=1, bias=False), nn.GroupNorm(32, C1), nn.ReLU(inplace=True))
                 for b in cfg.branches)
             self.merge_weights = nn.Parameter(torch.ones(n))
+            # Only the pyramid levels that are returned get layers, unless the config asks
+            # for all of them (two official DINO configs build the unused 4x level).
+            build = set(cfg.fpn_levels) | ({0, 1} if cfg.extra.get("build_all_fpn") else set())
             self.fpn1 = nn.Sequential(nn.ConvTranspose2d(C1, C1, 2, 2), nn.GroupNorm(32, C1), nn.GELU(),
-                                      nn.ConvTranspose2d(C1, C1, 2, 2))
-            self.fpn2 = nn.Sequential(nn.ConvTranspose2d(C1, C1, 2, 2))
+                                      nn.ConvTranspose2d(C1, C1, 2, 2)) if 0 in build else None
+            self.fpn2 = nn.Sequential(nn.ConvTranspose2d(C1, C1, 2, 2)) if 1 in build else None
             self.fpn4 = nn.MaxPool2d(2, 2)
         elif cfg.output == "classification_merged":
             if C1 % 32:
@@ -227,9 +235,8 @@ class PIIP(nn.Module):
         if out == "classification_merged":
             t = self.cls_norm(merged.flatten(2).transpose(1, 2))
             return self.cls_head(t.mean(1))
-        f3 = merged
-        pyramid = [self.fpn1(f3), self.fpn2(f3), f3, self.fpn4(f3)]
-        return [pyramid[i] for i in self.cfg.fpn_levels]
+        level = {0: self.fpn1, 1: self.fpn2, 2: nn.Identity(), 3: self.fpn4}
+        return [level[i](merged) for i in self.cfg.fpn_levels]
 
     def _merge(self, maps: list[Tensor], out_hw: tuple[int, int]) -> Tensor:
         """Per-branch merge layers, fp32 bilinear upsampling to out_hw, weighted sum: [B, C_1, *out_hw]."""

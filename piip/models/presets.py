@@ -1,0 +1,151 @@
+"""Every ViT configuration of the PIIP papers as data.
+
+Names are the official config names (as in the paper's tables and configs). Each row gives
+the task, the window layout, and per branch (family, size, resolution, drop-path rate),
+branch 1 first (largest model, smallest image). Everything else follows from the family
+tables below. ``tests/test_presets.py`` checks every row against the paper's config list.
+
+Model forms: ``create_model(name)`` builds the paper's model (detection and segmentation
+presets: the backbone with conv merge and simple feature pyramid; classification presets:
+separate heads, averaged). ``official_config`` turns it into what the official code builds,
+whose parameter count matches the official one exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .config import BranchConfig, PIIPConfig
+
+# width, depth, heads
+SIZES = {"T": (192, 12, 3), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16),
+         "H": (1280, 32, 16), "6B": (3200, 48, 25)}
+
+# Per family: implementation class (official key names), pretraining image size (the
+# stored position-embedding grid is pretrain // 16), layer-scale init, norm, qk-norm, qkv bias.
+FAMILIES = {
+    "deit":      dict(family="deit", pretrain=224, layer_scale=1.0),
+    "deit3":     dict(family="deit", pretrain=224, layer_scale=1.0),
+    "deit3_384": dict(family="deit", pretrain=384, layer_scale=1.0),
+    "augreg":    dict(family="internvit", pretrain=384, layer_scale=1.0),
+    "mae":       dict(family="internvit", pretrain=224, layer_scale=1.0),
+    "dinov2":    dict(family="internvit", pretrain=518, layer_scale=1.0),
+    "internvit": dict(family="internvit", pretrain=224, layer_scale=0.1, norm="rmsnorm", qk_norm="rmsnorm", qkv_bias=False),
+}
+
+
+def split_stages(depth: int, stages: int) -> tuple[tuple[int, int], ...]:
+    """Blocks per stage as even as possible, the longer stages last (the official split)."""
+    base, extra = divmod(depth, stages)
+    out, start = [], 0
+    for s in range(stages):
+        n = base + (1 if s >= stages - extra else 0)
+        out.append((start, start + n - 1))
+        start += n
+    return tuple(out)
+
+
+def _windows(spec, depth):
+    if spec is None:
+        return (None,) * depth
+    pattern, size = spec
+    return tuple(size if pattern[i % len(pattern)] == "W" else None for i in range(depth))
+
+
+PRESETS: dict[str, PIIPConfig] = {}
+
+
+def _row(name, task, window, branches, interactions=12, speedup=False, fused_mlp=False, dino=False, official_all_fpn=False):
+    cls = task == "classification"
+    bcs = []
+    for i, (fam, size, res, dpr) in enumerate(branches):
+        f = dict(FAMILIES[fam])
+        C, depth, heads = SIZES[size]
+        # Detection backbones store the position embedding at the pretraining grid;
+        # classification and segmentation configs store it at the run grid.
+        grid = res // 16 if task in ("classification", "segmentation") else f.pop("pretrain") // 16
+        f.pop("pretrain", None)
+        family = f.pop("family")
+        layer_scale = f.pop("layer_scale")
+        if cls and family == "internvit":
+            layer_scale = None  # the AugReg classification branches have no layer scale
+        bcs.append(BranchConfig(
+            name=f"branch{i + 1}", embed_dim=C, depth=depth, num_heads=heads, image_size=res,
+            interaction_indexes=split_stages(depth, interactions) if len(branches) > 1 else (),
+            window_sizes=_windows(window, depth), layer_scale=layer_scale,
+            mlp_act="gelu_tanh" if fused_mlp else "gelu", pos_embed_grid=(grid, grid),
+            pos_embed_cls_slot=family == "internvit", cls_token=cls, family=family,
+            pad_before_qkv=False, drop_path_rate=dpr, **f))
+    PRESETS[name] = PIIPConfig(
+        branches=tuple(bcs),
+        output="classification" if cls else "detection",
+        interaction_proj=not speedup, interaction_norm="none" if speedup else "layernorm",
+        interaction_drop_path=0.4, fpn_levels=(1, 2, 3) if dino else (0, 1, 2, 3), name=name,
+        extra={"task": task, "official_all_fpn": official_all_fpn})
+
+
+_row("dino_4scale_internvit_h6b_1024_768_fpn_1x_coco_bs32_ms", "detection", None, [("internvit", "6B", 768, 0.4), ("mae", "H", 1024, 0.4)], dino=True)
+_row("mask_rcnn_internvit_h6b_1024_512_fpn_1x_coco_bs16_ms", "detection", None, [("internvit", "6B", 512, 0.4), ("mae", "H", 1024, 0.4)])
+_row("mask_rcnn_internvit_h6b_1024_512_fpn_1x_coco_bs16_ms_speedup", "detection", None, [("internvit", "6B", 512, 0.4), ("mae", "H", 1024, 0.4)], speedup=True, fused_mlp=True)
+_row("dino_4scale_deit_384_sbl_1792_1120_672_fpn_3x_coco_bs32_ms", "detection", ("WWG", 24), [("deit3_384", "L", 672, 0.4), ("deit3_384", "B", 1120, 0.15), ("deit3_384", "S", 1792, 0.05)], dino=True, official_all_fpn=True)
+_row("dino_4scale_internvit_lh6b_1536_1024_512_fpn_2x_coco_bs32_ms", "detection", None, [("internvit", "6B", 512, 0.4), ("mae", "H", 1024, 0.4), ("deit3_384", "L", 1536, 0.4)], interactions=4, speedup=True, fused_mlp=True, dino=True, official_all_fpn=True)
+_row("mask_rcnn_internvit_lh6b_1536_1024_512_fpn_1x_coco_bs32_ms", "detection", None, [("internvit", "6B", 512, 0.4), ("mae", "H", 1024, 0.4), ("deit3_384", "L", 1536, 0.4)], interactions=4, speedup=True, fused_mlp=True)
+_row("mask_rcnn_augreg_sbl_1568_1120_672_fpn_1x_coco_bs16", "detection", ("W", 28), [("augreg", "L", 672, 0.4), ("augreg", "B", 1120, 0.3), ("augreg", "S", 1568, 0.2)])
+_row("mask_rcnn_augreg_sbl_1568_1120_672_fpn_1x_coco_bs16_speedup", "detection", ("W", 28), [("augreg", "L", 672, 0.4), ("augreg", "B", 1120, 0.3), ("augreg", "S", 1568, 0.2)], speedup=True, fused_mlp=True)
+_row("mask_rcnn_deit_sbl_1120_672_448_fpn_1x_coco_bs16", "detection", ("W", 28), [("deit3", "L", 448, 0.4), ("deit3", "B", 672, 0.15), ("deit3", "S", 1120, 0.05)])
+_row("mask_rcnn_deit_sbl_1344_896_448_fpn_1x_coco_bs16", "detection", ("W", 28), [("deit3", "L", 448, 0.4), ("deit3", "B", 896, 0.15), ("deit3", "S", 1344, 0.05)])
+_row("mask_rcnn_deit_sbl_1568_1120_672_fpn_1x_coco_bs16", "detection", ("W", 28), [("deit3", "L", 672, 0.4), ("deit3", "B", 1120, 0.15), ("deit3", "S", 1568, 0.05)])
+_row("mask_rcnn_deit_sbl_1568_896_672_fpn_1x_coco_bs16", "detection", ("W", 28), [("deit3", "L", 672, 0.4), ("deit3", "B", 896, 0.15), ("deit3", "S", 1568, 0.05)])
+_row("mask_rcnn_deit_tsb_1120_896_448_fpn_1x_coco_bs16", "detection", ("W", 14), [("deit3", "B", 448, 0.15), ("deit3", "S", 896, 0.05), ("deit", "T", 1120, 0.05)])
+_row("mask_rcnn_deit_tsb_1568_1120_672_fpn_1x_coco_bs16", "detection", ("W", 14), [("deit3", "B", 672, 0.15), ("deit3", "S", 1120, 0.05), ("deit", "T", 1568, 0.05)])
+_row("mask_rcnn_deit_tsb_1568_896_448_fpn_1x_coco_bs16", "detection", ("W", 14), [("deit3", "B", 448, 0.15), ("deit3", "S", 896, 0.05), ("deit", "T", 1568, 0.05)])
+_row("mask_rcnn_dinov2_sbl_1568_1120_672_fpn_1x_coco_bs16", "detection", ("W", 28), [("dinov2", "L", 672, 0.4), ("dinov2", "B", 1120, 0.3), ("dinov2", "S", 1568, 0.2)])
+_row("mask_rcnn_mae_sbl_1568_1120_672_fpn_1x_coco_bs16", "detection", ("W", 28), [("mae", "L", 672, 0.4), ("mae", "B", 1120, 0.15), ("deit3", "S", 1568, 0.05)])
+_row("mask_rcnn_deit_tsbl_1344_896_672_448_fpn_1x_coco_bs16", "detection", ("W", 28), [("deit3", "L", 448, 0.4), ("deit3", "B", 672, 0.15), ("deit3", "S", 896, 0.05), ("deit", "T", 1344, 0.05)])
+_row("mask_rcnn_deit_tsbl_1568_1120_672_448_fpn_1x_coco_bs16", "detection", ("W", 28), [("deit3", "L", 448, 0.4), ("deit3", "B", 672, 0.15), ("deit3", "S", 1120, 0.05), ("deit", "T", 1568, 0.05)])
+_row("mask_rcnn_deit_tsbl_1792_1568_1120_448_fpn_1x_coco_bs16", "detection", ("W", 28), [("deit3", "L", 448, 0.4), ("deit3", "B", 1120, 0.15), ("deit3", "S", 1568, 0.05), ("deit", "T", 1792, 0.05)])
+_row("mask_rcnn_deit_vit_b_fpn_1x_coco_bs16", "detection", ("WWG", 14), [("deit3", "B", 1024, 0.15)])
+_row("mask_rcnn_deit_vit_l_fpn_1x_coco_bs16", "detection", ("WWG", 14), [("deit3", "L", 1024, 0.4)])
+_row("mask_rcnn_internvit_6b_fpn_1x_coco_bs16_ms", "detection", None, [("internvit", "6B", 1024, 0.4)])
+_row("upernet_internvit_h6b_192_512_80k_ade20k_bs16_lr4e-5", "segmentation", None, [("internvit", "6B", 192, 0.4), ("mae", "H", 512, 0.4)], speedup=True, fused_mlp=True)
+_row("upernet_internvit_h6b_256_512_80k_ade20k_bs16_lr4e-5", "segmentation", None, [("internvit", "6B", 256, 0.4), ("mae", "H", 512, 0.4)], speedup=True, fused_mlp=True)
+_row("upernet_internvit_h6b_384_512_80k_ade20k_bs16_lr4e-5", "segmentation", None, [("internvit", "6B", 384, 0.4), ("mae", "H", 512, 0.4)], speedup=True, fused_mlp=True)
+_row("upernet_internvit_h6b_512_512_80k_ade20k_bs16_lr4e-5", "segmentation", None, [("internvit", "6B", 512, 0.4), ("mae", "H", 512, 0.4)], speedup=True, fused_mlp=True)
+_row("upernet_internvit_6b_512_80k_ade20k_bs16_lr4e-5", "segmentation", None, [("internvit", "6B", 512, 0.4)], fused_mlp=True)
+_row("piip_3branch_sbl_320-160-96_cls_token_augreg", "classification", None, [("augreg", "L", 96, 0.4), ("augreg", "B", 160, 0.2), ("augreg", "S", 320, 0.05)])
+_row("piip_3branch_sbl_384-192-128_cls_token_augreg", "classification", None, [("augreg", "L", 128, 0.4), ("augreg", "B", 192, 0.2), ("augreg", "S", 384, 0.05)])
+_row("piip_3branch_tsb_368-192-128_cls_token_deit1", "classification", None, [("deit", "B", 128, 0.2), ("deit", "S", 192, 0.05), ("deit", "T", 368, 0.05)])
+
+
+def list_models(pattern: str | None = None) -> list[str]:
+    """Preset names, optionally filtered by a substring or fnmatch pattern."""
+    import fnmatch
+
+    names = sorted(PRESETS)
+    if pattern:
+        names = [n for n in names if fnmatch.fnmatch(n, pattern) or pattern in n]
+    return names
+
+
+def get_config(name: str, **overrides) -> PIIPConfig:
+    """The PIIPConfig of a preset; keyword overrides replace PIIPConfig fields, and the
+    branch fields ``drop_path_rate``, ``pad_before_qkv``, ``mlp_act`` apply to every branch."""
+    if name not in PRESETS:
+        import difflib
+
+        close = difflib.get_close_matches(name, PRESETS, n=3, cutoff=0.3)
+        raise KeyError(f"unknown PIIP preset {name!r}" + (f"; did you mean {close}?" if close else "; see piip.list_models()"))
+    cfg = PRESETS[name]
+    branch_kw = {k: overrides.pop(k) for k in ("drop_path_rate", "pad_before_qkv", "mlp_act") if k in overrides}
+    if branch_kw:
+        cfg = replace(cfg, branches=tuple(replace(b, **branch_kw) for b in cfg.branches))
+    return replace(cfg, **overrides) if overrides else cfg
+
+
+def create_model(name: str, backend: str | None = None, **overrides):
+    """Build a preset: ``piip.create_model("mask_rcnn_deit_tsb_1568_1120_672_fpn_1x_coco_bs16")``.
+
+    Build on the meta device (``with torch.device("meta"):``) to count parameters without memory.
+    """
+    from .piip import PIIP
+
+    return PIIP(get_config(name, **overrides), backend=backend)
