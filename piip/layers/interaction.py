@@ -1,8 +1,9 @@
 """PIIP interaction: deformable cross-attention injectors between adjacent branches."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from piip_kernels import MSDeformAttn
@@ -74,7 +75,8 @@ class Injector(nn.Module):
         start = torch.zeros(1, dtype=torch.long, device=x.device)
         q, f = self.query_norm(x), self.feat_norm(feat)
         # Sampling runs in fp32 under autocast, as the official interaction does.
-        with torch.autocast(x.device.type, enabled=False):
+        no_autocast = torch.autocast(x.device.type, enabled=False) if x.device.type in ("cpu", "cuda") else contextlib.nullcontext()
+        with no_autocast:
             attn = self.attn(q.float(), ref, f.float(), shapes, start)
         x = x + self.ca_gamma * attn.to(x.dtype)
         if self.with_cffn:

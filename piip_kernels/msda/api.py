@@ -112,6 +112,10 @@ def ms_deform_attn(
     value, spatial_shapes, level_start_index, sampling_locations, attention_weights = check_inputs(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights
     )
+    if value.device.type == "meta":
+        # Shape-only runs (parameter and FLOP counting on the meta device): the op's fake
+        # kernel gives the output shape, and FLOP counters see the op itself.
+        return ms_deform_attn_op(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, "reference")
     if not torch.compiler.is_compiling():
         # Needs the tensors' values; under torch.compile the compiled kernels check
         # the same at run time instead.

@@ -1,0 +1,262 @@
+"""Counting parameters and FLOPs of PIIP models.
+
+Two conventions, both in multiply-accumulates (MACs; the paper's "FLOPs"):
+
+* :func:`paper_cost` reproduces how the paper's #Param / #FLOPs columns were produced
+  (see ``docs/flops.md``): forward hooks on modules of exact type Linear, Conv2d,
+  ConvTranspose2d, LayerNorm, GroupNorm, ReLU and MaxPool2d, plus closed-form terms for
+  self-attention and deformable sampling, counted on the model form the official script
+  builds (:func:`counting_config`), batch 1 at the largest resolution.
+* :func:`full_cost` counts the real model: every matrix product (attention included),
+  the deformable sampling, merging and pyramid layers, norms and resizes, with a breakdown
+  per branch, interactions and merging. It runs ``torch.utils.flop_counter.FlopCounterMode``
+  on the meta device, so nothing is computed and full-size models count in about a second.
+
+For fvcore users, :func:`fvcore_handles` returns handles for our ops and for
+``scaled_dot_product_attention``; :func:`flop_count_analysis` wraps ``FlopCountAnalysis``
+with them. :data:`FLOP_COUNTER_FORMULAS` gives ``FlopCounterMode`` the same formulas for
+the ops it does not count by default (norms, bilinear upsampling), so the two agree.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from math import prod
+
+import torch
+from torch import nn
+
+from piip_kernels.ops import msda_macs
+
+from .models.config import PIIPConfig
+from .models.piip import PIIP, _TokenLinear
+from .models.presets import get_config
+
+aten = torch.ops.aten
+
+# ------------------------------------------------------------------------------------------
+# The paper's convention
+
+
+def counting_config(cfg: PIIPConfig) -> PIIPConfig:
+    """The model the official FLOP script counts for a preset.
+
+    Detection and segmentation presets are first converted to the classification model:
+    no cls token, position embeddings stored at the run grid, merged classification head
+    (GroupNorm/Linear per branch, LayerNorm, 1000-way head); single-branch baselines get
+    the plain ViT head. Window padding follows each class: DeiT branches pad after qkv,
+    InternViT-class branches before it (so their qkv is counted on the padded tokens).
+    Classification presets are counted as built (heads read patch token 0).
+    """
+    branches = []
+    converted = cfg.output != "classification"
+    for b in cfg.branches:
+        kw = dict(pad_before_qkv=b.family == "internvit", mlp_act="gelu")
+        if converted:
+            g = b.image_size // b.patch_size
+            kw.update(cls_token=False, pos_embed_grid=(g, g))
+        branches.append(replace(b, **kw))
+    if not converted:
+        output = "classification"
+    else:
+        output = "classification" if len(branches) == 1 else "classification_merged"
+    return replace(cfg, branches=tuple(branches), output=output, num_classes=1000, head_reads_first_patch=True)
+
+
+def _hook_macs(m: nn.Module, inp, out) -> int:
+    x = inp[0]
+    t = type(m)
+    if t in (nn.Linear, _TokenLinear):
+        return x.numel() * m.out_features
+    if t is nn.Conv2d:
+        n = out.numel() // m.out_channels
+        macs = n * m.kernel_size[0] * m.kernel_size[1] * (m.in_channels // m.groups) * m.out_channels
+        return macs + (out.numel() if m.bias is not None else 0)
+    if t is nn.ConvTranspose2d:
+        n = x.numel() // m.in_channels
+        macs = n * m.kernel_size[0] * m.kernel_size[1] * m.in_channels * (m.out_channels // m.groups)
+        return macs + (out.numel() if m.bias is not None else 0)
+    if t in (nn.LayerNorm, nn.GroupNorm):
+        affine = m.elementwise_affine if t is nn.LayerNorm else m.affine
+        return x.numel() * (2 if affine else 1)
+    if t is nn.ReLU:
+        return out.numel()
+    if t is nn.MaxPool2d:
+        return x.numel()
+    return 0
+
+
+_HOOKED = (nn.Linear, _TokenLinear, nn.Conv2d, nn.ConvTranspose2d, nn.LayerNorm, nn.GroupNorm, nn.ReLU, nn.MaxPool2d)
+
+
+def _analytic_terms(cfg: PIIPConfig) -> dict[str, int]:
+    """Closed-form terms of the official script: self-attention 2*n^2*C per global block and
+    2*n*w^2*C per window block (n = (s // 16)^2, padding ignored), and 5*n_q*4*C_q per injector."""
+    attn = {}
+    for i, b in enumerate(cfg.branches):
+        n = (b.image_size // 16) ** 2
+        attn[f"branch{i + 1}"] = sum(2 * n * n * b.embed_dim if w is None else 2 * n * w * w * b.embed_dim
+                                     for w in b.window_sizes)
+    deform = 0
+    if len(cfg.branches) > 1:
+        per_stage = 0
+        for a, b in zip(cfg.branches[:-1], cfg.branches[1:]):
+            for q in (a, b):
+                per_stage += 5 * (q.image_size // 16) ** 2 * 4 * q.embed_dim
+        deform = per_stage * cfg.num_stages
+    return {"attention": attn, "deform": deform}
+
+
+def _prefix_group(name: str) -> str:
+    parts = name.split(".")
+    if parts[0] == "branches":
+        return f"branch{int(parts[1]) + 1}"
+    if parts[0] == "interactions":
+        return "interactions"
+    return "merge_and_head"
+
+
+def paper_cost(cfg_or_name, side: int | None = None) -> dict:
+    """#Param and #FLOPs (MACs) as the paper counts them. Returns
+    ``{"params", "macs", "hooks", "analytic", "breakdown"}``; breakdown is per branch,
+    interactions and merge/head, analytic terms included."""
+    cfg = get_config(cfg_or_name) if isinstance(cfg_or_name, str) else cfg_or_name
+    ccfg = counting_config(cfg)
+    side = side or ccfg.branches[-1].image_size
+    with torch.device("meta"):
+        model = PIIP(ccfg).eval()
+        img = torch.empty(1, 3, side, side)
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    totals: dict[str, int] = {}
+    handles = []
+    for name, m in model.named_modules():
+        if type(m) in _HOOKED:
+            group = _prefix_group(name)
+
+            def hook(mod, inp, out, group=group):
+                totals[group] = totals.get(group, 0) + _hook_macs(mod, inp, out)
+            handles.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(img)
+    finally:
+        for h in handles:
+            h.remove()
+    hooks = sum(totals.values())
+    terms = _analytic_terms(ccfg)
+    breakdown = dict(totals)
+    for k, v in terms["attention"].items():
+        breakdown[k] = breakdown.get(k, 0) + v
+    breakdown["interactions"] = breakdown.get("interactions", 0) + terms["deform"]
+    analytic = sum(terms["attention"].values()) + terms["deform"]
+    return {"params": params, "macs": hooks + analytic, "hooks": hooks, "analytic": analytic, "breakdown": breakdown}
+
+
+# ------------------------------------------------------------------------------------------
+# Full cost of the real model (FlopCounterMode; values are FLOPs = 2 x MACs)
+
+
+def _numel(shape) -> int:
+    return prod(shape) if shape is not None else 0
+
+
+def _norm_flops(x_shape, *args, **kwargs) -> int:
+    # 5 per element (normalise and affine), as fvcore counts norms; x2 to FlopCounterMode's FLOPs.
+    return 2 * 5 * _numel(x_shape)
+
+
+def _layer_norm_flops(x_shape, normalized_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * (5 if weight_shape is not None else 4) * _numel(x_shape)
+
+
+def _group_norm_flops(x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * (5 if weight_shape is not None else 4) * _numel(x_shape)
+
+
+def _upsample_flops(x_shape, *args, out_shape=None, **kwargs) -> int:
+    # 4 multiply-adds per output element for bilinear, as fvcore counts it.
+    return 2 * 4 * _numel(out_shape)
+
+
+FLOP_COUNTER_FORMULAS = {
+    aten.native_layer_norm.default: _layer_norm_flops,
+    aten.native_group_norm.default: _group_norm_flops,
+    aten.upsample_bilinear2d.default: _upsample_flops,
+    aten.upsample_bilinear2d.vec: _upsample_flops,
+}
+
+
+def _flop_counter(**kw):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    return FlopCounterMode(display=False, custom_mapping=dict(FLOP_COUNTER_FORMULAS), **kw)
+
+
+def full_cost(model_or_name, side: int | tuple[int, int] | None = None) -> dict:
+    """MACs of a real forward at batch 1 (default: the preset's largest resolution), counted on
+    the meta device. Returns ``{"params", "macs", "by_op", "breakdown"}``."""
+    if isinstance(model_or_name, nn.Module):
+        model = model_or_name
+        cfg = model.cfg
+    else:
+        cfg = get_config(model_or_name) if isinstance(model_or_name, str) else model_or_name
+        with torch.device("meta"):
+            model = PIIP(cfg)
+    model.eval()
+    side = side or cfg.branches[-1].image_size
+    hw = (side, side) if isinstance(side, int) else tuple(side)
+    dev = next(model.parameters()).device
+    img = torch.empty(1, 3, *hw, device=dev)
+    with torch.no_grad(), _flop_counter() as fc:
+        model(img)
+    counts = fc.get_flop_counts()
+    root = type(model).__name__
+
+    def total(key):
+        return sum(counts.get(key, {}).values()) // 2
+
+    macs = total("Global")
+    breakdown = {f"branch{i + 1}": total(f"{root}.branches.{i}") for i in range(len(cfg.branches))}
+    breakdown["interactions"] = total(f"{root}.interactions")
+    breakdown["merge"] = total(f"{root}.merge")
+    breakdown["pyramid_and_head"] = sum(total(f"{root}.{k}") for k in ("fpn1", "fpn2", "fpn4", "cls_norm", "cls_head"))
+    breakdown["resize_and_upsample"] = macs - sum(breakdown.values())
+    by_op = {str(k): v // 2 for k, v in counts["Global"].items()}
+    return {"params": sum(p.numel() for p in model.parameters()), "macs": macs, "by_op": by_op, "breakdown": breakdown}
+
+
+# ------------------------------------------------------------------------------------------
+# fvcore
+
+
+def _shape(v):
+    from fvcore.nn.jit_handles import get_shape
+
+    return get_shape(v)
+
+
+def _msda_handle(inputs, outputs) -> int:
+    value, loc = _shape(inputs[0]), _shape(inputs[3])
+    N, _, M, D = value
+    _, Lq, _, L, P, _ = loc
+    return msda_macs(N, Lq, M, L, P, D)
+
+
+def _sdpa_handle(inputs, outputs) -> int:
+    # q.k^T and attn.v: 2 * B * heads * Lq * Lk * d (the softmax is not counted).
+    q, k, v = (_shape(i) for i in inputs[:3])
+    return prod(q[:-1]) * k[-2] * q[-1] + prod(q[:-1]) * k[-2] * v[-1]
+
+
+def fvcore_handles() -> dict:
+    """fvcore op handles for our ops and for scaled_dot_product_attention (MACs)."""
+    return {
+        "piip::ms_deform_attn": _msda_handle,
+        "aten::scaled_dot_product_attention": _sdpa_handle,
+    }
+
+
+def flop_count_analysis(model: nn.Module, inputs):
+    """``fvcore.nn.FlopCountAnalysis`` with our handles installed (counts in MACs)."""
+    from fvcore.nn import FlopCountAnalysis
+
+    return FlopCountAnalysis(model, inputs).set_op_handle(**fvcore_handles())
