@@ -159,12 +159,8 @@ def _numel(shape) -> int:
     return prod(shape) if shape is not None else 0
 
 
-def _norm_flops(x_shape, *args, **kwargs) -> int:
-    # 5 per element (normalise and affine), as fvcore counts norms; x2 to FlopCounterMode's FLOPs.
-    return 2 * 5 * _numel(x_shape)
-
-
 def _layer_norm_flops(x_shape, normalized_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    # 5 per element with an affine (4 without), as fvcore counts norms; x2 for FlopCounterMode's FLOPs.
     return 2 * (5 if weight_shape is not None else 4) * _numel(x_shape)
 
 
@@ -177,11 +173,19 @@ def _upsample_flops(x_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * 4 * _numel(out_shape)
 
 
+def _sdpa_cpu_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    # torch registers formulas for the CUDA attention kernels only; the CPU one counts the same.
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(q_shape, k_shape, v_shape)
+
+
+# Keyed by overload packet, which is how FlopCounterMode looks formulas up.
 FLOP_COUNTER_FORMULAS = {
-    aten.native_layer_norm.default: _layer_norm_flops,
-    aten.native_group_norm.default: _group_norm_flops,
-    aten.upsample_bilinear2d.default: _upsample_flops,
-    aten.upsample_bilinear2d.vec: _upsample_flops,
+    aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
+    aten.native_layer_norm: _layer_norm_flops,
+    aten.native_group_norm: _group_norm_flops,
+    aten.upsample_bilinear2d: _upsample_flops,
 }
 
 
@@ -211,10 +215,15 @@ def full_cost(model_or_name, side: int | tuple[int, int] | None = None) -> dict:
     counts = fc.get_flop_counts()
     root = type(model).__name__
 
-    def total(key):
-        return sum(counts.get(key, {}).values()) // 2
+    def total(prefix):
+        # Counts are inclusive of submodules, and a container whose forward never runs (a
+        # branch: its methods are called, not its forward) has no entry: add the outermost
+        # entries under the prefix.
+        keys = [k for k in counts if k == prefix or k.startswith(prefix + ".")]
+        outer = [k for k in keys if not any(o != k and k.startswith(o + ".") for o in keys)]
+        return sum(sum(counts[k].values()) for k in outer) // 2
 
-    macs = total("Global")
+    macs = sum(counts["Global"].values()) // 2
     breakdown = {f"branch{i + 1}": total(f"{root}.branches.{i}") for i in range(len(cfg.branches))}
     breakdown["interactions"] = total(f"{root}.interactions")
     breakdown["merge"] = total(f"{root}.merge")
@@ -235,10 +244,7 @@ def _shape(v):
 
 
 def _msda_handle(inputs, outputs) -> int:
-    value, loc = _shape(inputs[0]), _shape(inputs[3])
-    N, _, M, D = value
-    _, Lq, _, L, P, _ = loc
-    return msda_macs(N, Lq, M, L, P, D)
+    return msda_macs(_shape(inputs[0]), _shape(inputs[3]))
 
 
 def _sdpa_handle(inputs, outputs) -> int:
