@@ -2,7 +2,8 @@
 from .models.config import BranchConfig, PIIPConfig
 from .models.piip import PIIP
 from .models.presets import create_model, get_config, list_models
+from .pretrained import load_pretrained_branch
 from .official import from_official, load_official_checkpoint, official_config, to_official_state_dict
 
 __all__ = ["BranchConfig", "PIIPConfig", "PIIP", "from_official", "load_official_checkpoint",
-           "official_config", "to_official_state_dict", "create_model", "get_config", "list_models"]
+           "official_config", "to_official_state_dict", "create_model", "get_config", "list_models", "load_pretrained_branch"]

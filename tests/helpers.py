@@ -62,22 +62,52 @@ def assert_derived_close(name, got, ref_lowp, ref64, factor=2.0, floor=1e-6):
     assert err <= bound, f"{name}: max error {err:.3e} > {bound:.3e} (reference in same dtype: {err_ref:.3e}, scale {scale:.3e})"
 
 
-def official_fixture(name: str) -> dict:
-    """Loads ../shared/fixtures/official/<name> (or $PIIP_FIXTURES/<name>).
-
-    Skips when the folder is absent (a plain clone has no fixtures) unless
-    PIIP_REQUIRE_FIXTURES=1, which CI sets so a missing fixture fails loudly.
-    """
+def shared_path(rel: str):
+    """Path of ../shared/<rel> (fixtures, paper configs). Skips when absent (a plain clone
+    has no shared folder) unless PIIP_REQUIRE_FIXTURES=1, which CI sets so a missing file
+    fails loudly. $PIIP_FIXTURES overrides the fixtures folder."""
     import os
     from pathlib import Path
 
     import pytest
 
-    root = Path(os.environ.get("PIIP_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official"))
-    path = root / name
+    shared = Path(__file__).resolve().parents[2] / "shared"
+    if rel.startswith("fixtures/official/") and os.environ.get("PIIP_FIXTURES"):
+        path = Path(os.environ["PIIP_FIXTURES"]) / rel[len("fixtures/official/"):]
+    else:
+        path = shared / rel
     if not path.exists():
-        msg = f"official fixture {path} not found"
+        msg = f"shared file {path} not found"
         if os.environ.get("PIIP_REQUIRE_FIXTURES") == "1":
             pytest.fail(msg)
         pytest.skip(msg)
-    return torch.load(path, weights_only=True)
+    return path
+
+
+def official_fixture(name: str) -> dict:
+    """Loads ../shared/fixtures/official/<name> (see shared_path)."""
+    return torch.load(shared_path("fixtures/official/" + name), weights_only=True)
+
+
+def paper_configs() -> dict:
+    """../shared/paper/configs.json as {name: config}."""
+    import json
+
+    with open(shared_path("paper/configs.json")) as f:
+        return {c["name"]: c for c in json.load(f)["configs"]}
+
+
+def tiny_config(n: int = 3, output: str = "detection", **kw):
+    """A tiny n-branch PIIP (widths 64/48/32/16, depth 2, two stages, a window block)."""
+    from piip import BranchConfig, PIIPConfig
+
+    dims, sizes, heads = [64, 48, 32, 16][:n], [32, 48, 64, 96][:n], [4, 4, 4, 2][:n]
+    if n == 1:
+        sizes = [64]
+    branches = tuple(
+        BranchConfig(name=f"branch{i + 1}", embed_dim=dims[i], depth=2, num_heads=heads[i], image_size=sizes[i],
+                     interaction_indexes=((0, 0), (1, 1)) if n > 1 else (),
+                     window_sizes=(None, None) if output == "classification" else (2, None),
+                     cls_token=output == "classification", pos_embed_grid=(3, 3))
+        for i in range(n))
+    return PIIPConfig(branches=branches, output=output, deform_num_heads=4, num_classes=5, **kw)

@@ -6,6 +6,8 @@ adjacent branches, from the high-resolution end towards branch 1.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -90,7 +92,9 @@ class PIIP(nn.Module):
     ``forward(img)`` with img [B, 3, H, W] (H, W multiples of the patch size) returns
       - detection: a list of feature maps [B, C_1, ...] at 4x, 2x, 1x, 0.5x of the finest token grid
         (the levels in ``cfg.fpn_levels``);
-      - classification / classification_merged: logits [B, num_classes];
+      - classification / classification_merged: logits [B, num_classes] (with cls-token heads
+        the units after the last stage cannot reach the logits: they update patch tokens
+        only; the official heads read patch token 0 instead, see ``head_reads_first_patch``);
       - features: ``forward_features`` output.
     """
 
@@ -141,7 +145,9 @@ class PIIP(nn.Module):
                 raise ValueError(f"classification_merged output: branch 1 width {C1} must be a multiple of 32")
             heads = [nn.Sequential(nn.GroupNorm(32, C1))]
             for b in cfg.branches[1:]:
-                heads.append(nn.Sequential(nn.GroupNorm(32, b.embed_dim), _TokenLinear(b.embed_dim, C1), nn.GroupNorm(32, C1)))
+                # 32 groups in every paper config; gcd keeps narrow test models legal.
+                heads.append(nn.Sequential(nn.GroupNorm(math.gcd(32, b.embed_dim), b.embed_dim), _TokenLinear(b.embed_dim, C1),
+                                           nn.GroupNorm(32, C1)))
             self.merge = nn.ModuleList(heads)
             self.merge_weights = nn.Parameter(torch.ones(n))
             self.cls_norm = nn.LayerNorm(C1, eps=1e-6)
