@@ -1,5 +1,5 @@
 """Tiny PIIP models on the CPU: every task, gradients, checkpointing, autocast, compile, DDP."""
-import os
+import time
 
 import pytest
 import torch
@@ -151,7 +151,13 @@ def _ddp_worker(rank, world, init_file, result_file):
 
 def test_ddp_two_ranks_stay_identical(tmp_path):
     init, result = str(tmp_path / "init"), str(tmp_path / "result.pt")
-    mp.spawn(_ddp_worker, args=(2, init, result), nprocs=2, join=True)
+    ctx = mp.spawn(_ddp_worker, args=(2, init, result), nprocs=2, join=False)
+    deadline = time.monotonic() + 180
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.terminate()
+            pytest.fail("the two DDP workers did not finish within 180 s")
     a, b = torch.load(result)
     torch.manual_seed(0)
     start = torch.cat([p.detach().flatten() for p in piip.PIIP(tiny_config(2)).parameters()])
