@@ -48,9 +48,11 @@ def paper_figures(entry: dict) -> tuple[float | None, float | None, str]:
 
 
 def short_breakdown(bd: dict) -> str:
-    parts = [f"{k.replace('branch', 'b')} {v / 1e9:.0f}" for k, v in bd.items() if k.startswith("branch")]
-    parts.append(f"int {bd.get('interactions', 0) / 1e9:.0f}")
-    parts.append(f"merge {(bd.get('merge', 0) + bd.get('pyramid_and_head', 0) + bd.get('resize_and_upsample', 0)) / 1e9:.0f}")
+    """bd in G: 'b1 157, b2 115, ..., int 117, merge 258' (merge includes pyramid, head and resizes)."""
+    fmt = (lambda v: f"{v:.0f}") if sum(bd.values()) >= 100 else (lambda v: f"{v:.1f}")
+    parts = [f"{k.replace('branch', 'b')} {fmt(v)}" for k, v in bd.items() if k.startswith("branch")]
+    parts.append(f"int {fmt(bd.get('interactions', 0))}")
+    parts.append(f"merge {fmt(bd.get('merge', 0) + bd.get('pyramid_and_head', 0) + bd.get('resize_and_upsample', 0))}")
     return ", ".join(parts)
 
 

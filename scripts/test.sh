@@ -6,3 +6,5 @@ cd "$(dirname "$0")/.."
 python -m pip install -q --no-build-isolation --no-deps -e .
 python -c "import piip_kernels; piip_kernels.backend_report()"
 python -m pytest tests -q "$@"
+# The cost-table script on a few presets (the full table takes about 45 s).
+python bench/flops.py --quiet --config tsb_1568_1120_672 --config tsb_368 --config h6b_1024_512_fpn > /dev/null

@@ -120,6 +120,8 @@ def test_flops_script_json(tmp_path):
                          ("paper_flops_g", float), ("flops_g_full", float), ("breakdown", dict)):
             assert isinstance(r[key], typ), key
         assert set(r["breakdown"]) >= {"branch1", "branch2", "branch3", "interactions", "merge"}
+        assert abs(sum(r["breakdown"].values()) - r["flops_g_full"]) < 0.1
+        assert all(r["breakdown"][f"branch{i}"] > 0 for i in (1, 2, 3)) and r["breakdown"]["interactions"] > 0
     assert "453.3" in res.stdout and "| config |" in md.read_text()
 
 
