@@ -125,6 +125,16 @@ def test_flops_script_json(tmp_path):
     assert "453.3" in res.stdout and "| config |" in md.read_text()
 
 
+def test_flops_script_plot(tmp_path):
+    metrics = tmp_path / "ap.json"
+    metrics.write_text(json.dumps({"mask_rcnn_deit_tsb_1568_1120_672_fpn_1x_coco_bs16": 48.0,
+                                   "mask_rcnn_deit_vit_b_fpn_1x_coco_bs16": 46.0}))
+    png = tmp_path / "cost.png"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "flops.py"), "--config", "tsb_1568_1120", "--config", "vit_b",
+                    "--plot", str(png), "--metrics", str(metrics), "--quiet"], capture_output=True, text=True, check=True)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_flops_script_rejects_unknown_config():
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "flops.py"), "--config", "no_such_model", "--quiet"],
                          capture_output=True, text=True)
