@@ -15,6 +15,18 @@ TORCH_LIBRARY(piip_C, m) {
       "msda_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
       "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights) "
       "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "dca_forward(Tensor value, Tensor offsets, Tensor logits, int Hv, int Wv, int Hq, int Wq) "
+      "-> Tensor");
+  m.def(
+      "dca_backward(Tensor grad_output, Tensor value, Tensor offsets, Tensor logits, int Hv, "
+      "int Wv, int Hq, int Wq) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "merge_forward(Tensor[] features, Tensor weights, int Ho, int Wo, bool align_corners, "
+      "ScalarType out_dtype) -> Tensor");
+  m.def(
+      "merge_backward(Tensor grad_output, Tensor[] features, Tensor weights, bool align_corners) "
+      "-> (Tensor[], Tensor)");
 }
 
 // `import piip_kernels._C` loads this library (and with it the registrations

@@ -1,7 +1,9 @@
 """piip-kernels: fast, faithful kernels for Parameter-Inverted Image Pyramid networks.
 
 Ops (each with a plain-PyTorch reference and compiled backends):
-  ms_deform_attn   multi-scale deformable attention (Deformable DETR / ViT-Adapter / PIIP)
+  ms_deform_attn     multi-scale deformable attention (Deformable DETR / ViT-Adapter / PIIP)
+  deform_cross_attn  PIIP's interaction cross-attention from raw offsets and logits, fused
+  branch_merge       bilinear resize of several branch maps and their weighted sum, fused
 
 Modules:
   MSDeformAttn     drop-in replacement of the Deformable DETR module (same parameter names)
@@ -11,7 +13,10 @@ Set ``PIIP_KERNELS_BACKEND=reference|cpu|cuda|triton`` to force a backend;
 """
 from . import ops  # noqa: F401  (registers the torch.library ops)
 from .backends import backend_report
+from .dca import deform_cross_attn, deform_cross_attn_reference
+from .merge import branch_merge, branch_merge_reference
 from .msda import MSDeformAttn, ms_deform_attn, ms_deform_attn_reference
 
 __version__ = "0.1.0"
-__all__ = ["ms_deform_attn", "ms_deform_attn_reference", "MSDeformAttn", "backend_report", "__version__"]
+__all__ = ["ms_deform_attn", "ms_deform_attn_reference", "deform_cross_attn", "deform_cross_attn_reference",
+           "branch_merge", "branch_merge_reference", "MSDeformAttn", "backend_report", "__version__"]

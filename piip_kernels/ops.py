@@ -13,6 +13,14 @@ Ops:
                        backend) -> [N, Lq, M*D]
   piip::ms_deform_attn_backward(grad_output [N,Lq,M*D], <the five inputs>, backend)
                        -> (grad_value, grad_sampling_locations, grad_attention_weights)
+  piip::deform_cross_attn(value [N,Hv*Wv,M,D], offsets [N,Hq*Wq,M,P,2], logits [N,Hq*Wq,M,P],
+                       value_hw [2], query_hw [2], backend) -> [N, Hq*Wq, M*D]
+  piip::deform_cross_attn_backward(grad_output, <the five inputs>, backend)
+                       -> (grad_value, grad_offsets, grad_logits)
+  piip::branch_merge(features [N,C,H_i,W_i] x B, weights [B], out_size [2], align_corners,
+                       backend) -> [N, C, Ho, Wo]
+  piip::branch_merge_backward(grad_output, features, weights, align_corners, backend)
+                       -> (grad_features, grad_weights)
 
 FLOP formulas count multiply-accumulates (MACs) in ``*_macs`` (the convention of
 fvcore and the PIIP paper); ``torch.utils.flop_counter`` wants FLOPs, registered
@@ -27,13 +35,17 @@ from torch.utils.flop_counter import register_flop_formula
 # --- kernels of the compiled and Triton backends ------------------------------
 
 
-def _msda_kernels(backend: str):
-    """(forward, backward) callables of a compiled backend of ms_deform_attn."""
+def _kernels(prefix: str, backend: str):
+    """(forward, backward) callables ``piip_C::<prefix>_forward/_backward`` of a compiled backend."""
     if backend in ("cpu", "cuda"):
         from . import _ext  # noqa: F401  (loads the piip_C registrations)
 
-        return torch.ops.piip_C.msda_forward, torch.ops.piip_C.msda_backward
-    raise RuntimeError(f"ms_deform_attn: no compiled kernels for backend {backend!r}")
+        return getattr(torch.ops.piip_C, prefix + "_forward"), getattr(torch.ops.piip_C, prefix + "_backward")
+    raise RuntimeError(f"{prefix}: no compiled kernels for backend {backend!r}")
+
+
+def _msda_kernels(backend: str):
+    return _kernels("msda", backend)
 
 
 # --- multi-scale deformable attention --------------------------------------
@@ -118,3 +130,133 @@ def _(value_shape, spatial_shapes_shape, level_start_index_shape, loc_shape, *ar
 @register_flop_formula(torch.ops.piip.ms_deform_attn_backward)
 def _(grad_output_shape, value_shape, spatial_shapes_shape, level_start_index_shape, loc_shape, *args, **kwargs) -> int:
     return 2 * msda_backward_macs(value_shape, loc_shape)
+
+
+# --- fused deformable cross-attention (PIIP interactions) --------------------------
+
+
+def deform_cross_attn_macs(value_shape, offsets_shape) -> int:
+    """Forward MACs: the one-level sampling of ms_deform_attn (4 corners + weight per
+    point and channel); reference points, offset scaling and the softmax are O(points)."""
+    N, _, M, D = value_shape
+    _, Lq, _, P, _ = offsets_shape
+    return 5 * N * Lq * M * P * D
+
+
+@torch.library.custom_op("piip::deform_cross_attn", mutates_args=())
+def deform_cross_attn_op(value: Tensor, offsets: Tensor, logits: Tensor, value_hw: list[int], query_hw: list[int],
+                         backend: str) -> Tensor:
+    forward, _ = _kernels("dca", backend)
+    return forward(value, offsets, logits, value_hw[0], value_hw[1], query_hw[0], query_hw[1])
+
+
+@deform_cross_attn_op.register_fake
+def _(value, offsets, logits, value_hw, query_hw, backend):
+    N, _, M, D = value.shape
+    return value.new_empty(N, offsets.shape[1], M * D)
+
+
+@torch.library.custom_op("piip::deform_cross_attn_backward", mutates_args=())
+def deform_cross_attn_backward_op(grad_output: Tensor, value: Tensor, offsets: Tensor, logits: Tensor,
+                                  value_hw: list[int], query_hw: list[int], backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    _, backward = _kernels("dca", backend)
+    return backward(grad_output, value, offsets, logits, value_hw[0], value_hw[1], query_hw[0], query_hw[1])
+
+
+@deform_cross_attn_backward_op.register_fake
+def _(grad_output, value, offsets, logits, value_hw, query_hw, backend):
+    return torch.empty_like(value), torch.empty_like(offsets), torch.empty_like(logits)
+
+
+def _dca_setup_context(ctx, inputs, output):
+    value, offsets, logits, value_hw, query_hw, backend = inputs
+    ctx.save_for_backward(value, offsets, logits)
+    ctx.hw, ctx.backend = (value_hw, query_hw), backend
+
+
+def _dca_backward(ctx, grad_output):
+    value, offsets, logits = ctx.saved_tensors
+    gv, goff, glog = deform_cross_attn_backward_op(grad_output.contiguous(), value, offsets, logits, *ctx.hw, ctx.backend)
+    return gv, goff, glog, None, None, None
+
+
+deform_cross_attn_op.register_autograd(_dca_backward, setup_context=_dca_setup_context)
+
+
+@register_flop_formula(torch.ops.piip.deform_cross_attn)
+def _(value_shape, offsets_shape, *args, **kwargs) -> int:
+    return 2 * deform_cross_attn_macs(value_shape, offsets_shape)
+
+
+@register_flop_formula(torch.ops.piip.deform_cross_attn_backward)
+def _(grad_output_shape, value_shape, offsets_shape, *args, **kwargs) -> int:
+    return 2 * 8 * deform_cross_attn_macs(value_shape, offsets_shape) // 5
+
+
+# --- branch merge ----------------------------------------------------------------
+
+
+def branch_merge_macs(feature_shapes, out_size) -> int:
+    """Forward MACs: per output element and branch, 4 bilinear taps plus the weight
+    (only the weight for a branch already at the output size)."""
+    N, C = feature_shapes[0][:2]
+    Ho, Wo = out_size
+    return sum((1 if tuple(s[2:]) == (Ho, Wo) else 5) * N * C * Ho * Wo for s in feature_shapes)
+
+
+def branch_merge_out_dtype(features, weights) -> torch.dtype:
+    """The merged map's dtype: the maps' dtype promoted with the weights' (fp32 weights
+    give an fp32 map, as the official merge, which upsamples in fp32)."""
+    return torch.promote_types(features[0].dtype, weights.dtype)
+
+
+@torch.library.custom_op("piip::branch_merge", mutates_args=())
+def branch_merge_op(features: list[Tensor], weights: Tensor, out_size: list[int], align_corners: bool,
+                    backend: str) -> Tensor:
+    forward, _ = _kernels("merge", backend)
+    return forward(features, weights, out_size[0], out_size[1], align_corners, branch_merge_out_dtype(features, weights))
+
+
+@branch_merge_op.register_fake
+def _(features, weights, out_size, align_corners, backend):
+    N, C = features[0].shape[:2]
+    return features[0].new_empty(N, C, out_size[0], out_size[1], dtype=branch_merge_out_dtype(features, weights))
+
+
+@torch.library.custom_op("piip::branch_merge_backward", mutates_args=())
+def branch_merge_backward_op(grad_output: Tensor, features: list[Tensor], weights: Tensor, align_corners: bool,
+                             backend: str) -> tuple[list[Tensor], Tensor]:
+    _, backward = _kernels("merge", backend)
+    grads, grad_weights = backward(grad_output, features, weights, align_corners)
+    return list(grads), grad_weights
+
+
+@branch_merge_backward_op.register_fake
+def _(grad_output, features, weights, align_corners, backend):
+    return [torch.empty_like(f, memory_format=torch.contiguous_format) for f in features], torch.empty_like(weights)
+
+
+def _merge_setup_context(ctx, inputs, output):
+    features, weights, out_size, align_corners, backend = inputs
+    ctx.save_for_backward(weights, *features)
+    ctx.align_corners, ctx.backend = align_corners, backend
+
+
+def _merge_backward(ctx, grad_output):
+    weights, *features = ctx.saved_tensors
+    grads, grad_weights = branch_merge_backward_op(grad_output.contiguous(), features, weights, ctx.align_corners, ctx.backend)
+    return list(grads), grad_weights, None, None, None
+
+
+branch_merge_op.register_autograd(_merge_backward, setup_context=_merge_setup_context)
+
+
+@register_flop_formula(torch.ops.piip.branch_merge)
+def _(feature_shapes, weights_shape, out_size, *args, **kwargs) -> int:
+    return 2 * branch_merge_macs(feature_shapes, out_size)
+
+
+@register_flop_formula(torch.ops.piip.branch_merge_backward)
+def _(grad_output_shape, feature_shapes, *args, **kwargs) -> int:
+    # Every tap is gathered once for the map gradient and once more for the weight's.
+    return 2 * 2 * branch_merge_macs(feature_shapes, grad_output_shape[2:])

@@ -9,14 +9,12 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros_like.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
+#include "../common/cpu_glue.h"
 #include "msda_cpu.h"
 #include "msda_glue.h"
 
@@ -24,36 +22,10 @@ namespace piip {
 namespace msda {
 namespace {
 
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-
-// Work per task is at least ~32k multiply-adds so that small calls do not
-// pay for thread wake-ups.
-int64_t grain(int64_t per_item) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, per_item)); }
-
-// Calls f.template operator()<kD>() with kD = D for the head dims of PIIP
-// (6, 12, 24, 32) and 64, whose channel loops then unroll (about 1.3x on the
-// backward); kD = 0 (runtime D) for every other head dim.
-template <typename F>
-void with_head_dim(int64_t D, F&& f) {
-  switch (D) {
-    case 6: return f.template operator()<6>();
-    case 12: return f.template operator()<12>();
-    case 24: return f.template operator()<24>();
-    case 32: return f.template operator()<32>();
-    case 64: return f.template operator()<64>();
-    default: return f.template operator()<0>();
-  }
-}
-
-// Zero-fills a fresh buffer from all threads. For a new allocation the cost is
-// page faults, not bandwidth (about 10x a memset of warm memory), and spreading
-// the first touch over the threads divides it.
-void zero_parallel(at::Tensor& t) {
-  auto* p = static_cast<char*>(t.data_ptr());
-  const int64_t bytes = t.numel() * t.element_size();
-  at::parallel_for(0, bytes, 1 << 18, [&](int64_t b, int64_t e) { std::memset(p + b, 0, e - b); });
-}
+using cpu::Acc;
+using cpu::grain;
+using cpu::with_head_dim;
+using cpu::zero_parallel;
 
 // The five inputs as the torch-free kernels take them (tensors already contiguous).
 struct Args {
@@ -107,30 +79,6 @@ void backward_impl(const Sizes& z, const Args& args, const at::Tensor& grad_out,
   });
 }
 
-// Calls f.template operator()<T, U>() for the supported dtype pairs:
-// U == T, or U == float with a 16-bit T (fp32 locations beside bf16 values
-// is what autocast produces and keeps sub-pixel precision).
-template <typename F>
-void dispatch_types(at::ScalarType vt, at::ScalarType lt, F&& f) {
-  using at::ScalarType;
-  if (vt == lt) {
-    switch (vt) {
-      case ScalarType::Float: return f.template operator()<float, float>();
-      case ScalarType::Double: return f.template operator()<double, double>();
-      case ScalarType::Half: return f.template operator()<c10::Half, c10::Half>();
-      case ScalarType::BFloat16: return f.template operator()<c10::BFloat16, c10::BFloat16>();
-      default: break;
-    }
-  } else if (lt == ScalarType::Float) {
-    if (vt == ScalarType::Half) return f.template operator()<c10::Half, float>();
-    if (vt == ScalarType::BFloat16) return f.template operator()<c10::BFloat16, float>();
-  }
-  TORCH_CHECK(false, "ms_deform_attn (cpu): unsupported dtypes value=", vt,
-              " sampling_locations/attention_weights=", lt,
-              "; value must be float32/float64/float16/bfloat16 and the locations and weights "
-              "the same dtype, or float32 beside a 16-bit value");
-}
-
 at::Tensor msda_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
                             const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
                             const at::Tensor& attention_weights) {
@@ -139,7 +87,7 @@ at::Tensor msda_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_s
   const Args args{value.contiguous(), spatial_shapes.contiguous(), level_start_index.contiguous(),
                   sampling_locations.contiguous(), attention_weights.contiguous()};
   auto out = at::empty({z.N, z.Lq, z.M * z.D}, value.options());
-  dispatch_types(value.scalar_type(), args.loc.scalar_type(), [&]<typename T, typename U>() {
+  cpu::dispatch_types("ms_deform_attn", value.scalar_type(), args.loc.scalar_type(), [&]<typename T, typename U>() {
     forward_impl<T, U>(z, args, out);
   });
   return out;
@@ -166,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msda_backward_cpu(
   zero_parallel(gv);
   auto gl = at::empty(args.loc.sizes(), args.loc.options());
   auto ga = at::empty(args.attn.sizes(), args.attn.options());
-  dispatch_types(value.scalar_type(), args.loc.scalar_type(), [&]<typename T, typename U>() {
+  cpu::dispatch_types("ms_deform_attn", value.scalar_type(), args.loc.scalar_type(), [&]<typename T, typename U>() {
     backward_impl<T, U>(z, args, go, gv, gl, ga);
   });
   return {gv.to(value.scalar_type()), gl, ga};

@@ -1,0 +1,81 @@
+"""Public fused deformable cross-attention: input checks, backend choice, dispatch."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from ..ops import deform_cross_attn_op
+from .reference import deform_cross_attn_reference
+
+OP = "deform_cross_attn"
+_HALF = (torch.float16, torch.bfloat16)
+
+BACKENDS: dict[str, backends.WhyNot] = {
+    "reference": lambda device, dtype: backends.float_reasons(dtype),
+    "cpu": lambda device, dtype: backends.compiled_reasons("dca_forward", device, "cpu") + backends.float_reasons(dtype),
+    "cuda": lambda device, dtype: backends.compiled_reasons("dca_forward", device, "cuda") + backends.float_reasons(dtype),
+    "triton": lambda device, dtype: backends.triton_reasons(device, implemented=False),
+}
+backends.register_op(OP, BACKENDS)
+
+
+def _hw(name, hw) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in hw)
+    except (TypeError, ValueError):
+        raise ValueError(f"{OP}: {name} must be a pair (H, W), got {hw!r}") from None
+    if h <= 0 or w <= 0:
+        raise ValueError(f"{OP}: {name} must be positive, got {(h, w)}")
+    return h, w
+
+
+def deform_cross_attn(value: Tensor, value_hw, offsets: Tensor, logits: Tensor, query_hw, *,
+                      backend: str | None = None) -> Tensor:
+    """Deformable cross-attention of an Hq x Wq query grid into one Hv x Wv value map,
+    from raw offsets and logits (PIIP's interaction units).
+
+    Equal to ``ms_deform_attn`` with the query grid's cell centres
+    ``((j + 0.5) / Wq, (i + 0.5) / Hq)`` as reference points, ``offsets / (Wv, Hv)``
+    added to them, and ``softmax(logits)`` over the P points of each head, but in one
+    pass: the reference grid, offset scaling and softmax never touch memory, and the
+    backward returns the offset and logit gradients directly.
+
+    Args:
+        value: [N, Hv*Wv, M, D] float32/float64/float16/bfloat16.
+        value_hw: (Hv, Wv).
+        offsets: [N, Hq*Wq, M, P, 2] raw (x, y) offsets in value-grid pixels.
+        logits: [N, Hq*Wq, M, P] raw attention logits.
+        query_hw: (Hq, Wq).
+        backend: "reference", "cpu", "cuda" or "triton" (default: the fastest available).
+
+    Returns:
+        [N, Hq*Wq, M*D] in value's dtype (accumulated in fp32, fp64 for fp64).
+    """
+    for name, t in (("value", value), ("offsets", offsets), ("logits", logits)):
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise ValueError(f"{OP}: {name} must be a floating torch.Tensor")
+    Hv, Wv = _hw("value_hw", value_hw)
+    Hq, Wq = _hw("query_hw", query_hw)
+    if value.dim() != 4 or value.shape[1] != Hv * Wv:
+        raise ValueError(f"{OP}: value must be [N, Hv*Wv, M, D] = [N, {Hv * Wv}, M, D], got {tuple(value.shape)}")
+    N, _, M, D = value.shape
+    if offsets.dim() != 5 or offsets.shape[-1] != 2 or tuple(offsets.shape[:3]) != (N, Hq * Wq, M):
+        raise ValueError(f"{OP}: offsets must be [N, Hq*Wq, M, P, 2] = [{N}, {Hq * Wq}, {M}, P, 2], got {tuple(offsets.shape)}")
+    if tuple(logits.shape) != tuple(offsets.shape[:4]):
+        raise ValueError(f"{OP}: logits must be [N, Hq*Wq, M, P] = {tuple(offsets.shape[:4])}, got {tuple(logits.shape)}")
+    if offsets.shape[3] == 0:
+        raise ValueError(f"{OP}: at least one point per head is needed (P = 0)")
+    if len({value.device, offsets.device, logits.device}) > 1:
+        raise ValueError(f"{OP}: value, offsets and logits must be on one device")
+    # Offsets and logits share a dtype: value's, or fp32 beside 16-bit values.
+    dt = torch.promote_types(offsets.dtype, logits.dtype)
+    if dt != value.dtype and not (value.dtype in _HALF and dt == torch.float32):
+        dt = torch.float32 if value.dtype in _HALF else value.dtype
+    offsets, logits = offsets.to(dt), logits.to(dt)
+    if value.device.type == "meta":
+        return deform_cross_attn_op(value, offsets, logits, [Hv, Wv], [Hq, Wq], "reference")
+    name = backends.select(OP, BACKENDS, value.device, value.dtype, backend)
+    if name == "reference":
+        return deform_cross_attn_reference(value, (Hv, Wv), offsets, logits, (Hq, Wq))
+    return deform_cross_attn_op(value, offsets, logits, [Hv, Wv], [Hq, Wq], name)

@@ -1,0 +1,73 @@
+"""Public branch merge: input checks, backend choice, dispatch."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from ..ops import branch_merge_op
+from .reference import branch_merge_reference
+
+OP = "branch_merge"
+
+BACKENDS: dict[str, backends.WhyNot] = {
+    "reference": lambda device, dtype: backends.float_reasons(dtype),
+    "cpu": lambda device, dtype: backends.compiled_reasons("merge_forward", device, "cpu") + backends.float_reasons(dtype),
+    "cuda": lambda device, dtype: backends.compiled_reasons("merge_forward", device, "cuda") + backends.float_reasons(dtype),
+    "triton": lambda device, dtype: backends.triton_reasons(device, implemented=False),
+}
+backends.register_op(OP, BACKENDS)
+
+
+def branch_merge(features, weights: Tensor, out_size, *, align_corners: bool = False,
+                 backend: str | None = None) -> Tensor:
+    """Bilinearly resize every branch map to ``out_size`` and take their weighted sum, in one pass.
+
+    ``sum_i weights[i] * interpolate(features[i], out_size, mode="bilinear", align_corners=...)``
+    with the interpolation in fp32. The backward gathers (no atomics), so it is deterministic,
+    and gives gradients for every map and for the weights.
+
+    Args:
+        features: list of 1 to 8 maps [N, C, H_i, W_i] (contiguous or channels-last), one dtype.
+        weights: [len(features)] per-branch scalars (a learnable parameter in PIIP).
+        out_size: (Ho, Wo).
+        align_corners: as in ``F.interpolate``.
+        backend: "reference", "cpu", "cuda" or "triton" (default: the fastest available).
+
+    Returns:
+        [N, C, Ho, Wo] contiguous, dtype ``promote_types(features dtype, weights dtype)``.
+    """
+    if isinstance(features, Tensor) or not isinstance(features, (list, tuple)) or not features:
+        raise ValueError(f"{OP}: features must be a non-empty list of [N, C, H, W] tensors")
+    features = list(features)
+    if len(features) > 8:
+        raise ValueError(f"{OP}: at most 8 branches, got {len(features)}")
+    f0 = features[0]
+    for i, f in enumerate(features):
+        if not isinstance(f, Tensor) or f.dim() != 4 or not f.is_floating_point():
+            raise ValueError(f"{OP}: features[{i}] must be a floating [N, C, H, W] tensor, got "
+                             f"{tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__}")
+        if f.shape[:2] != f0.shape[:2]:
+            raise ValueError(f"{OP}: features[{i}] has N, C = {tuple(f.shape[:2])}, features[0] has {tuple(f0.shape[:2])}")
+        if f.shape[2] == 0 or f.shape[3] == 0:
+            raise ValueError(f"{OP}: features[{i}] is empty: {tuple(f.shape)}")
+        if f.device != f0.device:
+            raise ValueError(f"{OP}: all features must be on one device")
+    dtype = f0.dtype
+    features = [f.to(dtype) for f in features]
+    if not isinstance(weights, Tensor) or weights.dim() != 1 or weights.shape[0] != len(features) or not weights.is_floating_point():
+        raise ValueError(f"{OP}: weights must be a floating [{len(features)}] tensor, got "
+                         f"{tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__}")
+    weights = weights.to(f0.device)
+    try:
+        Ho, Wo = (int(v) for v in out_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"{OP}: out_size must be a pair (Ho, Wo), got {out_size!r}") from None
+    if Ho <= 0 or Wo <= 0:
+        raise ValueError(f"{OP}: out_size must be positive, got {(Ho, Wo)}")
+    if f0.device.type == "meta":
+        return branch_merge_op(features, weights, [Ho, Wo], align_corners, "reference")
+    name = backends.select(OP, BACKENDS, f0.device, dtype, backend)
+    if name == "reference":
+        return branch_merge_reference(features, weights, (Ho, Wo), align_corners)
+    return branch_merge_op(features, weights, [Ho, Wo], align_corners, name)
