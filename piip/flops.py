@@ -25,7 +25,7 @@ from math import prod
 import torch
 from torch import nn
 
-from piip_kernels.ops import msda_macs
+from piip_kernels.ops import branch_merge_macs, deform_cross_attn_macs, msda_macs
 
 from .models.config import PIIPConfig
 from .models.piip import PIIP, _TokenLinear
@@ -247,6 +247,16 @@ def _msda_handle(inputs, outputs) -> int:
     return msda_macs(_shape(inputs[0]), _shape(inputs[3]))
 
 
+def _dca_handle(inputs, outputs) -> int:
+    return deform_cross_attn_macs(_shape(inputs[0]), _shape(inputs[1]))
+
+
+def _merge_handle(inputs, outputs) -> int:
+    # The maps arrive as one traced list: read the shapes of its elements.
+    features = [_shape(v) for v in inputs[0].node().inputs()]
+    return branch_merge_macs(features, _shape(outputs[0])[2:])
+
+
 def _sdpa_handle(inputs, outputs) -> int:
     # q.k^T and attn.v: 2 * B * heads * Lq * Lk * d (the softmax is not counted).
     q, k, v = (_shape(i) for i in inputs[:3])
@@ -257,6 +267,8 @@ def fvcore_handles() -> dict:
     """fvcore op handles for our ops and for scaled_dot_product_attention (MACs)."""
     return {
         "piip::ms_deform_attn": _msda_handle,
+        "piip::deform_cross_attn": _dca_handle,
+        "piip::branch_merge": _merge_handle,
         "aten::scaled_dot_product_attention": _sdpa_handle,
     }
 

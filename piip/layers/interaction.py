@@ -7,18 +7,10 @@ import torch
 from torch import Tensor, nn
 
 from piip_kernels import MSDeformAttn
+from piip_kernels.dca.reference import grid_reference_points  # noqa: F401  (re-exported)
 
 from .block import DropPath
 from .norm import make_norm
-
-
-def grid_reference_points(hw: tuple[int, int], device=None, dtype=torch.float32) -> Tensor:
-    """Cell centres of an H x W query grid: [1, H*W, 1, 2] with point (i, j) = ((j+0.5)/W, (i+0.5)/H)."""
-    H, W = hw
-    ys = (torch.arange(H, device=device, dtype=dtype) + 0.5) / H
-    xs = (torch.arange(W, device=device, dtype=dtype) + 0.5) / W
-    y, x = torch.meshgrid(ys, xs, indexing="ij")
-    return torch.stack([x.reshape(-1), y.reshape(-1)], -1)[None, :, None, :]
 
 
 class ConvFFN(nn.Module):
@@ -43,7 +35,7 @@ class Injector(nn.Module):
     """One direction of an interaction unit: the query branch reads the other branch.
 
     ``x += ca_gamma * MSDeformAttn(query_norm(x), feat_norm(feat))`` on the query grid's
-    cell centres, then ``x += DropPath(cffn_gamma * ConvFFN(ffn_norm(x)))``.
+    cell centres (one fused ``deform_cross_attn`` call), then ``x += DropPath(cffn_gamma * ConvFFN(ffn_norm(x)))``.
 
     Args:
         dim: query branch width C_q.
@@ -70,14 +62,12 @@ class Injector(nn.Module):
 
     def forward(self, x: Tensor, hw: tuple[int, int], feat: Tensor, feat_hw: tuple[int, int]) -> Tensor:
         """x: [B, Hq*Wq, C_q]; feat: [B, Hv*Wv, feat_dim] -> [B, Hq*Wq, C_q]."""
-        ref = grid_reference_points(hw, x.device)
-        shapes = torch.tensor([feat_hw], dtype=torch.long, device=x.device)
-        start = torch.zeros(1, dtype=torch.long, device=x.device)
         q, f = self.query_norm(x), self.feat_norm(feat)
-        # Sampling runs in fp32 under autocast, as the official interaction does.
+        # Sampling runs in fp32 under autocast, as the official interaction does. The
+        # reference points are the query grid's cell centres, so the fused op applies.
         no_autocast = torch.autocast(x.device.type, enabled=False) if x.device.type in ("cpu", "cuda") else contextlib.nullcontext()
         with no_autocast:
-            attn = self.attn(q.float(), ref, f.float(), shapes, start)
+            attn = self.attn.forward_grid(q.float(), hw, f.float(), feat_hw)
         x = x + self.ca_gamma * attn.to(x.dtype)
         if self.with_cffn:
             x = x + self.drop_path(self.cffn_gamma * self.ffn(self.ffn_norm(x), hw))

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from piip_kernels import branch_merge
+
 from ..layers import Block, InteractionUnit
 from .config import BranchConfig, PIIPConfig
 
@@ -245,15 +247,11 @@ class PIIP(nn.Module):
         return [level[i](merged) for i in self.cfg.fpn_levels]
 
     def _merge(self, maps: list[Tensor], out_hw: tuple[int, int]) -> Tensor:
-        """Per-branch merge layers, fp32 bilinear upsampling to out_hw, weighted sum: [B, C_1, *out_hw]."""
-        total = None
-        for i, (m, x) in enumerate(zip(self.merge, maps)):
-            y = m(x).float()
-            if tuple(y.shape[-2:]) != tuple(out_hw):
-                y = F.interpolate(y, size=out_hw, mode="bilinear", align_corners=False)
-            y = self.merge_weights[i] * y
-            total = y if total is None else total + y
-        return total
+        """Per-branch merge layers, then one fused bilinear upsampling (fp32) to out_hw and
+        weighted sum: [B, C_1, *out_hw] in fp32 (the weights are fp32)."""
+        ys = [m(x) for m, x in zip(self.merge, maps)]
+        dtype = torch.promote_types(ys[0].dtype, ys[-1].dtype)
+        return branch_merge([y.to(dtype) for y in ys], self.merge_weights, out_hw)
 
     def forward(self, img: Tensor):
         return self.forward_head(self.forward_features(img))

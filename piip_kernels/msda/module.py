@@ -110,3 +110,26 @@ class MSDeformAttn(nn.Module):
         loc, weights = self.sampling(query, reference_points, input_spatial_shapes)
         out = ms_deform_attn(value, input_spatial_shapes, input_level_start_index, loc, weights, backend=self.backend)
         return self.output_proj(out)
+
+    def forward_grid(self, query: Tensor, query_hw, input_flatten: Tensor, input_hw) -> Tensor:
+        """The PIIP interaction case in one fused op: one level, reference points at the
+        cell centres of the query grid (see :func:`piip_kernels.deform_cross_attn`).
+
+        Args:
+            query: [N, Hq*Wq, C]; query_hw: (Hq, Wq).
+            input_flatten: [N, Hv*Wv, d_feat]; input_hw: (Hv, Wv).
+
+        Returns:
+            [N, Hq*Wq, C], equal to ``forward`` with the grid reference points.
+        """
+        from ..dca.api import deform_cross_attn  # dca builds on msda: import at call time
+
+        if self.n_levels != 1:
+            raise ValueError(f"MSDeformAttn.forward_grid needs n_levels == 1, this module has {self.n_levels}")
+        N, Lq, _ = query.shape
+        M, P = self.n_heads, self.n_points
+        value = self.value_proj(input_flatten).view(N, input_flatten.shape[1], M, self.value_dim // M)
+        offsets = self.sampling_offsets(query).view(N, Lq, M, P, 2)
+        logits = self.attention_weights(query).view(N, Lq, M, P)
+        out = deform_cross_attn(value, input_hw, offsets, logits, query_hw, backend=self.backend)
+        return self.output_proj(out)
