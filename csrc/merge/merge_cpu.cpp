@@ -6,6 +6,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "../common/cpu_glue.h"
@@ -105,14 +106,19 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> merge_backward_cpu(const at::Ten
   dispatch(feats[0].scalar_type(), go.scalar_type(), [&]<typename T, typename O>() {
     using acc_t = typename cpu::Acc<T>::type;
     auto br = branches<T, acc_t>(feats, weights, Ho, Wo, align_corners, true);
-    for (size_t i = 0; i < br.size(); ++i) {
-      T* gf = grads[i].mutable_data_ptr<T>();
-      acc_t* d = dots.mutable_data_ptr<acc_t>() + i * planes;
-      at::parallel_for(0, planes, cpu::grain(Ho * Wo * 4), [&](int64_t b, int64_t e) {
-        std::vector<acc_t> tmp((Ho + 1) * br[i].W);
-        backward_planes<T, O, acc_t>(br[i], go.const_data_ptr<O>(), Ho, Wo, gf, d, b, e, tmp.data());
-      });
-    }
+    int64_t max_w = 0;
+    for (const auto& b : br) max_w = std::max(max_w, b.W);
+    // One task walks every branch of a plane, so that plane of grad_output is read
+    // from memory once and from cache for the other branches.
+    at::parallel_for(0, planes, cpu::grain(Ho * Wo * 4 * static_cast<int64_t>(br.size())), [&](int64_t b, int64_t e) {
+      std::vector<acc_t> tmp((Ho + 1) * max_w);
+      for (int64_t p = b; p < e; ++p) {
+        for (size_t i = 0; i < br.size(); ++i) {
+          backward_planes<T, O, acc_t>(br[i], go.const_data_ptr<O>(), Ho, Wo, grads[i].mutable_data_ptr<T>(),
+                                       dots.mutable_data_ptr<acc_t>() + i * planes, p, p + 1, tmp.data());
+        }
+      }
+    });
   });
   auto grad_weights = dots.to(at::kDouble).sum(1).to(weights.scalar_type());
   return {grads, grad_weights};
