@@ -10,7 +10,7 @@ through ordinary ops.
 Ops:
   piip::ms_deform_attn(value [N,S,M,D], spatial_shapes [L,2], level_start_index [L],
                        sampling_locations [N,Lq,M,L,P,2], attention_weights [N,Lq,M,L,P],
-                       backend) -> [N, Lq, M*D]
+                       backend, deterministic=False) -> [N, Lq, M*D]
   piip::ms_deform_attn_backward(grad_output [N,Lq,M*D], <the five inputs>, backend)
                        -> (grad_value, grad_sampling_locations, grad_attention_weights)
   piip::deform_cross_attn(value [N,Hv*Wv,M,D], offsets [N,Hq*Wq,M,P,2], logits [N,Hq*Wq,M,P],
@@ -28,6 +28,8 @@ as 2 x MACs.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
@@ -44,7 +46,13 @@ def _kernels(prefix: str, backend: str):
     raise RuntimeError(f"{prefix}: no compiled kernels for backend {backend!r}")
 
 
-def _msda_kernels(backend: str):
+def _msda_kernels(backend: str, deterministic: bool = False):
+    """(forward, backward) of ms_deform_attn for a backend. The CPU backward is always
+    deterministic; the GPU ones scatter with atomics unless ``deterministic``."""
+    if backend == "triton":
+        from .msda import triton as tk
+
+        return tk.msda_forward, functools.partial(tk.msda_backward, deterministic=deterministic)
     return _kernels("msda", backend)
 
 
@@ -75,13 +83,14 @@ def ms_deform_attn_op(
     sampling_locations: Tensor,
     attention_weights: Tensor,
     backend: str,
+    deterministic: bool = False,
 ) -> Tensor:
     forward, _ = _msda_kernels(backend)
     return forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
 @ms_deform_attn_op.register_fake
-def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, backend):
+def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, backend, deterministic=False):
     N, _, M, D = value.shape
     return value.new_empty(N, sampling_locations.shape[1], M * D)
 
@@ -95,28 +104,30 @@ def ms_deform_attn_backward_op(
     sampling_locations: Tensor,
     attention_weights: Tensor,
     backend: str,
+    deterministic: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    _, backward = _msda_kernels(backend)
+    _, backward = _msda_kernels(backend, deterministic)
     return backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
 @ms_deform_attn_backward_op.register_fake
-def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, backend):
+def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, backend, deterministic=False):
     return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
 
 
 def _msda_setup_context(ctx, inputs, output):
-    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, backend = inputs
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, backend, deterministic = inputs
     ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    ctx.backend = backend
+    ctx.backend, ctx.deterministic = backend, deterministic
 
 
 def _msda_backward(ctx, grad_output):
     value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
     grad_value, grad_loc, grad_attn = ms_deform_attn_backward_op(
-        grad_output.contiguous(), value, spatial_shapes, level_start_index, sampling_locations, attention_weights, ctx.backend
+        grad_output.contiguous(), value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+        ctx.backend, ctx.deterministic,
     )
-    return grad_value, None, None, grad_loc, grad_attn, None
+    return grad_value, None, None, grad_loc, grad_attn, None, None
 
 
 ms_deform_attn_op.register_autograd(_msda_backward, setup_context=_msda_setup_context)

@@ -15,7 +15,8 @@ BACKENDS: dict[str, backends.WhyNot] = {
     "reference": lambda device, dtype: backends.float_reasons(dtype),
     "cpu": lambda device, dtype: backends.compiled_reasons("msda_forward", device, "cpu") + backends.float_reasons(dtype),
     "cuda": lambda device, dtype: backends.compiled_reasons("msda_forward", device, "cuda") + backends.float_reasons(dtype),
-    "triton": lambda device, dtype: backends.triton_reasons(device, implemented=False),
+    "triton": lambda device, dtype: backends.triton_reasons(device, implemented=True)
+    + backends.float_reasons(dtype, allowed=(torch.float32, torch.float16, torch.bfloat16)),
 }
 backends.register_op(OP, BACKENDS)
 
@@ -91,6 +92,7 @@ def ms_deform_attn(
     attention_weights: Tensor,
     *,
     backend: str | None = None,
+    deterministic: bool | None = None,
 ) -> Tensor:
     """Multi-scale deformable attention (Deformable DETR), differentiable in value,
     sampling_locations and attention_weights.
@@ -105,6 +107,10 @@ def ms_deform_attn(
         backend: "reference", "cpu", "cuda" or "triton"; default: ``PIIP_KERNELS_BACKEND``
             if set, else the fastest available for the device. A requested backend
             that cannot run raises RuntimeError with the reasons.
+        deterministic: bit-identical gradients across runs (default:
+            ``torch.are_deterministic_algorithms_enabled()``). The CPU backward always is;
+            the GPU backwards then accumulate grad_value in 64-bit fixed point instead of
+            fp32 atomics.
 
     Returns:
         [N, Lq, M * D] in value's dtype (accumulated in fp32, fp64 for fp64 inputs).
@@ -115,7 +121,7 @@ def ms_deform_attn(
     if value.device.type == "meta":
         # Shape-only runs (parameter and FLOP counting on the meta device): the op's fake
         # kernel gives the output shape, and FLOP counters see the op itself.
-        return ms_deform_attn_op(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, "reference")
+        return ms_deform_attn_op(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, "reference", False)
     if not torch.compiler.is_compiling():
         # Needs the tensors' values; under torch.compile the compiled kernels check
         # the same at run time instead.
@@ -123,4 +129,7 @@ def ms_deform_attn(
     name = backends.select(OP, BACKENDS, value.device, value.dtype, backend)
     if name == "reference":
         return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    return ms_deform_attn_op(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, name)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    return ms_deform_attn_op(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, name,
+                             bool(deterministic))

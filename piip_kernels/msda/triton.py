@@ -1,0 +1,224 @@
+"""Triton backend of multi-scale deformable attention (forward and backward).
+
+Kernel, launcher, wrapper, in that order. One program handles BLOCK_Q queries of one
+(image, head): for every level and point it loads the locations and weights of its
+queries, gathers the four bilinear corners as [BLOCK_Q, BLOCK_D] tiles of ``value`` and
+accumulates in fp32. The arithmetic is the one of csrc/msda/msda_math.h (the grid_sample
+convention: pixel = location * size - 0.5, corners outside the map read zero).
+
+The backward scatters grad_value with atomics. By default they are fp32 atomics (the
+order of additions varies between runs); with ``deterministic=True`` every contribution
+is rounded to a 64-bit fixed-point integer whose scale is fixed by max|grad_output| and
+the number of points per row, and integer addition is associative, so every run gives
+the same bits.
+
+Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _configs():
+    # A few configs keep the first call cheap; the interpreter gets one big block
+    # (it costs about a millisecond per program).
+    if INTERPRET:
+        return [triton.Config({"BLOCK_Q": 64}, num_warps=4)]
+    return [triton.Config({"BLOCK_Q": bq}, num_warps=w) for bq, w in ((32, 4), (64, 4), (128, 8))]
+
+
+@triton.jit
+def _corner(value_ptr, row0, H, W, hh, ww, valid, m, M, D, d, dmask):
+    """[BLOCK_Q, BLOCK_D] tile of value at corner (hh, ww) of each query, zero outside."""
+    inside = valid & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+    row = row0 + (hh * W + ww).to(tl.int64)
+    ptrs = value_ptr + (row * M + m)[:, None] * D + d[None, :]
+    return tl.load(ptrs, mask=inside[:, None] & dmask[None, :], other=0.0).to(tl.float32), inside, row
+
+
+@triton.jit
+def _msda_fwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr,
+                     S, Lq, M, D, L, P,
+                     BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+    # value [N, S, M, D]; shapes [L, 2]; starts [L]; loc [N, Lq, M, L, P, 2];
+    # attn [N, Lq, M, L, P]; out [N, Lq, M, D]
+    pid_q = tl.program_id(0)
+    nm = tl.program_id(1)
+    n = (nm // M).to(tl.int64)
+    m = (nm % M).to(tl.int64)
+    q = pid_q.to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    qmask = q < Lq
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
+    for lvl in range(L):
+        H = tl.load(shapes_ptr + 2 * lvl)
+        W = tl.load(shapes_ptr + 2 * lvl + 1)
+        row0 = n * S + tl.load(starts_ptr + lvl)
+        for p in range(P):
+            pt = (((n * Lq + q) * M + m) * L + lvl) * P + p
+            x = tl.load(loc_ptr + 2 * pt, mask=qmask, other=0.0).to(tl.float32)
+            y = tl.load(loc_ptr + 2 * pt + 1, mask=qmask, other=0.0).to(tl.float32)
+            a = tl.load(attn_ptr + pt, mask=qmask, other=0.0).to(tl.float32)
+            h_im = y * H - 0.5
+            w_im = x * W - 0.5
+            # Negated comparisons also reject NaN locations.
+            valid = qmask & (h_im > -1.0) & (w_im > -1.0) & (h_im < H) & (w_im < W)
+            h_im = tl.where(valid, h_im, 0.0)
+            w_im = tl.where(valid, w_im, 0.0)
+            h0f = tl.floor(h_im)
+            w0f = tl.floor(w_im)
+            lh = h_im - h0f
+            lw = w_im - w0f
+            h0 = h0f.to(tl.int32)
+            w0 = w0f.to(tl.int32)
+            v00, _, _ = _corner(value_ptr, row0, H, W, h0, w0, valid, m, M, D, d, dmask)
+            v01, _, _ = _corner(value_ptr, row0, H, W, h0, w0 + 1, valid, m, M, D, d, dmask)
+            v10, _, _ = _corner(value_ptr, row0, H, W, h0 + 1, w0, valid, m, M, D, d, dmask)
+            v11, _, _ = _corner(value_ptr, row0, H, W, h0 + 1, w0 + 1, valid, m, M, D, d, dmask)
+            w00 = (1 - lh) * (1 - lw) * a
+            w01 = (1 - lh) * lw * a
+            w10 = lh * (1 - lw) * a
+            w11 = lh * lw * a
+            acc += w00[:, None] * v00 + w01[:, None] * v01 + w10[:, None] * v10 + w11[:, None] * v11
+    out = out_ptr + ((n * Lq + q) * M + m)[:, None] * D + d[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=qmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _scatter(gv_ptr, row, inside, coef, g, m, M, D, d, dmask, scale, DETERMINISTIC: tl.constexpr):
+    """grad_value[row] += coef * g for each query whose corner is inside the map."""
+    contrib = coef[:, None] * g
+    ptrs = gv_ptr + (row * M + m)[:, None] * D + d[None, :]
+    mask = inside[:, None] & dmask[None, :]
+    if DETERMINISTIC:
+        # Fixed point: integer additions are associative, so every run gives the same bits.
+        fixed = tl.floor(contrib.to(tl.float64) * scale + 0.5).to(tl.int64)
+        tl.atomic_add(ptrs, fixed, mask=mask)
+    else:
+        tl.atomic_add(ptrs, contrib, mask=mask)
+
+
+@triton.jit
+def _msda_bwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_out_ptr,
+                     grad_value_ptr, grad_loc_ptr, grad_attn_ptr, scale_ptr,
+                     S, Lq, M, D, L, P,
+                     DETERMINISTIC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+    # grad_out [N, Lq, M, D]; grad_value [N, S, M, D] fp32 (or int64 fixed point when
+    # DETERMINISTIC); grad_loc [N, Lq, M, L, P, 2] and grad_attn [N, Lq, M, L, P] fp32.
+    pid_q = tl.program_id(0)
+    nm = tl.program_id(1)
+    n = (nm // M).to(tl.int64)
+    m = (nm % M).to(tl.int64)
+    q = pid_q.to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    qmask = q < Lq
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    g = tl.load(grad_out_ptr + ((n * Lq + q) * M + m)[:, None] * D + d[None, :],
+                mask=qmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr)
+    for lvl in range(L):
+        H = tl.load(shapes_ptr + 2 * lvl)
+        W = tl.load(shapes_ptr + 2 * lvl + 1)
+        row0 = n * S + tl.load(starts_ptr + lvl)
+        for p in range(P):
+            pt = (((n * Lq + q) * M + m) * L + lvl) * P + p
+            x = tl.load(loc_ptr + 2 * pt, mask=qmask, other=0.0).to(tl.float32)
+            y = tl.load(loc_ptr + 2 * pt + 1, mask=qmask, other=0.0).to(tl.float32)
+            a = tl.load(attn_ptr + pt, mask=qmask, other=0.0).to(tl.float32)
+            h_im = y * H - 0.5
+            w_im = x * W - 0.5
+            valid = qmask & (h_im > -1.0) & (w_im > -1.0) & (h_im < H) & (w_im < W)
+            h_im = tl.where(valid, h_im, 0.0)
+            w_im = tl.where(valid, w_im, 0.0)
+            h0f = tl.floor(h_im)
+            w0f = tl.floor(w_im)
+            lh = h_im - h0f
+            lw = w_im - w0f
+            h0 = h0f.to(tl.int32)
+            w0 = w0f.to(tl.int32)
+            v00, i00, r00 = _corner(value_ptr, row0, H, W, h0, w0, valid, m, M, D, d, dmask)
+            v01, i01, r01 = _corner(value_ptr, row0, H, W, h0, w0 + 1, valid, m, M, D, d, dmask)
+            v10, i10, r10 = _corner(value_ptr, row0, H, W, h0 + 1, w0, valid, m, M, D, d, dmask)
+            v11, i11, r11 = _corner(value_ptr, row0, H, W, h0 + 1, w0 + 1, valid, m, M, D, d, dmask)
+            # Corner dot products with grad_out, then the formulas of point_grads().
+            s00 = tl.sum(g * v00, axis=1)
+            s01 = tl.sum(g * v01, axis=1)
+            s10 = tl.sum(g * v10, axis=1)
+            s11 = tl.sum(g * v11, axis=1)
+            hh = 1 - lh
+            hw = 1 - lw
+            g_attn = hh * hw * s00 + hh * lw * s01 + lh * hw * s10 + lh * lw * s11
+            g_w = -hh * s00 + hh * s01 - lh * s10 + lh * s11
+            g_h = -hw * s00 - lw * s01 + hw * s10 + lw * s11
+            tl.store(grad_attn_ptr + pt, tl.where(valid, g_attn, 0.0), mask=qmask)
+            tl.store(grad_loc_ptr + 2 * pt, tl.where(valid, a * W * g_w, 0.0), mask=qmask)
+            tl.store(grad_loc_ptr + 2 * pt + 1, tl.where(valid, a * H * g_h, 0.0), mask=qmask)
+            _scatter(grad_value_ptr, r00, i00, a * hh * hw, g, m, M, D, d, dmask, scale, DETERMINISTIC)
+            _scatter(grad_value_ptr, r01, i01, a * hh * lw, g, m, M, D, d, dmask, scale, DETERMINISTIC)
+            _scatter(grad_value_ptr, r10, i10, a * lh * hw, g, m, M, D, d, dmask, scale, DETERMINISTIC)
+            _scatter(grad_value_ptr, r11, i11, a * lh * lw, g, m, M, D, d, dmask, scale, DETERMINISTIC)
+
+
+def _grid(Lq, N, M):
+    return lambda meta: (triton.cdiv(Lq, meta["BLOCK_Q"]), N * M)
+
+
+_fwd = triton.autotune(configs=_configs(), key=["Lq", "M", "D", "L", "P"])(_msda_fwd_kernel)
+_bwd = triton.autotune(configs=_configs(), key=["Lq", "M", "D", "L", "P"],
+                       reset_to_zero=["grad_value_ptr"])(_msda_bwd_kernel)
+
+
+def msda_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """Shapes as in piip_kernels.ms_deform_attn; returns [N, Lq, M*D] in value's dtype."""
+    value = value.contiguous()
+    loc = sampling_locations.contiguous()
+    attn = attention_weights.contiguous()
+    N, S, M, D = value.shape
+    _, Lq, _, L, P, _ = loc.shape
+    out = torch.empty(N, Lq, M, D, device=value.device, dtype=value.dtype)
+    if out.numel() == 0:
+        return out.view(N, Lq, M * D)
+    if L * P == 0:
+        return out.zero_().view(N, Lq, M * D)
+    _fwd[_grid(Lq, N, M)](value, spatial_shapes.contiguous(), level_start_index.contiguous(), loc, attn, out,
+                          S, Lq, M, D, L, P, BLOCK_D=triton.next_power_of_2(D))
+    return out.view(N, Lq, M * D)
+
+
+def fixed_point_scale(grad_output: torch.Tensor, points_per_row_bound: int) -> torch.Tensor:
+    """Scale of the deterministic fixed-point accumulation, as a device scalar: the largest
+    possible |sum| into one grad_value entry (bound x max|grad_output|) maps to 2**62."""
+    bound = max(1, points_per_row_bound)
+    gmax = grad_output.detach().abs().amax().double().clamp_min(1e-30)
+    return (2.0 ** 62 / (gmax * bound))
+
+
+def msda_backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                  deterministic: bool = False):
+    """Gradients (value, sampling_locations, attention_weights)."""
+    value = value.contiguous()
+    loc = sampling_locations.contiguous()
+    attn = attention_weights.contiguous()
+    go = grad_output.contiguous()
+    N, S, M, D = value.shape
+    _, Lq, _, L, P, _ = loc.shape
+    if N * Lq * M * D * L * P == 0:
+        return torch.zeros_like(value), torch.zeros_like(loc), torch.zeros_like(attn)
+    gv = torch.zeros(value.shape, device=value.device, dtype=torch.int64 if deterministic else torch.float32)
+    gl = torch.empty(loc.shape, device=value.device, dtype=torch.float32)
+    ga = torch.empty(attn.shape, device=value.device, dtype=torch.float32)
+    # Every point touches 4 corners; a row can receive at most all of them.
+    scale = fixed_point_scale(go, 4 * Lq * L * P) if deterministic else torch.ones((), dtype=torch.float64, device=value.device)
+    _bwd[_grid(Lq, N, M)](value, spatial_shapes.contiguous(), level_start_index.contiguous(), loc, attn, go,
+                          gv, gl, ga, scale.reshape(1), S, Lq, M, D, L, P,
+                          DETERMINISTIC=deterministic, BLOCK_D=triton.next_power_of_2(D))
+    if deterministic:
+        gv = gv.double() / scale
+    return gv.to(value.dtype), gl.to(loc.dtype), ga.to(attn.dtype)

@@ -1,0 +1,116 @@
+"""The Triton backend of ms_deform_attn against the float64 reference.
+
+Without a GPU the kernels run on CPU tensors in Triton's interpreter (tests/conftest.py
+sets TRITON_INTERPRET=1), on small shapes; with one they run on CUDA tensors.
+A separate check compiles every kernel to sm_90 code without a GPU.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import piip_kernels
+from piip_kernels import ms_deform_attn
+from piip_kernels.msda.reference import ms_deform_attn_reference
+
+from helpers import assert_derived_close, msda_inputs, reference64, run_with_grads
+
+pytestmark = pytest.mark.triton
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+REASONS = piip_kernels.msda.api.BACKENDS["triton"](DEVICE, torch.float32)
+if REASONS:
+    pytest.fail("the Triton backend cannot run here: " + "; ".join(REASONS), pytrace=False)
+
+CASES = [([(5, 7)], 9, 2, 1, 3), ([(7, 11), (3, 5)], 13, 3, 6, 2), ([(1, 1), (2, 3), (13, 17)], 5, 2, 12, 4),
+         ([(9, 5)], 4, 1, 100, 2), ([(6, 7), (3, 5), (1, 1), (2, 2)], 6, 2, 32, 3)]
+
+
+def on_device(inputs):
+    return [t.to(DEVICE) for t in inputs]
+
+
+def triton_fn(deterministic=False):
+    return lambda *a: ms_deform_attn(*a, backend="triton", deterministic=deterministic)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"L{len(c[0])}-D{c[3]}")
+def test_triton_matches_float64_reference(case, deterministic):
+    shapes, Lq, M, D, P = case
+    inputs = on_device(msda_inputs(shapes, Lq=Lq, M=M, D=D, P=P, outside=0.4))
+    got, grad_out = run_with_grads(triton_fn(deterministic), inputs)
+    ref, _ = run_with_grads(ms_deform_attn_reference, inputs, grad_out)
+    truth = reference64([t.cpu() for t in inputs], grad_out.cpu())
+    for name, g, r, t in zip(["out", "grad_value", "grad_loc", "grad_attn"], got, ref, truth):
+        assert g.dtype == r.dtype
+        assert_derived_close(name, g.cpu(), r.cpu(), t, floor=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_half_precision(dtype):
+    inputs = on_device(msda_inputs([(7, 11), (3, 5)], Lq=11, M=2, D=24, P=4, dtype=dtype, loc_dtype=torch.float32))
+    got, grad_out = run_with_grads(triton_fn(), inputs)
+    ref, _ = run_with_grads(ms_deform_attn_reference, inputs, grad_out)
+    truth = reference64([t.cpu() for t in inputs], grad_out.cpu())
+    assert got[0].dtype == dtype
+    for name, g, r, t in zip(["out", "grad_value", "grad_loc", "grad_attn"], got, ref, truth):
+        assert_derived_close(name, g.cpu(), r.cpu(), t, floor=1e-3)
+
+
+def test_triton_deterministic_mode_is_bit_identical():
+    inputs = on_device(msda_inputs([(9, 13)], N=2, Lq=70, M=2, D=8, P=4))
+    runs = [run_with_grads(triton_fn(True), inputs)[0] for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    torch.use_deterministic_algorithms(True)
+    try:
+        honoured = run_with_grads(lambda *a: ms_deform_attn(*a, backend="triton"), inputs)[0]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b in zip(runs[0], honoured):
+        assert torch.equal(a, b)
+
+
+def test_triton_nan_locations_and_empty_sizes():
+    value, shapes, starts, loc, attn = on_device(msda_inputs([(4, 4)], N=1, Lq=3, M=1, D=4, P=2))
+    loc[0, 1] = float("nan")
+    out = ms_deform_attn(value, shapes, starts, loc, attn, backend="triton")
+    assert torch.isfinite(out).all() and not out[0, 1].any()
+    empty = on_device(msda_inputs([(3, 4)], N=2, Lq=0, M=2, D=4, P=2))
+    assert ms_deform_attn(*empty, backend="triton").shape == (2, 0, 8)
+
+
+def test_triton_rejects_float64():
+    inputs = on_device(msda_inputs([(3, 4)], dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="triton"):
+        ms_deform_attn(*inputs, backend="triton")
+
+
+COMPILE = r"""
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from piip_kernels.msda import triton as tk
+target = GPUTarget("cuda", 90, 32)
+for vt in ("fp32", "bf16", "fp16"):
+    common = {"value_ptr": "*" + vt, "shapes_ptr": "*i64", "starts_ptr": "*i64", "loc_ptr": "*fp32", "attn_ptr": "*fp32"}
+    sizes = {k: "i32" for k in ("S", "Lq", "M", "D", "L", "P")}
+    fwd = dict(common, out_ptr="*" + vt, **sizes, BLOCK_Q="constexpr", BLOCK_D="constexpr")
+    src = triton.compiler.ASTSource(fn=tk._msda_fwd_kernel, signature=fwd, constexprs={"BLOCK_Q": 64, "BLOCK_D": 32})
+    k = triton.compile(src, target=target)
+    assert "sm_90" in k.asm["ptx"] or ".target sm_90" in k.asm["ptx"]
+    for det in (False, True):
+        bwd = dict(common, grad_out_ptr="*" + vt, grad_value_ptr="*i64" if det else "*fp32", grad_loc_ptr="*fp32",
+                   grad_attn_ptr="*fp32", scale_ptr="*fp64", **sizes, DETERMINISTIC="constexpr", BLOCK_Q="constexpr", BLOCK_D="constexpr")
+        src = triton.compiler.ASTSource(fn=tk._msda_bwd_kernel, signature=bwd,
+                                        constexprs={"DETERMINISTIC": det, "BLOCK_Q": 64, "BLOCK_D": 16})
+        triton.compile(src, target=target)
+print("compiled")
+"""
+
+
+def test_triton_kernels_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
