@@ -15,6 +15,12 @@ TORCH_LIBRARY(piip_C, m) {
       "msda_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
       "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights) "
       "-> (Tensor, Tensor, Tensor)");
+  // GPU kernels scatter with atomics; this variant accumulates in fixed point so that
+  // every run gives the same bits (the CPU backward always does).
+  m.def(
+      "msda_backward_deterministic(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
+      "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def(
       "dca_forward(Tensor value, Tensor offsets, Tensor logits, int Hv, int Wv, int Hq, int Wq) "
       "-> Tensor");

@@ -53,7 +53,10 @@ def _msda_kernels(backend: str, deterministic: bool = False):
         from .msda import triton as tk
 
         return tk.msda_forward, functools.partial(tk.msda_backward, deterministic=deterministic)
-    return _kernels("msda", backend)
+    forward, backward = _kernels("msda", backend)
+    if backend == "cuda" and deterministic:
+        backward = torch.ops.piip_C.msda_backward_deterministic
+    return forward, backward
 
 
 # --- multi-scale deformable attention --------------------------------------

@@ -14,7 +14,8 @@ _HALF = (torch.float16, torch.bfloat16)
 BACKENDS: dict[str, backends.WhyNot] = {
     "reference": lambda device, dtype: backends.float_reasons(dtype),
     "cpu": lambda device, dtype: backends.compiled_reasons("msda_forward", device, "cpu") + backends.float_reasons(dtype),
-    "cuda": lambda device, dtype: backends.compiled_reasons("msda_forward", device, "cuda") + backends.float_reasons(dtype),
+    "cuda": lambda device, dtype: backends.compiled_reasons("msda_forward", device, "cuda")
+    + backends.float_reasons(dtype, allowed=(torch.float32, torch.float16, torch.bfloat16)),
     "triton": lambda device, dtype: backends.triton_reasons(device, implemented=True)
     + backends.float_reasons(dtype, allowed=(torch.float32, torch.float16, torch.bfloat16)),
 }

@@ -1,0 +1,274 @@
+// CUDA kernels of multi-scale deformable attention (torch-free).
+//
+// Thread mapping: a group of GP lanes (a power of two, at most a warp) serves one
+// (image, query, head) row; lane k handles the channel chunks k, k + GP, ... of V
+// consecutive channels each, loaded as one aligned vector (16 bytes when V * sizeof(T)
+// allows). The per-point arithmetic is msda_math.h, shared with the CPU kernels.
+//
+// Forward: each lane accumulates its chunks in fp32 over every level and point and
+// stores them once: one read of each sampled value vector, one write of the output.
+// Backward: each lane scatters attn * w_c * grad_out into grad_value for its chunks and
+// computes partial corner dot products; the group reduces them with warp shuffles and
+// its first lane writes the location and weight gradients (no atomics there). The
+// grad_value scatter uses fp32 atomics, or, when deterministic, 64-bit fixed-point
+// integer atomics (integer addition is associative, so every run gives the same bits)
+// followed by a conversion kernel.
+//
+// Layouts as in msda_cpu.h: value [N, S, M, D], shapes [L, 2], starts [L],
+// loc [N, Lq, M, L, P, 2], attn [N, Lq, M, L, P], out / grad_out [N, Lq, M, D].
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "msda_math.h"
+
+namespace piip {
+namespace msda {
+namespace cuda {
+
+// fp32 <-> storage type conversions usable in device code.
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(double v) { return static_cast<float>(v); }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ double from_f<double>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// V consecutive elements, loaded and stored as one aligned vector.
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Vec {
+  T v[V];
+};
+
+template <typename T, typename U>
+struct Params {
+  const T* value;
+  const int64_t* shapes;
+  const int64_t* starts;
+  const U* loc;
+  const U* attn;
+  int64_t N, S, M, D, Lq, L, P;
+};
+
+// Accumulation target of the grad_value scatter.
+struct GradValue {
+  float* f32;                   // fp32 atomics (default), or
+  unsigned long long* fixed;    // 64-bit fixed point (deterministic)
+  const double* scale;          // fixed-point units per 1.0 (device scalar)
+};
+
+template <int V>
+__device__ __forceinline__ void scatter(const GradValue& gv, int64_t off, const float* contrib) {
+  if (gv.fixed != nullptr) {
+    const double s = *gv.scale;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const long long q = __double2ll_rn(static_cast<double>(contrib[i]) * s);
+      atomicAdd(gv.fixed + off + i, static_cast<unsigned long long>(q));
+    }
+    return;
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr bool kVector = V % 4 == 0;  // Hopper has vector atomics: one per four channels
+#else
+  constexpr bool kVector = false;
+#endif
+  if constexpr (kVector) {
+#pragma unroll
+    for (int i = 0; i < V; i += 4) {
+      atomicAdd(reinterpret_cast<float4*>(gv.f32 + off + i),
+                make_float4(contrib[i], contrib[i + 1], contrib[i + 2], contrib[i + 3]));
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) atomicAdd(gv.f32 + off + i, contrib[i]);
+  }
+}
+
+// One row (n, q, m) per group of GP lanes; `rows` = N * Lq * M.
+template <typename T, typename U, int V>
+__global__ void forward_kernel(Params<T, U> p, T* __restrict__ out, int GP) {
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t row = tid / GP;
+  const int lane = static_cast<int>(tid % GP);
+  if (row >= p.N * p.Lq * p.M) return;
+  const int64_t m = row % p.M;
+  const int64_t n = row / (p.Lq * p.M);
+  const int64_t chunks = p.D / V;
+  for (int64_t c = lane; c < chunks; c += GP) {
+    float acc[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) acc[i] = 0.f;
+    for (int64_t l = 0; l < p.L; ++l) {
+      const int64_t H = p.shapes[2 * l], W = p.shapes[2 * l + 1];
+      const T* level = p.value + ((n * p.S + p.starts[l]) * p.M + m) * p.D + c * V;
+      for (int64_t pp = 0; pp < p.P; ++pp) {
+        const int64_t pt = (row * p.L + l) * p.P + pp;
+        Bilinear<float> b;
+        if (!make_bilinear<float>(to_f(p.loc[2 * pt]), to_f(p.loc[2 * pt + 1]), H, W, b)) continue;
+        const float a = to_f(p.attn[pt]);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          if (b.idx[k] < 0) continue;
+          const Vec<T, V> v = *reinterpret_cast<const Vec<T, V>*>(level + b.idx[k] * p.M * p.D);
+          const float coef = a * b.w[k];
+#pragma unroll
+          for (int i = 0; i < V; ++i) acc[i] += coef * to_f(v.v[i]);
+        }
+      }
+    }
+    Vec<T, V> o;
+#pragma unroll
+    for (int i = 0; i < V; ++i) o.v[i] = from_f<T>(acc[i]);
+    *reinterpret_cast<Vec<T, V>*>(out + row * p.D + c * V) = o;
+  }
+}
+
+template <typename T, typename U, int V>
+__global__ void backward_kernel(Params<T, U> p, const T* __restrict__ grad_out, GradValue gv,
+                                U* __restrict__ grad_loc, U* __restrict__ grad_attn, int GP) {
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t rows = p.N * p.Lq * p.M;
+  // Lanes past the last row stay to take part in the shuffles of their group.
+  const int64_t row = tid / GP;
+  const bool live = row < rows;
+  const int lane = static_cast<int>(tid % GP);
+  const int64_t m = live ? row % p.M : 0;
+  const int64_t n = live ? row / (p.Lq * p.M) : 0;
+  const int64_t chunks = p.D / V;
+  // Shuffle mask of this group inside its warp.
+  const unsigned group_mask = (GP == 32) ? 0xffffffffu : (((1u << GP) - 1u) << ((threadIdx.x % 32) / GP * GP));
+  for (int64_t l = 0; l < p.L; ++l) {
+    const int64_t H = live ? p.shapes[2 * l] : 1, W = live ? p.shapes[2 * l + 1] : 1;
+    const int64_t level_off = live ? ((n * p.S + p.starts[l]) * p.M + m) * p.D : 0;
+    for (int64_t pp = 0; pp < p.P; ++pp) {
+      const int64_t pt = (row * p.L + l) * p.P + pp;
+      Bilinear<float> b;
+      bool ok = false;
+      float a = 0.f;
+      if (live) {
+        ok = make_bilinear<float>(to_f(p.loc[2 * pt]), to_f(p.loc[2 * pt + 1]), H, W, b);
+        a = to_f(p.attn[pt]);
+      }
+      float s[4] = {0.f, 0.f, 0.f, 0.f};
+      if (ok) {
+        for (int64_t c = lane; c < chunks; c += GP) {
+          const Vec<T, V> g = *reinterpret_cast<const Vec<T, V>*>(grad_out + row * p.D + c * V);
+          float gf[V];
+#pragma unroll
+          for (int i = 0; i < V; ++i) gf[i] = to_f(g.v[i]);
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            if (b.idx[k] < 0) continue;
+            const int64_t off = level_off + b.idx[k] * p.M * p.D + c * V;
+            const Vec<T, V> v = *reinterpret_cast<const Vec<T, V>*>(p.value + off);
+            float contrib[V];
+            float dot = 0.f;
+#pragma unroll
+            for (int i = 0; i < V; ++i) {
+              dot += gf[i] * to_f(v.v[i]);
+              contrib[i] = a * b.w[k] * gf[i];
+            }
+            s[k] += dot;
+            scatter<V>(gv, off, contrib);
+          }
+        }
+      }
+      // Sum the partial corner dot products over the group.
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        for (int w = GP / 2; w > 0; w /= 2) s[k] += __shfl_xor_sync(group_mask, s[k], w, GP);
+      }
+      if (live && lane == 0) {
+        float ga = 0.f, gx = 0.f, gy = 0.f;
+        if (ok) point_grads<float>(b, s, a, H, W, ga, gx, gy);
+        grad_attn[pt] = static_cast<U>(ga);
+        grad_loc[2 * pt] = static_cast<U>(gx);
+        grad_loc[2 * pt + 1] = static_cast<U>(gy);
+      }
+    }
+  }
+}
+
+// grad_value = fixed / scale, in the value dtype (deterministic mode), or fp32 -> T.
+template <typename T>
+__global__ void finish_grad_value(GradValue gv, T* __restrict__ out, int64_t numel) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= numel) return;
+  if (gv.fixed != nullptr) {
+    const long long q = static_cast<long long>(gv.fixed[i]);
+    out[i] = from_f<T>(static_cast<float>(static_cast<double>(q) / *gv.scale));
+  } else {
+    out[i] = from_f<T>(gv.f32[i]);
+  }
+}
+
+// Group size: enough lanes for the channel chunks, a power of two, at most a warp.
+inline int group_size(int64_t chunks) {
+  int gp = 1;
+  while (gp < chunks && gp < 32) gp *= 2;
+  return gp;
+}
+
+constexpr int kThreads = 256;
+
+template <typename T, typename U, int V>
+cudaError_t launch_forward(const Params<T, U>& p, T* out, cudaStream_t stream) {
+  const int GP = group_size(p.D / V);
+  const int64_t threads = p.N * p.Lq * p.M * GP;
+  if (threads == 0) return cudaSuccess;
+  const int64_t blocks = (threads + kThreads - 1) / kThreads;
+  forward_kernel<T, U, V><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, out, GP);
+  return cudaGetLastError();
+}
+
+template <typename T, typename U, int V>
+cudaError_t launch_backward(const Params<T, U>& p, const T* grad_out, const GradValue& gv, U* grad_loc,
+                            U* grad_attn, T* grad_value, cudaStream_t stream) {
+  const int GP = group_size(p.D / V);
+  const int64_t threads = p.N * p.Lq * p.M * GP;
+  if (threads > 0) {
+    // Whole groups per block (kThreads is a multiple of every GP), so shuffles stay inside a warp.
+    const int64_t blocks = (threads + kThreads - 1) / kThreads;
+    backward_kernel<T, U, V><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, grad_out, gv, grad_loc, grad_attn, GP);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  const int64_t numel = p.N * p.S * p.M * p.D;
+  if (numel == 0) return cudaSuccess;
+  finish_grad_value<T><<<static_cast<unsigned>((numel + kThreads - 1) / kThreads), kThreads, 0, stream>>>(gv, grad_value, numel);
+  return cudaGetLastError();
+}
+
+// Largest vector width (elements) that divides D and fits 16 bytes.
+template <typename T>
+inline int vector_width(int64_t D, uintptr_t value_addr, uintptr_t out_addr) {
+  for (int v = 16 / static_cast<int>(sizeof(T)); v > 1; v /= 2) {
+    const uintptr_t bytes = static_cast<uintptr_t>(v) * sizeof(T);
+    if (D % v == 0 && value_addr % bytes == 0 && out_addr % bytes == 0) return v;
+  }
+  return 1;
+}
+
+// Calls f.template operator()<V>() with V = vector_width(...) as a compile-time constant.
+template <typename T, typename F>
+cudaError_t with_vector_width(int v, F&& f) {
+  switch (v) {
+    case 8: if constexpr (16 / sizeof(T) >= 8) return f.template operator()<8>(); break;
+    case 4: if constexpr (16 / sizeof(T) >= 4) return f.template operator()<4>(); break;
+    case 2: if constexpr (16 / sizeof(T) >= 2) return f.template operator()<2>(); break;
+    default: break;
+  }
+  return f.template operator()<1>();
+}
+
+}  // namespace cuda
+}  // namespace msda
+}  // namespace piip

@@ -1,0 +1,94 @@
+"""The CUDA backend of ms_deform_attn against the float64 reference (needs a GPU;
+bench/gpu_check.sh runs these on the lent H100)."""
+import pytest
+import torch
+
+import piip_kernels
+from piip_kernels import ms_deform_attn
+from piip_kernels.msda.reference import ms_deform_attn_reference
+
+from helpers import assert_derived_close, msda_inputs, reference64, run_with_grads
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_check.sh)")]
+DEV = torch.device("cuda")
+
+
+def cuda_fn(deterministic=False):
+    return lambda *a: ms_deform_attn(*a, backend="cuda", deterministic=deterministic)
+
+
+def check(inputs, floor, deterministic=False):
+    inputs = [t.to(DEV) for t in inputs]
+    got, grad_out = run_with_grads(cuda_fn(deterministic), inputs)
+    ref, _ = run_with_grads(ms_deform_attn_reference, inputs, grad_out.to(DEV))
+    truth = reference64([t.cpu() for t in inputs], grad_out)
+    for name, g, r, t in zip(["out", "grad_value", "grad_loc", "grad_attn"], got, ref, truth):
+        assert g.dtype == r.dtype
+        assert_derived_close(name, g.cpu(), r.cpu(), t, floor=floor)
+    return got
+
+
+def test_cuda_backend_is_available():
+    assert not piip_kernels.msda.api.BACKENDS["cuda"](DEV, torch.float32)
+
+
+@pytest.mark.parametrize("D", [1, 6, 12, 24, 32, 40, 64, 100, 128, 256, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_head_dims_and_dtypes(D, dtype):
+    loc = torch.float32 if dtype != torch.float32 else None
+    check(msda_inputs([(7, 11), (3, 5)], N=2, Lq=37, M=3, D=D, P=4, dtype=dtype, loc_dtype=loc, outside=0.3),
+          floor=1e-6 if dtype == torch.float32 else 1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_same_dtype_locations(dtype):
+    check(msda_inputs([(9, 9)], N=1, Lq=20, M=2, D=24, P=4, dtype=dtype), floor=1e-3)
+
+
+@pytest.mark.parametrize("shapes", [[(1, 1)], [(1, 1), (2, 3), (13, 17)], [(100, 152), (50, 76), (25, 38), (13, 19)]])
+def test_awkward_and_detr_levels(shapes):
+    check(msda_inputs(shapes, N=2, Lq=123, M=8, D=32, P=4, outside=0.3), floor=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deterministic_mode_is_bit_identical(dtype):
+    inputs = [t.to(DEV) for t in msda_inputs([(70, 70)], N=2, Lq=1764, M=16, D=32, P=4, dtype=dtype,
+                                             loc_dtype=torch.float32 if dtype != torch.float32 else None)]
+    runs = [run_with_grads(cuda_fn(True), inputs)[0] for _ in range(3)]
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+    torch.use_deterministic_algorithms(True)
+    try:
+        honoured = run_with_grads(lambda *a: ms_deform_attn(*a, backend="cuda"), inputs)[0]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b in zip(runs[0], honoured):
+        assert torch.equal(a, b)
+    check([t.cpu() for t in inputs], floor=1e-6 if dtype == torch.float32 else 1e-3, deterministic=True)
+
+
+def test_nan_poisoned_memory_and_non_contiguous_inputs():
+    value, shapes, starts, loc, attn = msda_inputs([(13, 17), (5, 3)], N=2, Lq=40, M=4, D=24, P=4)
+    poisoned = torch.full((2, value.shape[1], 4, 40), float("nan"))
+    poisoned[..., :24] = value
+    nc = poisoned[..., :24].to(DEV)  # NaN right beside every row: any over-read shows
+    assert not nc.is_contiguous()
+    outs = [run_with_grads(cuda_fn(), [nc, shapes.to(DEV), starts.to(DEV), loc.to(DEV), attn.to(DEV)])[0] for _ in range(2)]
+    for t in outs[0]:
+        assert torch.isfinite(t).all()
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=0, atol=0)
+    want = ms_deform_attn(value.to(DEV), shapes.to(DEV), starts.to(DEV), loc.to(DEV), attn.to(DEV), backend="reference")
+    torch.testing.assert_close(outs[0][0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_large_batch_no_im2col_limit():
+    check(msda_inputs([(8, 8)], N=96, Lq=144, M=16, D=12, P=4), floor=1e-6)
+
+
+def test_triton_matches_cuda():
+    inputs = [t.to(DEV) for t in msda_inputs([(42, 42)], N=2, Lq=500, M=16, D=24, P=4, dtype=torch.bfloat16, loc_dtype=torch.float32)]
+    a = run_with_grads(cuda_fn(), inputs)[0]
+    b, _ = run_with_grads(lambda *x: ms_deform_attn(*x, backend="triton"), inputs)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.float(), y.float(), rtol=2e-2, atol=2e-2)
