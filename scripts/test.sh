@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q --no-build-isolation --no-deps -e .
 python -c "import piip_kernels; piip_kernels.backend_report()"
-python -m pytest tests -q "$@"
+# GPU tests (marker "gpu") run only where a GPU is: bench/gpu_check.sh runs them there.
+if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then MARK="gpu or not gpu"; else MARK="not gpu"; fi
+python -m pytest tests -q -m "$MARK" "$@"
 # The cost-table script on a few presets (the full table takes about 45 s).
 python bench/flops.py --quiet --config tsb_1568_1120_672 --config tsb_368 --config h6b_1024_512_fpn > /dev/null
