@@ -157,41 +157,54 @@ def deform_cross_attn_macs(value_shape, offsets_shape) -> int:
     return 5 * N * Lq * M * P * D
 
 
+def _dca_kernels(backend: str, deterministic: bool = False):
+    """(forward, backward) of deform_cross_attn, both taking (..., value_hw, query_hw)."""
+    if backend == "triton":
+        from .dca import triton as tk
+
+        return tk.dca_forward, functools.partial(tk.dca_backward, deterministic=deterministic)
+    forward, backward = _kernels("dca", backend)
+    return (lambda v, o, lg, vhw, qhw: forward(v, o, lg, *vhw, *qhw),
+            lambda g, v, o, lg, vhw, qhw: backward(g, v, o, lg, *vhw, *qhw))
+
+
 @torch.library.custom_op("piip::deform_cross_attn", mutates_args=())
 def deform_cross_attn_op(value: Tensor, offsets: Tensor, logits: Tensor, value_hw: list[int], query_hw: list[int],
-                         backend: str) -> Tensor:
-    forward, _ = _kernels("dca", backend)
-    return forward(value, offsets, logits, value_hw[0], value_hw[1], query_hw[0], query_hw[1])
+                         backend: str, deterministic: bool = False) -> Tensor:
+    forward, _ = _dca_kernels(backend)
+    return forward(value, offsets, logits, value_hw, query_hw)
 
 
 @deform_cross_attn_op.register_fake
-def _(value, offsets, logits, value_hw, query_hw, backend):
+def _(value, offsets, logits, value_hw, query_hw, backend, deterministic=False):
     N, _, M, D = value.shape
     return value.new_empty(N, offsets.shape[1], M * D)
 
 
 @torch.library.custom_op("piip::deform_cross_attn_backward", mutates_args=())
 def deform_cross_attn_backward_op(grad_output: Tensor, value: Tensor, offsets: Tensor, logits: Tensor,
-                                  value_hw: list[int], query_hw: list[int], backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    _, backward = _kernels("dca", backend)
-    return backward(grad_output, value, offsets, logits, value_hw[0], value_hw[1], query_hw[0], query_hw[1])
+                                  value_hw: list[int], query_hw: list[int], backend: str,
+                                  deterministic: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    _, backward = _dca_kernels(backend, deterministic)
+    return backward(grad_output, value, offsets, logits, value_hw, query_hw)
 
 
 @deform_cross_attn_backward_op.register_fake
-def _(grad_output, value, offsets, logits, value_hw, query_hw, backend):
+def _(grad_output, value, offsets, logits, value_hw, query_hw, backend, deterministic=False):
     return torch.empty_like(value), torch.empty_like(offsets), torch.empty_like(logits)
 
 
 def _dca_setup_context(ctx, inputs, output):
-    value, offsets, logits, value_hw, query_hw, backend = inputs
+    value, offsets, logits, value_hw, query_hw, backend, deterministic = inputs
     ctx.save_for_backward(value, offsets, logits)
-    ctx.hw, ctx.backend = (value_hw, query_hw), backend
+    ctx.hw, ctx.backend, ctx.deterministic = (value_hw, query_hw), backend, deterministic
 
 
 def _dca_backward(ctx, grad_output):
     value, offsets, logits = ctx.saved_tensors
-    gv, goff, glog = deform_cross_attn_backward_op(grad_output.contiguous(), value, offsets, logits, *ctx.hw, ctx.backend)
-    return gv, goff, glog, None, None, None
+    gv, goff, glog = deform_cross_attn_backward_op(grad_output.contiguous(), value, offsets, logits, *ctx.hw,
+                                                   ctx.backend, ctx.deterministic)
+    return gv, goff, glog, None, None, None, None
 
 
 deform_cross_attn_op.register_autograd(_dca_backward, setup_context=_dca_setup_context)
@@ -224,11 +237,21 @@ def branch_merge_out_dtype(features, weights) -> torch.dtype:
     return torch.promote_types(features[0].dtype, weights.dtype)
 
 
+def _merge_kernels(backend: str):
+    """(forward(features, weights, out_size, align_corners), backward(grad, features, weights, align_corners))."""
+    if backend == "triton":
+        from .merge import triton as tk
+
+        return tk.merge_forward, tk.merge_backward
+    forward, backward = _kernels("merge", backend)
+    return (lambda f, w, size, ac: forward(f, w, size[0], size[1], ac, branch_merge_out_dtype(f, w)), backward)
+
+
 @torch.library.custom_op("piip::branch_merge", mutates_args=())
 def branch_merge_op(features: list[Tensor], weights: Tensor, out_size: list[int], align_corners: bool,
                     backend: str) -> Tensor:
-    forward, _ = _kernels("merge", backend)
-    return forward(features, weights, out_size[0], out_size[1], align_corners, branch_merge_out_dtype(features, weights))
+    forward, _ = _merge_kernels(backend)
+    return forward(features, weights, out_size, align_corners)
 
 
 @branch_merge_op.register_fake
@@ -240,7 +263,7 @@ def _(features, weights, out_size, align_corners, backend):
 @torch.library.custom_op("piip::branch_merge_backward", mutates_args=())
 def branch_merge_backward_op(grad_output: Tensor, features: list[Tensor], weights: Tensor, align_corners: bool,
                              backend: str) -> tuple[list[Tensor], Tensor]:
-    _, backward = _kernels("merge", backend)
+    _, backward = _merge_kernels(backend)
     grads, grad_weights = backward(grad_output, features, weights, align_corners)
     return list(grads), grad_weights
 

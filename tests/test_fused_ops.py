@@ -10,7 +10,7 @@ from piip_kernels import branch_merge, deform_cross_attn, ms_deform_attn
 from piip_kernels.dca.reference import deform_cross_attn_reference, grid_reference_points
 from piip_kernels.merge.reference import branch_merge_reference
 
-from helpers import assert_derived_close
+from helpers import assert_derived_close, dca_grads, dca_inputs, merge_grads, merge_inputs
 
 REASONS = piip_kernels.dca.api.BACKENDS["cpu"](torch.device("cpu"), torch.float32)
 needs_cpu_kernel = pytest.mark.skipif(bool(REASONS) and os.environ.get("PIIP_REQUIRE_EXT") != "1", reason="; ".join(REASONS))
@@ -18,26 +18,6 @@ BACKENDS = ["reference", pytest.param("cpu", marks=needs_cpu_kernel)]
 
 
 # --- deform_cross_attn -------------------------------------------------------------
-
-def dca_inputs(N=2, value_hw=(5, 7), query_hw=(3, 4), M=4, D=6, P=4, dtype=torch.float32, off_dtype=None, spread=3.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    Hv, Wv = value_hw
-    Lq = query_hw[0] * query_hw[1]
-    value = torch.randn(N, Hv * Wv, M, D, generator=g, dtype=torch.float64).to(dtype)
-    # Offsets of a few pixels put some points outside the value map.
-    offsets = (spread * torch.randn(N, Lq, M, P, 2, generator=g, dtype=torch.float64)).to(off_dtype or dtype)
-    logits = (2 * torch.randn(N, Lq, M, P, generator=g, dtype=torch.float64)).to(off_dtype or dtype)
-    return value, offsets, logits
-
-
-def dca_grads(fn, inputs, value_hw, query_hw, grad_out=None):
-    value, offsets, logits = (t.detach().clone().requires_grad_(True) for t in inputs)
-    out = fn(value, value_hw, offsets, logits, query_hw)
-    if grad_out is None:
-        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    grads = torch.autograd.grad(out, (value, offsets, logits), grad_out.to(out.dtype))
-    return [out.detach(), *grads], grad_out
-
 
 def _dca(backend):
     return lambda *a: deform_cross_attn(*a, backend=backend)
@@ -149,22 +129,6 @@ def test_msda_module_grid_path_matches_general_path():
 
 
 # --- branch_merge ---------------------------------------------------------------------
-
-def merge_inputs(sizes, N=2, C=3, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    feats = [torch.randn(N, C, h, w, generator=g, dtype=torch.float64).to(dtype) for h, w in sizes]
-    return feats, torch.randn(len(sizes), generator=g, dtype=torch.float64).float()
-
-
-def merge_grads(fn, feats, weights, out_size, align_corners=False, grad_out=None):
-    fs = [f.detach().clone().requires_grad_(True) for f in feats]
-    w = weights.detach().clone().requires_grad_(True)
-    out = fn(fs, w, out_size, align_corners)
-    if grad_out is None:
-        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    grads = torch.autograd.grad(out, fs + [w], grad_out.to(out.dtype))
-    return [out.detach(), *grads], grad_out
-
 
 MERGE_CASES = [
     ([(3, 3), (4, 4), (6, 6)], (6, 6)),            # PIIP: upsample to the finest branch

@@ -1,4 +1,4 @@
-"""The Triton backend of ms_deform_attn against the float64 reference.
+"""The Triton backends (ms_deform_attn, deform_cross_attn, branch_merge) against the float64 reference.
 
 Without a GPU the kernels run on CPU tensors in Triton's interpreter (tests/conftest.py
 sets TRITON_INTERPRET=1), on small shapes; with one they run on CUDA tensors.
@@ -13,9 +13,12 @@ import torch
 
 import piip_kernels
 from piip_kernels import ms_deform_attn
+from piip_kernels.dca.reference import deform_cross_attn_reference
+from piip_kernels.merge.reference import branch_merge_reference
 from piip_kernels.msda.reference import ms_deform_attn_reference
 
-from helpers import assert_derived_close, msda_inputs, reference64, run_with_grads
+from helpers import (assert_derived_close, dca_grads, dca_inputs, merge_grads, merge_inputs, msda_inputs, reference64,
+                     run_with_grads)
 
 pytestmark = pytest.mark.triton
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -88,6 +91,61 @@ def test_triton_rejects_float64():
         ms_deform_attn(*inputs, backend="triton")
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("case", [((5, 7), (3, 4), 4, 6, 4), ((1, 1), (2, 3), 2, 12, 2), ((9, 9), (4, 4), 3, 100, 3),
+                                  ((6, 5), (6, 5), 1, 32, 1)], ids=lambda c: f"v{c[0][0]}x{c[0][1]}-D{c[3]}-P{c[4]}")
+def test_triton_deform_cross_attn(case, deterministic):
+    value_hw, query_hw, M, D, P = case
+    inputs = [t.to(DEVICE) for t in dca_inputs(value_hw=value_hw, query_hw=query_hw, M=M, D=D, P=P)]
+    fn = lambda *a: piip_kernels.deform_cross_attn(*a, backend="triton", deterministic=deterministic)  # noqa: E731
+    got, grad_out = dca_grads(fn, inputs, value_hw, query_hw)
+    ref, _ = dca_grads(deform_cross_attn_reference, inputs, value_hw, query_hw, grad_out.to(DEVICE))
+    truth, _ = dca_grads(deform_cross_attn_reference, [t.cpu().double() for t in inputs], value_hw, query_hw, grad_out)
+    for name, g, r, t in zip(["out", "grad_value", "grad_offsets", "grad_logits"], got, ref, truth):
+        assert g.dtype == r.dtype
+        assert_derived_close(name, g.cpu(), r.cpu(), t, floor=1e-6)
+
+
+def test_triton_deform_cross_attn_bf16():
+    inputs = [t.to(DEVICE) for t in dca_inputs(value_hw=(9, 11), query_hw=(5, 6), M=4, D=24, dtype=torch.bfloat16, off_dtype=torch.float32)]
+    fn = lambda *a: piip_kernels.deform_cross_attn(*a, backend="triton")  # noqa: E731
+    got, grad_out = dca_grads(fn, inputs, (9, 11), (5, 6))
+    ref, _ = dca_grads(deform_cross_attn_reference, inputs, (9, 11), (5, 6), grad_out.to(DEVICE))
+    truth, _ = dca_grads(deform_cross_attn_reference, [t.cpu().double() for t in inputs], (9, 11), (5, 6), grad_out)
+    for name, g, r, t in zip(["out", "grad_value", "grad_offsets", "grad_logits"], got, ref, truth):
+        assert_derived_close(name, g.cpu(), r.cpu(), t, floor=1e-3)
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("case", [([(3, 3), (4, 4), (6, 6)], (6, 6)), ([(8, 8), (3, 5)], (5, 6)), ([(1, 1)], (4, 3)),
+                                  ([(5, 7), (9, 11), (13, 17), (13, 17), (2, 2)], (13, 17)), ([(21, 21), (35, 35), (49, 49)], (49, 49))],
+                         ids=lambda c: f"{len(c[0])}br-{c[1][0]}x{c[1][1]}")
+def test_triton_branch_merge(case, align_corners):
+    sizes, out_size = case
+    feats, weights = merge_inputs(sizes, C=2)
+    feats, weights = [f.to(DEVICE) for f in feats], weights.to(DEVICE)
+    fn = lambda f, w, s, a: piip_kernels.branch_merge(f, w, s, align_corners=a, backend="triton")  # noqa: E731
+    got, grad_out = merge_grads(fn, feats, weights, out_size, align_corners)
+    ref, _ = merge_grads(branch_merge_reference, feats, weights, out_size, align_corners, grad_out.to(DEVICE))
+    truth, _ = merge_grads(branch_merge_reference, [f.cpu().double() for f in feats], weights.cpu().double(), out_size,
+                           align_corners, grad_out)
+    names = ["out"] + [f"grad_f{i}" for i in range(len(feats))] + ["grad_w"]
+    for name, g, r, t in zip(names, got, ref, truth):
+        assert g.dtype == r.dtype and g.shape == r.shape
+        assert_derived_close(name, g.cpu(), r.cpu(), t, floor=1e-6)
+
+
+def test_triton_branch_merge_bf16_is_deterministic():
+    feats, weights = merge_inputs([(7, 7), (12, 12), (20, 20)], C=4, dtype=torch.bfloat16)
+    feats, weights = [f.to(DEVICE) for f in feats], weights.to(DEVICE)
+    fn = lambda f, w, s, a: piip_kernels.branch_merge(f, w, s, backend="triton")  # noqa: E731
+    a, go = merge_grads(fn, feats, weights, (20, 20))
+    b, _ = merge_grads(fn, feats, weights, (20, 20), False, go)
+    assert a[0].dtype == torch.float32
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
 COMPILE = r"""
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -106,6 +164,32 @@ for vt in ("fp32", "bf16", "fp16"):
         src = triton.compiler.ASTSource(fn=tk._msda_bwd_kernel, signature=bwd,
                                         constexprs={"DETERMINISTIC": det, "BLOCK_Q": 64, "BLOCK_D": 16})
         triton.compile(src, target=target)
+from piip_kernels.dca import triton as dk
+from piip_kernels.merge import triton as mk
+for vt in ("fp32", "bf16"):
+    sizes = {k: "i32" for k in ("Hv", "Wv", "Hq", "Wq", "M", "D", "P")}
+    sig = dict(value_ptr="*" + vt, off_ptr="*fp32", logits_ptr="*fp32", out_ptr="*" + vt, **sizes,
+               BLOCK_Q="constexpr", BLOCK_D="constexpr", BLOCK_P="constexpr")
+    triton.compile(triton.compiler.ASTSource(fn=dk._dca_fwd_kernel, signature=sig,
+                   constexprs={"BLOCK_Q": 64, "BLOCK_D": 32, "BLOCK_P": 4}), target=target)
+    for det in (False, True):
+        sig = dict(value_ptr="*" + vt, off_ptr="*fp32", logits_ptr="*fp32", grad_out_ptr="*" + vt,
+                   grad_value_ptr="*i64" if det else "*fp32", grad_off_ptr="*fp32", grad_logits_ptr="*fp32",
+                   scale_ptr="*fp64", **sizes, DETERMINISTIC="constexpr", BLOCK_Q="constexpr", BLOCK_D="constexpr", BLOCK_P="constexpr")
+        triton.compile(triton.compiler.ASTSource(fn=dk._dca_bwd_kernel, signature=sig,
+                       constexprs={"DETERMINISTIC": det, "BLOCK_Q": 64, "BLOCK_D": 16, "BLOCK_P": 4}), target=target)
+    for align in (False, True):
+        hw = {k: "i32" for k in ("H0", "W0", "H1", "W1", "H2", "W2", "H3", "W3")}
+        sc = {k: "fp32" for k in ("sy0", "sx0", "sy1", "sx1", "sy2", "sx2", "sy3", "sx3")}
+        sig = dict(out_ptr="*fp32", w_ptr="*fp32", f0="*" + vt, f1="*" + vt, f2="*" + vt, f3="*" + vt, **hw, **sc,
+                   Ho="i32", Wo="i32", NB="constexpr", ALIGN="constexpr", BLOCK="constexpr")
+        triton.compile(triton.compiler.ASTSource(fn=mk._merge_fwd_kernel, signature=sig,
+                       constexprs={"NB": 3, "ALIGN": align, "BLOCK": 256}), target=target)
+        sig = dict(grad_out_ptr="*fp32", f_ptr="*" + vt, grad_f_ptr="*" + vt, partial_ptr="*fp32", weight_ptr="*fp32",
+                   H="i32", W="i32", Ho="i32", Wo="i32", sy="fp32", sx="fp32", inv_sy="fp32", inv_sx="fp32", KY="i32", KX="i32",
+                   ALIGN="constexpr", BLOCK="constexpr")
+        triton.compile(triton.compiler.ASTSource(fn=mk._merge_bwd_kernel, signature=sig,
+                       constexprs={"ALIGN": align, "BLOCK": 256}), target=target)
 print("compiled")
 """
 

@@ -14,8 +14,10 @@ _HALF = (torch.float16, torch.bfloat16)
 BACKENDS: dict[str, backends.WhyNot] = {
     "reference": lambda device, dtype: backends.float_reasons(dtype),
     "cpu": lambda device, dtype: backends.compiled_reasons("dca_forward", device, "cpu") + backends.float_reasons(dtype),
-    "cuda": lambda device, dtype: backends.compiled_reasons("dca_forward", device, "cuda") + backends.float_reasons(dtype),
-    "triton": lambda device, dtype: backends.triton_reasons(device, implemented=False),
+    "cuda": lambda device, dtype: backends.compiled_reasons("dca_forward", device, "cuda")
+    + backends.float_reasons(dtype, allowed=(torch.float32, torch.float16, torch.bfloat16)),
+    "triton": lambda device, dtype: backends.triton_reasons(device, implemented=True)
+    + backends.float_reasons(dtype, allowed=(torch.float32, torch.float16, torch.bfloat16)),
 }
 backends.register_op(OP, BACKENDS)
 
@@ -31,7 +33,7 @@ def _hw(name, hw) -> tuple[int, int]:
 
 
 def deform_cross_attn(value: Tensor, value_hw, offsets: Tensor, logits: Tensor, query_hw, *,
-                      backend: str | None = None) -> Tensor:
+                      backend: str | None = None, deterministic: bool | None = None) -> Tensor:
     """Deformable cross-attention of an Hq x Wq query grid into one Hv x Wv value map,
     from raw offsets and logits (PIIP's interaction units).
 
@@ -48,6 +50,8 @@ def deform_cross_attn(value: Tensor, value_hw, offsets: Tensor, logits: Tensor, 
         logits: [N, Hq*Wq, M, P] raw attention logits.
         query_hw: (Hq, Wq).
         backend: "reference", "cpu", "cuda" or "triton" (default: the fastest available).
+        deterministic: bit-identical gradients across runs (default:
+            ``torch.are_deterministic_algorithms_enabled()``; the CPU backward always is).
 
     Returns:
         [N, Hq*Wq, M*D] in value's dtype (accumulated in fp32, fp64 for fp64).
@@ -74,8 +78,10 @@ def deform_cross_attn(value: Tensor, value_hw, offsets: Tensor, logits: Tensor, 
         dt = torch.float32 if value.dtype in _HALF else value.dtype
     offsets, logits = offsets.to(dt), logits.to(dt)
     if value.device.type == "meta":
-        return deform_cross_attn_op(value, offsets, logits, [Hv, Wv], [Hq, Wq], "reference")
+        return deform_cross_attn_op(value, offsets, logits, [Hv, Wv], [Hq, Wq], "reference", False)
     name = backends.select(OP, BACKENDS, value.device, value.dtype, backend)
     if name == "reference":
         return deform_cross_attn_reference(value, (Hv, Wv), offsets, logits, (Hq, Wq))
-    return deform_cross_attn_op(value, offsets, logits, [Hv, Wv], [Hq, Wq], name)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    return deform_cross_attn_op(value, offsets, logits, [Hv, Wv], [Hq, Wq], name, bool(deterministic))

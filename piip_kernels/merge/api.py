@@ -13,8 +13,10 @@ OP = "branch_merge"
 BACKENDS: dict[str, backends.WhyNot] = {
     "reference": lambda device, dtype: backends.float_reasons(dtype),
     "cpu": lambda device, dtype: backends.compiled_reasons("merge_forward", device, "cpu") + backends.float_reasons(dtype),
-    "cuda": lambda device, dtype: backends.compiled_reasons("merge_forward", device, "cuda") + backends.float_reasons(dtype),
-    "triton": lambda device, dtype: backends.triton_reasons(device, implemented=False),
+    "cuda": lambda device, dtype: backends.compiled_reasons("merge_forward", device, "cuda")
+    + backends.float_reasons(dtype, allowed=(torch.float32, torch.float16, torch.bfloat16)),
+    "triton": lambda device, dtype: backends.triton_reasons(device, implemented=True)
+    + backends.float_reasons(dtype, allowed=(torch.float32, torch.float16, torch.bfloat16)),
 }
 backends.register_op(OP, BACKENDS)
 

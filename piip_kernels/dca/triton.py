@@ -1,0 +1,187 @@
+"""Triton backend of the fused deformable cross-attention (forward and backward).
+
+Kernel, launcher, wrapper, in that order. One program handles BLOCK_Q queries of one
+(image, head). The reference points come from the query index, the softmax over the
+P points runs on a [BLOCK_Q, BLOCK_P] tile in registers, and the sampling is the
+one-level case of piip_kernels/msda/triton.py (same corner helper, same conventions).
+The backward returns offset and logit gradients directly (softmax backward fused);
+grad_value is scattered with fp32 atomics, or 64-bit fixed-point atomics when
+deterministic.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+import torch
+
+from ..msda.triton import _configs, _corner, _scatter, fixed_point_scale
+
+
+@triton.jit
+def _softmax_tile(logits_ptr, base, qmask, P, BLOCK_P: tl.constexpr):
+    """softmax over the P points of each query: [BLOCK_Q, BLOCK_P] (zero past P)."""
+    pcol = tl.arange(0, BLOCK_P)
+    pmask = pcol < P
+    lg = tl.load(logits_ptr + base[:, None] + pcol[None, :], mask=qmask[:, None] & pmask[None, :], other=-float("inf")).to(tl.float32)
+    lg = tl.where(pmask[None, :], lg, -float("inf"))
+    mx = tl.max(lg, axis=1)
+    mx = tl.where(qmask, mx, 0.0)
+    e = tl.exp(lg - mx[:, None])
+    e = tl.where(pmask[None, :], e, 0.0)
+    s = tl.sum(e, axis=1)
+    s = tl.where(s > 0, s, 1.0)
+    return e / s[:, None]
+
+
+@triton.jit
+def _dca_fwd_kernel(value_ptr, off_ptr, logits_ptr, out_ptr, Hv, Wv, Hq, Wq, M, D, P,
+                    BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
+    # value [N, Hv*Wv, M, D]; offsets [N, Lq, M, P, 2]; logits [N, Lq, M, P]; out [N, Lq, M, D]
+    pid_q = tl.program_id(0)
+    nm = tl.program_id(1)
+    n = (nm // M).to(tl.int64)
+    m = (nm % M).to(tl.int64)
+    Lq = Hq * Wq
+    S = Hv * Wv
+    q = pid_q.to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    qmask = q < Lq
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    rx = ((q % Wq).to(tl.float32) + 0.5) / Wq
+    ry = ((q // Wq).to(tl.float32) + 0.5) / Hq
+    base = ((n * Lq + q) * M + m) * P
+    w = _softmax_tile(logits_ptr, base, qmask, P, BLOCK_P)
+    pcol = tl.arange(0, BLOCK_P)
+    row0 = n * S
+    acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
+    for p in range(P):
+        a = tl.sum(tl.where(pcol[None, :] == p, w, 0.0), axis=1)
+        ox = tl.load(off_ptr + 2 * (base + p), mask=qmask, other=0.0).to(tl.float32)
+        oy = tl.load(off_ptr + 2 * (base + p) + 1, mask=qmask, other=0.0).to(tl.float32)
+        h_im = (ry + oy / Hv) * Hv - 0.5
+        w_im = (rx + ox / Wv) * Wv - 0.5
+        valid = qmask & (h_im > -1.0) & (w_im > -1.0) & (h_im < Hv) & (w_im < Wv)
+        h_im = tl.where(valid, h_im, 0.0)
+        w_im = tl.where(valid, w_im, 0.0)
+        h0f = tl.floor(h_im)
+        w0f = tl.floor(w_im)
+        lh = h_im - h0f
+        lw = w_im - w0f
+        h0 = h0f.to(tl.int32)
+        w0 = w0f.to(tl.int32)
+        v00, _, _ = _corner(value_ptr, row0, Hv, Wv, h0, w0, valid, m, M, D, d, dmask)
+        v01, _, _ = _corner(value_ptr, row0, Hv, Wv, h0, w0 + 1, valid, m, M, D, d, dmask)
+        v10, _, _ = _corner(value_ptr, row0, Hv, Wv, h0 + 1, w0, valid, m, M, D, d, dmask)
+        v11, _, _ = _corner(value_ptr, row0, Hv, Wv, h0 + 1, w0 + 1, valid, m, M, D, d, dmask)
+        acc += ((1 - lh) * (1 - lw) * a)[:, None] * v00 + ((1 - lh) * lw * a)[:, None] * v01 \
+            + (lh * (1 - lw) * a)[:, None] * v10 + (lh * lw * a)[:, None] * v11
+    out = out_ptr + ((n * Lq + q) * M + m)[:, None] * D + d[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=qmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _dca_bwd_kernel(value_ptr, off_ptr, logits_ptr, grad_out_ptr, grad_value_ptr, grad_off_ptr, grad_logits_ptr,
+                    scale_ptr, Hv, Wv, Hq, Wq, M, D, P,
+                    DETERMINISTIC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
+    pid_q = tl.program_id(0)
+    nm = tl.program_id(1)
+    n = (nm // M).to(tl.int64)
+    m = (nm % M).to(tl.int64)
+    Lq = Hq * Wq
+    S = Hv * Wv
+    q = pid_q.to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    qmask = q < Lq
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    rx = ((q % Wq).to(tl.float32) + 0.5) / Wq
+    ry = ((q // Wq).to(tl.float32) + 0.5) / Hq
+    base = ((n * Lq + q) * M + m) * P
+    w = _softmax_tile(logits_ptr, base, qmask, P, BLOCK_P)
+    pcol = tl.arange(0, BLOCK_P)
+    row0 = n * S
+    g = tl.load(grad_out_ptr + ((n * Lq + q) * M + m)[:, None] * D + d[None, :],
+                mask=qmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr)
+    gw = tl.zeros([BLOCK_Q, BLOCK_P], dtype=tl.float32)  # dL/d(softmax weight) per point
+    for p in range(P):
+        a = tl.sum(tl.where(pcol[None, :] == p, w, 0.0), axis=1)
+        ox = tl.load(off_ptr + 2 * (base + p), mask=qmask, other=0.0).to(tl.float32)
+        oy = tl.load(off_ptr + 2 * (base + p) + 1, mask=qmask, other=0.0).to(tl.float32)
+        h_im = (ry + oy / Hv) * Hv - 0.5
+        w_im = (rx + ox / Wv) * Wv - 0.5
+        valid = qmask & (h_im > -1.0) & (w_im > -1.0) & (h_im < Hv) & (w_im < Wv)
+        h_im = tl.where(valid, h_im, 0.0)
+        w_im = tl.where(valid, w_im, 0.0)
+        h0f = tl.floor(h_im)
+        w0f = tl.floor(w_im)
+        lh = h_im - h0f
+        lw = w_im - w0f
+        h0 = h0f.to(tl.int32)
+        w0 = w0f.to(tl.int32)
+        v00, i00, r00 = _corner(value_ptr, row0, Hv, Wv, h0, w0, valid, m, M, D, d, dmask)
+        v01, i01, r01 = _corner(value_ptr, row0, Hv, Wv, h0, w0 + 1, valid, m, M, D, d, dmask)
+        v10, i10, r10 = _corner(value_ptr, row0, Hv, Wv, h0 + 1, w0, valid, m, M, D, d, dmask)
+        v11, i11, r11 = _corner(value_ptr, row0, Hv, Wv, h0 + 1, w0 + 1, valid, m, M, D, d, dmask)
+        s00 = tl.sum(g * v00, axis=1)
+        s01 = tl.sum(g * v01, axis=1)
+        s10 = tl.sum(g * v10, axis=1)
+        s11 = tl.sum(g * v11, axis=1)
+        hh = 1 - lh
+        hw = 1 - lw
+        g_a = hh * hw * s00 + hh * lw * s01 + lh * hw * s10 + lh * lw * s11
+        g_w = -hh * s00 + hh * s01 - lh * s10 + lh * s11
+        g_h = -hw * s00 - lw * s01 + hw * s10 + lw * s11
+        gw += tl.where(pcol[None, :] == p, tl.where(valid, g_a, 0.0)[:, None], 0.0)
+        # x = rx + off_x / Wv and x * Wv - 0.5 = w_im: d w_im / d off_x = 1.
+        tl.store(grad_off_ptr + 2 * (base + p), tl.where(valid, a * g_w, 0.0), mask=qmask)
+        tl.store(grad_off_ptr + 2 * (base + p) + 1, tl.where(valid, a * g_h, 0.0), mask=qmask)
+        _scatter(grad_value_ptr, r00, i00, a * hh * hw, g, m, M, D, d, dmask, scale, DETERMINISTIC)
+        _scatter(grad_value_ptr, r01, i01, a * hh * lw, g, m, M, D, d, dmask, scale, DETERMINISTIC)
+        _scatter(grad_value_ptr, r10, i10, a * lh * hw, g, m, M, D, d, dmask, scale, DETERMINISTIC)
+        _scatter(grad_value_ptr, r11, i11, a * lh * lw, g, m, M, D, d, dmask, scale, DETERMINISTIC)
+    # Softmax backward: dL/dlogit_p = w_p * (dL/dw_p - sum_k w_k dL/dw_k).
+    dot = tl.sum(w * gw, axis=1)
+    glog = w * (gw - dot[:, None])
+    tl.store(grad_logits_ptr + base[:, None] + pcol[None, :], glog, mask=qmask[:, None] & (pcol < P)[None, :])
+
+
+_fwd = triton.autotune(configs=_configs(), key=["Hq", "Wq", "M", "D", "P"])(_dca_fwd_kernel)
+_bwd = triton.autotune(configs=_configs(), key=["Hq", "Wq", "M", "D", "P"], reset_to_zero=["grad_value_ptr"])(_dca_bwd_kernel)
+
+
+def _grid(Lq, N, M):
+    return lambda meta: (triton.cdiv(Lq, meta["BLOCK_Q"]), N * M)
+
+
+def dca_forward(value, offsets, logits, value_hw, query_hw):
+    """Shapes as in piip_kernels.deform_cross_attn; returns [N, Hq*Wq, M*D]."""
+    value, offsets, logits = value.contiguous(), offsets.contiguous(), logits.contiguous()
+    N, _, M, D = value.shape
+    P = offsets.shape[3]
+    (Hv, Wv), (Hq, Wq) = value_hw, query_hw
+    out = torch.empty(N, Hq * Wq, M, D, device=value.device, dtype=value.dtype)
+    if out.numel() == 0:
+        return out.view(N, Hq * Wq, M * D)
+    _fwd[_grid(Hq * Wq, N, M)](value, offsets, logits, out, Hv, Wv, Hq, Wq, M, D, P,
+                               BLOCK_D=triton.next_power_of_2(D), BLOCK_P=triton.next_power_of_2(P))
+    return out.view(N, Hq * Wq, M * D)
+
+
+def dca_backward(grad_output, value, offsets, logits, value_hw, query_hw, deterministic: bool = False):
+    """Gradients (value, offsets, logits)."""
+    value, offsets, logits, go = value.contiguous(), offsets.contiguous(), logits.contiguous(), grad_output.contiguous()
+    N, _, M, D = value.shape
+    P = offsets.shape[3]
+    (Hv, Wv), (Hq, Wq) = value_hw, query_hw
+    if N * Hq * Wq * M * D == 0:
+        return torch.zeros_like(value), torch.zeros_like(offsets), torch.zeros_like(logits)
+    gv = torch.zeros(value.shape, device=value.device, dtype=torch.int64 if deterministic else torch.float32)
+    goff = torch.empty(offsets.shape, device=value.device, dtype=torch.float32)
+    glog = torch.empty(logits.shape, device=value.device, dtype=torch.float32)
+    scale = fixed_point_scale(go, 4 * Hq * Wq * P) if deterministic else torch.ones((), dtype=torch.float64, device=value.device)
+    _bwd[_grid(Hq * Wq, N, M)](value, offsets, logits, go, gv, goff, glog, scale.reshape(1), Hv, Wv, Hq, Wq, M, D, P,
+                               DETERMINISTIC=deterministic, BLOCK_D=triton.next_power_of_2(D), BLOCK_P=triton.next_power_of_2(P))
+    if deterministic:
+        gv = gv.double() / scale
+    return gv.to(value.dtype), goff.to(offsets.dtype), glog.to(logits.dtype)

@@ -1,0 +1,173 @@
+"""Triton backend of branch_merge (forward and gather-only backward).
+
+Kernel, launcher, wrapper, in that order. Maps are stacks of planes (N * C of them).
+Forward: one program writes BLOCK output pixels of one plane, computing each branch's
+bilinear taps in registers (the rule of csrc/merge/merge_math.h, i.e. torch's
+upsample_bilinear2d with an output size) and summing the weighted samples: every map is
+read once and the output written once. Backward, per branch: one program owns BLOCK
+input pixels and gathers from the output pixels whose taps touch them (a few rows and
+columns, bounded by the scale), so there are no atomics; the weight gradient is summed
+from per-program partial sums in a fixed order. Both are deterministic.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..msda.triton import INTERPRET
+
+BLOCK = 1024 if INTERPRET else 256
+
+
+@triton.jit
+def _tap(o, size_in, scale, ALIGN: tl.constexpr):
+    """(i0, i1, l): input indices read by output index o and the weight of i1."""
+    of = o.to(tl.float32)
+    if ALIGN:
+        src = scale * of
+    else:
+        src = tl.maximum(scale * (of + 0.5) - 0.5, 0.0)
+    i0 = tl.minimum(src.to(tl.int32), size_in - 1)  # src >= 0: truncation is floor
+    lam = tl.minimum(tl.maximum(src - i0.to(tl.float32), 0.0), 1.0)
+    i1 = tl.where(i0 < size_in - 1, i0 + 1, i0)
+    return i0, i1, lam
+
+
+@triton.jit
+def _sample(f_ptr, plane, H, W, sy, sx, oy, ox, mask, ALIGN: tl.constexpr):
+    y0, y1, ly = _tap(oy, H, sy, ALIGN)
+    x0, x1, lx = _tap(ox, W, sx, ALIGN)
+    base = f_ptr + plane * H * W
+    v00 = tl.load(base + y0 * W + x0, mask=mask, other=0.0).to(tl.float32)
+    v01 = tl.load(base + y0 * W + x1, mask=mask, other=0.0).to(tl.float32)
+    v10 = tl.load(base + y1 * W + x0, mask=mask, other=0.0).to(tl.float32)
+    v11 = tl.load(base + y1 * W + x1, mask=mask, other=0.0).to(tl.float32)
+    top = v00 + lx * (v01 - v00)
+    bot = v10 + lx * (v11 - v10)
+    return top + ly * (bot - top)
+
+
+@triton.jit
+def _merge_fwd_kernel(out_ptr, w_ptr, f0, f1, f2, f3, H0, W0, H1, W1, H2, W2, H3, W3,
+                      sy0, sx0, sy1, sx1, sy2, sx2, sy3, sx3, Ho, Wo,
+                      NB: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+    # f_i [planes, H_i, W_i]; out [planes, Ho, Wo]; weights [NB] fp32
+    plane = tl.program_id(1).to(tl.int64)
+    k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = k < Ho * Wo
+    oy = k // Wo
+    ox = k % Wo
+    acc = tl.load(w_ptr).to(tl.float32) * _sample(f0, plane, H0, W0, sy0, sx0, oy, ox, mask, ALIGN)
+    if NB > 1:
+        acc += tl.load(w_ptr + 1).to(tl.float32) * _sample(f1, plane, H1, W1, sy1, sx1, oy, ox, mask, ALIGN)
+    if NB > 2:
+        acc += tl.load(w_ptr + 2).to(tl.float32) * _sample(f2, plane, H2, W2, sy2, sx2, oy, ox, mask, ALIGN)
+    if NB > 3:
+        acc += tl.load(w_ptr + 3).to(tl.float32) * _sample(f3, plane, H3, W3, sy3, sx3, oy, ox, mask, ALIGN)
+    tl.store(out_ptr + plane * Ho * Wo + k, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _axis_weight(o, i, size_in, scale, ALIGN: tl.constexpr):
+    """Weight with which output index o reads input index i (0 when it does not)."""
+    i0, i1, lam = _tap(o, size_in, scale, ALIGN)
+    return tl.where(i0 == i, 1.0 - lam, 0.0) + tl.where(i1 == i, lam, 0.0)
+
+
+@triton.jit
+def _merge_bwd_kernel(grad_out_ptr, f_ptr, grad_f_ptr, partial_ptr, weight_ptr, H, W, Ho, Wo, sy, sx, inv_sy, inv_sx,
+                      KY, KX, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+    # grad_out [planes, Ho, Wo]; f, grad_f [planes, H, W]; partial [planes, programs] fp32
+    plane = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0)
+    k = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = k < H * W
+    iy = k // W
+    ix = k % W
+    # First output index that can read input index i: where the source coordinate passes i - 1.
+    if ALIGN:
+        ly = tl.maximum(((iy - 1).to(tl.float32) * inv_sy).to(tl.int32) - 1, 0)
+        lx = tl.maximum(((ix - 1).to(tl.float32) * inv_sx).to(tl.int32) - 1, 0)
+    else:
+        ly = tl.maximum(((iy.to(tl.float32) - 0.5) * inv_sy - 0.5).to(tl.int32) - 1, 0)
+        lx = tl.maximum(((ix.to(tl.float32) - 0.5) * inv_sx - 0.5).to(tl.int32) - 1, 0)
+    G = tl.zeros([BLOCK], dtype=tl.float32)
+    g_base = grad_out_ptr + plane * Ho * Wo
+    for a in range(KY):
+        oy = ly + a
+        wy = tl.where(oy < Ho, _axis_weight(oy, iy, H, sy, ALIGN), 0.0)
+        for b in range(KX):
+            ox = lx + b
+            wx = tl.where(ox < Wo, _axis_weight(ox, ix, W, sx, ALIGN), 0.0)
+            wgt = wy * wx
+            g = tl.load(g_base + oy * Wo + ox, mask=mask & (wgt != 0.0), other=0.0).to(tl.float32)
+            G += wgt * g
+    w = tl.load(weight_ptr).to(tl.float32)
+    f = tl.load(f_ptr + plane * H * W + k, mask=mask, other=0.0).to(tl.float32)
+    tl.store(grad_f_ptr + plane * H * W + k, (w * G).to(grad_f_ptr.dtype.element_ty), mask=mask)
+    tl.store(partial_ptr + plane * tl.num_programs(0) + pid, tl.sum(f * G, axis=0))
+
+
+def _scales(H, W, Ho, Wo, align_corners):
+    if align_corners:
+        return ((H - 1) / (Ho - 1) if Ho > 1 else 0.0), ((W - 1) / (Wo - 1) if Wo > 1 else 0.0)
+    return H / Ho, W / Wo
+
+
+def _candidates(scale):
+    # Output indices whose source coordinate lies within one pixel of an input index:
+    # at most 2 / scale + 1 of them; the search starts one early, hence the margin.
+    return 4 if scale <= 0 else int(math.ceil(2.0 / scale)) + 4
+
+
+def merge_forward(features, weights, out_size, align_corners):
+    """Shapes as in piip_kernels.branch_merge; at most 4 maps per launch."""
+    if len(features) > 4:
+        # One launch takes 4 maps; more are merged in groups and summed.
+        parts = [merge_forward(features[i:i + 4], weights[i:i + 4], out_size, align_corners) for i in range(0, len(features), 4)]
+        return torch.stack(parts).sum(0)
+    feats = [f.contiguous() for f in features]
+    N, C = feats[0].shape[:2]
+    Ho, Wo = out_size
+    out_dtype = torch.promote_types(feats[0].dtype, weights.dtype)
+    out = torch.empty(N, C, Ho, Wo, device=feats[0].device, dtype=out_dtype)
+    if out.numel() == 0:
+        return out
+    w = weights.float().contiguous()
+    args, scales = [], []
+    for i in range(4):
+        f = feats[min(i, len(feats) - 1)]
+        H, W = f.shape[2:]
+        args += [f]
+        scales += [H, W]
+    sc = []
+    for i in range(4):
+        H, W = feats[min(i, len(feats) - 1)].shape[2:]
+        sc += list(_scales(H, W, Ho, Wo, align_corners))
+    grid = (triton.cdiv(Ho * Wo, BLOCK), N * C)
+    _merge_fwd_kernel[grid](out, w, *args, *scales, *sc, Ho, Wo, NB=len(feats), ALIGN=bool(align_corners), BLOCK=BLOCK)
+    return out
+
+
+def merge_backward(grad_output, features, weights, align_corners):
+    """(grad of every map, grad of the weights)."""
+    go = grad_output.contiguous()
+    N, C, Ho, Wo = go.shape
+    grads, gw = [], []
+    for i, f in enumerate(features):
+        f = f.contiguous()
+        H, W = f.shape[2:]
+        sy, sx = _scales(H, W, Ho, Wo, align_corners)
+        gf = torch.empty_like(f, memory_format=torch.contiguous_format)
+        programs = triton.cdiv(H * W, BLOCK)
+        partial = torch.empty(N * C, programs, device=f.device, dtype=torch.float32)
+        if f.numel():
+            _merge_bwd_kernel[(programs, N * C)](go, f, gf, partial, weights[i:i + 1].float().contiguous(), H, W, Ho, Wo,
+                                                 sy, sx, 1.0 / sy if sy > 0 else 0.0, 1.0 / sx if sx > 0 else 0.0,
+                                                 _candidates(sy), _candidates(sx), ALIGN=bool(align_corners), BLOCK=BLOCK)
+        grads.append(gf)
+        gw.append(partial.double().sum())
+    return grads, torch.stack(gw).to(weights.dtype)
