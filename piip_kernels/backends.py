@@ -68,6 +68,21 @@ def float_reasons(dtype: torch.dtype, allowed=(torch.float32, torch.float64, tor
     return []
 
 
+GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def standard_table(private_op: str, triton: bool = True) -> dict[str, WhyNot]:
+    """The backend table of an op with a reference, compiled CPU and CUDA kernels
+    (``piip_C::<private_op>``) and a Triton kernel; the GPU kernels compute in fp32 and
+    take fp32/fp16/bf16 (float64 runs on the cpu and reference backends)."""
+    return {
+        "reference": lambda device, dtype: float_reasons(dtype),
+        "cpu": lambda device, dtype: compiled_reasons(private_op, device, "cpu") + float_reasons(dtype),
+        "cuda": lambda device, dtype: compiled_reasons(private_op, device, "cuda") + float_reasons(dtype, GPU_DTYPES),
+        "triton": lambda device, dtype: triton_reasons(device, implemented=triton) + float_reasons(dtype, GPU_DTYPES),
+    }
+
+
 # --- selection --------------------------------------------------------------
 
 def requested_backend(backend: str | None) -> str | None:

@@ -11,14 +11,7 @@ from .reference import deform_cross_attn_reference
 OP = "deform_cross_attn"
 _HALF = (torch.float16, torch.bfloat16)
 
-BACKENDS: dict[str, backends.WhyNot] = {
-    "reference": lambda device, dtype: backends.float_reasons(dtype),
-    "cpu": lambda device, dtype: backends.compiled_reasons("dca_forward", device, "cpu") + backends.float_reasons(dtype),
-    "cuda": lambda device, dtype: backends.compiled_reasons("dca_forward", device, "cuda")
-    + backends.float_reasons(dtype, allowed=(torch.float32, torch.float16, torch.bfloat16)),
-    "triton": lambda device, dtype: backends.triton_reasons(device, implemented=True)
-    + backends.float_reasons(dtype, allowed=(torch.float32, torch.float16, torch.bfloat16)),
-}
+BACKENDS: dict[str, backends.WhyNot] = backends.standard_table("dca_forward")
 backends.register_op(OP, BACKENDS)
 
 

@@ -15,7 +15,7 @@ import triton.language as tl
 
 import torch
 
-from ..msda.triton import _configs, _corner, _scatter, fixed_point_scale
+from ..msda.triton import _bilinear, _configs, _point_backward, _sample, fixed_point_scale
 
 
 @triton.jit
@@ -59,23 +59,8 @@ def _dca_fwd_kernel(value_ptr, off_ptr, logits_ptr, out_ptr, Hv, Wv, Hq, Wq, M, 
         a = tl.sum(tl.where(pcol[None, :] == p, w, 0.0), axis=1)
         ox = tl.load(off_ptr + 2 * (base + p), mask=qmask, other=0.0).to(tl.float32)
         oy = tl.load(off_ptr + 2 * (base + p) + 1, mask=qmask, other=0.0).to(tl.float32)
-        h_im = (ry + oy / Hv) * Hv - 0.5
-        w_im = (rx + ox / Wv) * Wv - 0.5
-        valid = qmask & (h_im > -1.0) & (w_im > -1.0) & (h_im < Hv) & (w_im < Wv)
-        h_im = tl.where(valid, h_im, 0.0)
-        w_im = tl.where(valid, w_im, 0.0)
-        h0f = tl.floor(h_im)
-        w0f = tl.floor(w_im)
-        lh = h_im - h0f
-        lw = w_im - w0f
-        h0 = h0f.to(tl.int32)
-        w0 = w0f.to(tl.int32)
-        v00, _, _ = _corner(value_ptr, row0, Hv, Wv, h0, w0, valid, m, M, D, d, dmask)
-        v01, _, _ = _corner(value_ptr, row0, Hv, Wv, h0, w0 + 1, valid, m, M, D, d, dmask)
-        v10, _, _ = _corner(value_ptr, row0, Hv, Wv, h0 + 1, w0, valid, m, M, D, d, dmask)
-        v11, _, _ = _corner(value_ptr, row0, Hv, Wv, h0 + 1, w0 + 1, valid, m, M, D, d, dmask)
-        acc += ((1 - lh) * (1 - lw) * a)[:, None] * v00 + ((1 - lh) * lw * a)[:, None] * v01 \
-            + (lh * (1 - lw) * a)[:, None] * v10 + (lh * lw * a)[:, None] * v11
+        valid, h0, w0, lh, lw = _bilinear((ry + oy / Hv) * Hv - 0.5, (rx + ox / Wv) * Wv - 0.5, Hv, Wv, qmask)
+        acc += _sample(value_ptr, row0, Hv, Wv, h0, w0, lh, lw, a, valid, m, M, D, d, dmask)
     out = out_ptr + ((n * Lq + q) * M + m)[:, None] * D + d[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=qmask[:, None] & dmask[None, :])
 
@@ -108,38 +93,13 @@ def _dca_bwd_kernel(value_ptr, off_ptr, logits_ptr, grad_out_ptr, grad_value_ptr
         a = tl.sum(tl.where(pcol[None, :] == p, w, 0.0), axis=1)
         ox = tl.load(off_ptr + 2 * (base + p), mask=qmask, other=0.0).to(tl.float32)
         oy = tl.load(off_ptr + 2 * (base + p) + 1, mask=qmask, other=0.0).to(tl.float32)
-        h_im = (ry + oy / Hv) * Hv - 0.5
-        w_im = (rx + ox / Wv) * Wv - 0.5
-        valid = qmask & (h_im > -1.0) & (w_im > -1.0) & (h_im < Hv) & (w_im < Wv)
-        h_im = tl.where(valid, h_im, 0.0)
-        w_im = tl.where(valid, w_im, 0.0)
-        h0f = tl.floor(h_im)
-        w0f = tl.floor(w_im)
-        lh = h_im - h0f
-        lw = w_im - w0f
-        h0 = h0f.to(tl.int32)
-        w0 = w0f.to(tl.int32)
-        v00, i00, r00 = _corner(value_ptr, row0, Hv, Wv, h0, w0, valid, m, M, D, d, dmask)
-        v01, i01, r01 = _corner(value_ptr, row0, Hv, Wv, h0, w0 + 1, valid, m, M, D, d, dmask)
-        v10, i10, r10 = _corner(value_ptr, row0, Hv, Wv, h0 + 1, w0, valid, m, M, D, d, dmask)
-        v11, i11, r11 = _corner(value_ptr, row0, Hv, Wv, h0 + 1, w0 + 1, valid, m, M, D, d, dmask)
-        s00 = tl.sum(g * v00, axis=1)
-        s01 = tl.sum(g * v01, axis=1)
-        s10 = tl.sum(g * v10, axis=1)
-        s11 = tl.sum(g * v11, axis=1)
-        hh = 1 - lh
-        hw = 1 - lw
-        g_a = hh * hw * s00 + hh * lw * s01 + lh * hw * s10 + lh * lw * s11
-        g_w = -hh * s00 + hh * s01 - lh * s10 + lh * s11
-        g_h = -hw * s00 - lw * s01 + hw * s10 + lw * s11
-        gw += tl.where(pcol[None, :] == p, tl.where(valid, g_a, 0.0)[:, None], 0.0)
-        # x = rx + off_x / Wv and x * Wv - 0.5 = w_im: d w_im / d off_x = 1.
-        tl.store(grad_off_ptr + 2 * (base + p), tl.where(valid, a * g_w, 0.0), mask=qmask)
-        tl.store(grad_off_ptr + 2 * (base + p) + 1, tl.where(valid, a * g_h, 0.0), mask=qmask)
-        _scatter(grad_value_ptr, r00, i00, a * hh * hw, g, m, M, D, d, dmask, scale, DETERMINISTIC)
-        _scatter(grad_value_ptr, r01, i01, a * hh * lw, g, m, M, D, d, dmask, scale, DETERMINISTIC)
-        _scatter(grad_value_ptr, r10, i10, a * lh * hw, g, m, M, D, d, dmask, scale, DETERMINISTIC)
-        _scatter(grad_value_ptr, r11, i11, a * lh * lw, g, m, M, D, d, dmask, scale, DETERMINISTIC)
+        valid, h0, w0, lh, lw = _bilinear((ry + oy / Hv) * Hv - 0.5, (rx + ox / Wv) * Wv - 0.5, Hv, Wv, qmask)
+        g_a, g_w, g_h = _point_backward(value_ptr, grad_value_ptr, row0, Hv, Wv, h0, w0, lh, lw, a, valid, g,
+                                        m, M, D, d, dmask, scale, DETERMINISTIC)
+        gw += tl.where(pcol[None, :] == p, g_a[:, None], 0.0)
+        # x = rx + off_x / Wv and w_im = x * Wv - 0.5: d w_im / d off_x = 1.
+        tl.store(grad_off_ptr + 2 * (base + p), a * g_w, mask=qmask)
+        tl.store(grad_off_ptr + 2 * (base + p) + 1, a * g_h, mask=qmask)
     # Softmax backward: dL/dlogit_p = w_p * (dL/dw_p - sum_k w_k dL/dw_k).
     dot = tl.sum(w * gw, axis=1)
     glog = w * (gw - dot[:, None])

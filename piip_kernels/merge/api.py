@@ -10,14 +10,7 @@ from .reference import branch_merge_reference
 
 OP = "branch_merge"
 
-BACKENDS: dict[str, backends.WhyNot] = {
-    "reference": lambda device, dtype: backends.float_reasons(dtype),
-    "cpu": lambda device, dtype: backends.compiled_reasons("merge_forward", device, "cpu") + backends.float_reasons(dtype),
-    "cuda": lambda device, dtype: backends.compiled_reasons("merge_forward", device, "cuda")
-    + backends.float_reasons(dtype, allowed=(torch.float32, torch.float16, torch.bfloat16)),
-    "triton": lambda device, dtype: backends.triton_reasons(device, implemented=True)
-    + backends.float_reasons(dtype, allowed=(torch.float32, torch.float16, torch.bfloat16)),
-}
+BACKENDS: dict[str, backends.WhyNot] = backends.standard_table("merge_forward")
 backends.register_op(OP, BACKENDS)
 
 

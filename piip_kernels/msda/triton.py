@@ -43,6 +43,69 @@ def _corner(value_ptr, row0, H, W, hh, ww, valid, m, M, D, d, dmask):
 
 
 @triton.jit
+def _scatter(gv_ptr, row, inside, coef, g, m, M, D, d, dmask, scale, DETERMINISTIC: tl.constexpr):
+    """grad_value[row] += coef * g for each query whose corner is inside the map."""
+    contrib = coef[:, None] * g
+    ptrs = gv_ptr + (row * M + m)[:, None] * D + d[None, :]
+    mask = inside[:, None] & dmask[None, :]
+    if DETERMINISTIC:
+        # Fixed point: integer additions are associative, so every run gives the same bits.
+        fixed = tl.floor(contrib.to(tl.float64) * scale + 0.5).to(tl.int64)
+        tl.atomic_add(ptrs, fixed, mask=mask)
+    else:
+        tl.atomic_add(ptrs, contrib, mask=mask)
+
+
+@triton.jit
+def _bilinear(h_im, w_im, H, W, qmask):
+    """Top-left corner (h0, w0), fractions (lh, lw) and validity of pixel coordinates
+    (h_im, w_im) = location * size - 0.5; the negated comparisons also reject NaN."""
+    valid = qmask & (h_im > -1.0) & (w_im > -1.0) & (h_im < H) & (w_im < W)
+    h_im = tl.where(valid, h_im, 0.0)
+    w_im = tl.where(valid, w_im, 0.0)
+    h0f = tl.floor(h_im)
+    w0f = tl.floor(w_im)
+    return valid, h0f.to(tl.int32), w0f.to(tl.int32), h_im - h0f, w_im - w0f
+
+
+@triton.jit
+def _sample(value_ptr, row0, H, W, h0, w0, lh, lw, a, valid, m, M, D, d, dmask):
+    """a * bilinear sample of each query's point: [BLOCK_Q, BLOCK_D] fp32."""
+    v00, _, _ = _corner(value_ptr, row0, H, W, h0, w0, valid, m, M, D, d, dmask)
+    v01, _, _ = _corner(value_ptr, row0, H, W, h0, w0 + 1, valid, m, M, D, d, dmask)
+    v10, _, _ = _corner(value_ptr, row0, H, W, h0 + 1, w0, valid, m, M, D, d, dmask)
+    v11, _, _ = _corner(value_ptr, row0, H, W, h0 + 1, w0 + 1, valid, m, M, D, d, dmask)
+    return ((1 - lh) * (1 - lw) * a)[:, None] * v00 + ((1 - lh) * lw * a)[:, None] * v01 \
+        + (lh * (1 - lw) * a)[:, None] * v10 + (lh * lw * a)[:, None] * v11
+
+
+@triton.jit
+def _point_backward(value_ptr, gv_ptr, row0, H, W, h0, w0, lh, lw, a, valid, g, m, M, D, d, dmask, scale,
+                    DETERMINISTIC: tl.constexpr):
+    """Scatters a * w_c * g into grad_value and returns, per query, the derivatives of the
+    sample with respect to its weight, w_im and h_im (msda_math.h's point_grads without the
+    factors a * W and a * H): (g_attn, g_w, g_h), zero for invalid points."""
+    v00, i00, r00 = _corner(value_ptr, row0, H, W, h0, w0, valid, m, M, D, d, dmask)
+    v01, i01, r01 = _corner(value_ptr, row0, H, W, h0, w0 + 1, valid, m, M, D, d, dmask)
+    v10, i10, r10 = _corner(value_ptr, row0, H, W, h0 + 1, w0, valid, m, M, D, d, dmask)
+    v11, i11, r11 = _corner(value_ptr, row0, H, W, h0 + 1, w0 + 1, valid, m, M, D, d, dmask)
+    s00 = tl.sum(g * v00, axis=1)
+    s01 = tl.sum(g * v01, axis=1)
+    s10 = tl.sum(g * v10, axis=1)
+    s11 = tl.sum(g * v11, axis=1)
+    hh = 1 - lh
+    hw = 1 - lw
+    g_attn = hh * hw * s00 + hh * lw * s01 + lh * hw * s10 + lh * lw * s11
+    g_w = -hh * s00 + hh * s01 - lh * s10 + lh * s11
+    g_h = -hw * s00 - lw * s01 + hw * s10 + lw * s11
+    _scatter(gv_ptr, r00, i00, a * hh * hw, g, m, M, D, d, dmask, scale, DETERMINISTIC)
+    _scatter(gv_ptr, r01, i01, a * hh * lw, g, m, M, D, d, dmask, scale, DETERMINISTIC)
+    _scatter(gv_ptr, r10, i10, a * lh * hw, g, m, M, D, d, dmask, scale, DETERMINISTIC)
+    _scatter(gv_ptr, r11, i11, a * lh * lw, g, m, M, D, d, dmask, scale, DETERMINISTIC)
+    return tl.where(valid, g_attn, 0.0), tl.where(valid, g_w, 0.0), tl.where(valid, g_h, 0.0)
+
+
+@triton.jit
 def _msda_fwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr,
                      S, Lq, M, D, L, P,
                      BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -66,43 +129,10 @@ def _msda_fwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_p
             x = tl.load(loc_ptr + 2 * pt, mask=qmask, other=0.0).to(tl.float32)
             y = tl.load(loc_ptr + 2 * pt + 1, mask=qmask, other=0.0).to(tl.float32)
             a = tl.load(attn_ptr + pt, mask=qmask, other=0.0).to(tl.float32)
-            h_im = y * H - 0.5
-            w_im = x * W - 0.5
-            # Negated comparisons also reject NaN locations.
-            valid = qmask & (h_im > -1.0) & (w_im > -1.0) & (h_im < H) & (w_im < W)
-            h_im = tl.where(valid, h_im, 0.0)
-            w_im = tl.where(valid, w_im, 0.0)
-            h0f = tl.floor(h_im)
-            w0f = tl.floor(w_im)
-            lh = h_im - h0f
-            lw = w_im - w0f
-            h0 = h0f.to(tl.int32)
-            w0 = w0f.to(tl.int32)
-            v00, _, _ = _corner(value_ptr, row0, H, W, h0, w0, valid, m, M, D, d, dmask)
-            v01, _, _ = _corner(value_ptr, row0, H, W, h0, w0 + 1, valid, m, M, D, d, dmask)
-            v10, _, _ = _corner(value_ptr, row0, H, W, h0 + 1, w0, valid, m, M, D, d, dmask)
-            v11, _, _ = _corner(value_ptr, row0, H, W, h0 + 1, w0 + 1, valid, m, M, D, d, dmask)
-            w00 = (1 - lh) * (1 - lw) * a
-            w01 = (1 - lh) * lw * a
-            w10 = lh * (1 - lw) * a
-            w11 = lh * lw * a
-            acc += w00[:, None] * v00 + w01[:, None] * v01 + w10[:, None] * v10 + w11[:, None] * v11
+            valid, h0, w0, lh, lw = _bilinear(y * H - 0.5, x * W - 0.5, H, W, qmask)
+            acc += _sample(value_ptr, row0, H, W, h0, w0, lh, lw, a, valid, m, M, D, d, dmask)
     out = out_ptr + ((n * Lq + q) * M + m)[:, None] * D + d[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=qmask[:, None] & dmask[None, :])
-
-
-@triton.jit
-def _scatter(gv_ptr, row, inside, coef, g, m, M, D, d, dmask, scale, DETERMINISTIC: tl.constexpr):
-    """grad_value[row] += coef * g for each query whose corner is inside the map."""
-    contrib = coef[:, None] * g
-    ptrs = gv_ptr + (row * M + m)[:, None] * D + d[None, :]
-    mask = inside[:, None] & dmask[None, :]
-    if DETERMINISTIC:
-        # Fixed point: integer additions are associative, so every run gives the same bits.
-        fixed = tl.floor(contrib.to(tl.float64) * scale + 0.5).to(tl.int64)
-        tl.atomic_add(ptrs, fixed, mask=mask)
-    else:
-        tl.atomic_add(ptrs, contrib, mask=mask)
 
 
 @triton.jit
@@ -132,38 +162,12 @@ def _msda_bwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_
             x = tl.load(loc_ptr + 2 * pt, mask=qmask, other=0.0).to(tl.float32)
             y = tl.load(loc_ptr + 2 * pt + 1, mask=qmask, other=0.0).to(tl.float32)
             a = tl.load(attn_ptr + pt, mask=qmask, other=0.0).to(tl.float32)
-            h_im = y * H - 0.5
-            w_im = x * W - 0.5
-            valid = qmask & (h_im > -1.0) & (w_im > -1.0) & (h_im < H) & (w_im < W)
-            h_im = tl.where(valid, h_im, 0.0)
-            w_im = tl.where(valid, w_im, 0.0)
-            h0f = tl.floor(h_im)
-            w0f = tl.floor(w_im)
-            lh = h_im - h0f
-            lw = w_im - w0f
-            h0 = h0f.to(tl.int32)
-            w0 = w0f.to(tl.int32)
-            v00, i00, r00 = _corner(value_ptr, row0, H, W, h0, w0, valid, m, M, D, d, dmask)
-            v01, i01, r01 = _corner(value_ptr, row0, H, W, h0, w0 + 1, valid, m, M, D, d, dmask)
-            v10, i10, r10 = _corner(value_ptr, row0, H, W, h0 + 1, w0, valid, m, M, D, d, dmask)
-            v11, i11, r11 = _corner(value_ptr, row0, H, W, h0 + 1, w0 + 1, valid, m, M, D, d, dmask)
-            # Corner dot products with grad_out, then the formulas of point_grads().
-            s00 = tl.sum(g * v00, axis=1)
-            s01 = tl.sum(g * v01, axis=1)
-            s10 = tl.sum(g * v10, axis=1)
-            s11 = tl.sum(g * v11, axis=1)
-            hh = 1 - lh
-            hw = 1 - lw
-            g_attn = hh * hw * s00 + hh * lw * s01 + lh * hw * s10 + lh * lw * s11
-            g_w = -hh * s00 + hh * s01 - lh * s10 + lh * s11
-            g_h = -hw * s00 - lw * s01 + hw * s10 + lw * s11
-            tl.store(grad_attn_ptr + pt, tl.where(valid, g_attn, 0.0), mask=qmask)
-            tl.store(grad_loc_ptr + 2 * pt, tl.where(valid, a * W * g_w, 0.0), mask=qmask)
-            tl.store(grad_loc_ptr + 2 * pt + 1, tl.where(valid, a * H * g_h, 0.0), mask=qmask)
-            _scatter(grad_value_ptr, r00, i00, a * hh * hw, g, m, M, D, d, dmask, scale, DETERMINISTIC)
-            _scatter(grad_value_ptr, r01, i01, a * hh * lw, g, m, M, D, d, dmask, scale, DETERMINISTIC)
-            _scatter(grad_value_ptr, r10, i10, a * lh * hw, g, m, M, D, d, dmask, scale, DETERMINISTIC)
-            _scatter(grad_value_ptr, r11, i11, a * lh * lw, g, m, M, D, d, dmask, scale, DETERMINISTIC)
+            valid, h0, w0, lh, lw = _bilinear(y * H - 0.5, x * W - 0.5, H, W, qmask)
+            g_attn, g_w, g_h = _point_backward(value_ptr, grad_value_ptr, row0, H, W, h0, w0, lh, lw, a, valid, g,
+                                               m, M, D, d, dmask, scale, DETERMINISTIC)
+            tl.store(grad_attn_ptr + pt, g_attn, mask=qmask)
+            tl.store(grad_loc_ptr + 2 * pt, a * W * g_w, mask=qmask)
+            tl.store(grad_loc_ptr + 2 * pt + 1, a * H * g_h, mask=qmask)
 
 
 def _grid(Lq, N, M):
