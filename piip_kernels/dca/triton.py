@@ -15,7 +15,7 @@ import triton.language as tl
 
 import torch
 
-from ..msda.triton import _bilinear, _configs, _point_backward, _sample, fixed_point_scale
+from ..msda.triton import _bilinear, _configs, _point_backward, _sample, _tile, fixed_point_scale
 
 
 @triton.jit
@@ -35,31 +35,32 @@ def _softmax_tile(logits_ptr, base, qmask, P, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
+def _point(off_ptr, w, pcol, base, p, rx, ry, Hv, Wv, qmask):
+    """Weight and bilinear setup of point p: the location is the reference plus the raw
+    offset over the value grid size."""
+    a = tl.sum(tl.where(pcol[None, :] == p, w, 0.0), axis=1)
+    ox = tl.load(off_ptr + 2 * (base + p), mask=qmask, other=0.0).to(tl.float32)
+    oy = tl.load(off_ptr + 2 * (base + p) + 1, mask=qmask, other=0.0).to(tl.float32)
+    valid, h0, w0, lh, lw = _bilinear((ry + oy / Hv) * Hv - 0.5, (rx + ox / Wv) * Wv - 0.5, Hv, Wv, qmask)
+    return a, valid, h0, w0, lh, lw
+
+
+@triton.jit
 def _dca_fwd_kernel(value_ptr, off_ptr, logits_ptr, out_ptr, Hv, Wv, Hq, Wq, M, D, P,
                     BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
     # value [N, Hv*Wv, M, D]; offsets [N, Lq, M, P, 2]; logits [N, Lq, M, P]; out [N, Lq, M, D]
-    pid_q = tl.program_id(0)
-    nm = tl.program_id(1)
-    n = (nm // M).to(tl.int64)
-    m = (nm % M).to(tl.int64)
     Lq = Hq * Wq
-    S = Hv * Wv
-    q = pid_q.to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    qmask = q < Lq
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < D
+    n, m, q, qmask, d, dmask = _tile(Lq, M, D, BLOCK_Q, BLOCK_D)
+    # Reference point: the cell centre of query q on the Hq x Wq grid.
     rx = ((q % Wq).to(tl.float32) + 0.5) / Wq
     ry = ((q // Wq).to(tl.float32) + 0.5) / Hq
     base = ((n * Lq + q) * M + m) * P
     w = _softmax_tile(logits_ptr, base, qmask, P, BLOCK_P)
     pcol = tl.arange(0, BLOCK_P)
-    row0 = n * S
+    row0 = n * Hv * Wv
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
     for p in range(P):
-        a = tl.sum(tl.where(pcol[None, :] == p, w, 0.0), axis=1)
-        ox = tl.load(off_ptr + 2 * (base + p), mask=qmask, other=0.0).to(tl.float32)
-        oy = tl.load(off_ptr + 2 * (base + p) + 1, mask=qmask, other=0.0).to(tl.float32)
-        valid, h0, w0, lh, lw = _bilinear((ry + oy / Hv) * Hv - 0.5, (rx + ox / Wv) * Wv - 0.5, Hv, Wv, qmask)
+        a, valid, h0, w0, lh, lw = _point(off_ptr, w, pcol, base, p, rx, ry, Hv, Wv, qmask)
         acc += _sample(value_ptr, row0, Hv, Wv, h0, w0, lh, lw, a, valid, m, M, D, d, dmask)
     out = out_ptr + ((n * Lq + q) * M + m)[:, None] * D + d[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=qmask[:, None] & dmask[None, :])
@@ -69,31 +70,21 @@ def _dca_fwd_kernel(value_ptr, off_ptr, logits_ptr, out_ptr, Hv, Wv, Hq, Wq, M, 
 def _dca_bwd_kernel(value_ptr, off_ptr, logits_ptr, grad_out_ptr, grad_value_ptr, grad_off_ptr, grad_logits_ptr,
                     scale_ptr, Hv, Wv, Hq, Wq, M, D, P,
                     DETERMINISTIC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
-    pid_q = tl.program_id(0)
-    nm = tl.program_id(1)
-    n = (nm // M).to(tl.int64)
-    m = (nm % M).to(tl.int64)
     Lq = Hq * Wq
-    S = Hv * Wv
-    q = pid_q.to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    qmask = q < Lq
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < D
+    n, m, q, qmask, d, dmask = _tile(Lq, M, D, BLOCK_Q, BLOCK_D)
+    # Reference point: the cell centre of query q on the Hq x Wq grid.
     rx = ((q % Wq).to(tl.float32) + 0.5) / Wq
     ry = ((q // Wq).to(tl.float32) + 0.5) / Hq
     base = ((n * Lq + q) * M + m) * P
     w = _softmax_tile(logits_ptr, base, qmask, P, BLOCK_P)
     pcol = tl.arange(0, BLOCK_P)
-    row0 = n * S
+    row0 = n * Hv * Wv
     g = tl.load(grad_out_ptr + ((n * Lq + q) * M + m)[:, None] * D + d[None, :],
                 mask=qmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr)
     gw = tl.zeros([BLOCK_Q, BLOCK_P], dtype=tl.float32)  # dL/d(softmax weight) per point
     for p in range(P):
-        a = tl.sum(tl.where(pcol[None, :] == p, w, 0.0), axis=1)
-        ox = tl.load(off_ptr + 2 * (base + p), mask=qmask, other=0.0).to(tl.float32)
-        oy = tl.load(off_ptr + 2 * (base + p) + 1, mask=qmask, other=0.0).to(tl.float32)
-        valid, h0, w0, lh, lw = _bilinear((ry + oy / Hv) * Hv - 0.5, (rx + ox / Wv) * Wv - 0.5, Hv, Wv, qmask)
+        a, valid, h0, w0, lh, lw = _point(off_ptr, w, pcol, base, p, rx, ry, Hv, Wv, qmask)
         g_a, g_w, g_h = _point_backward(value_ptr, grad_value_ptr, row0, Hv, Wv, h0, w0, lh, lw, a, valid, g,
                                         m, M, D, d, dmask, scale, DETERMINISTIC)
         gw += tl.where(pcol[None, :] == p, g_a[:, None], 0.0)

@@ -57,6 +57,16 @@ def _scatter(gv_ptr, row, inside, coef, g, m, M, D, d, dmask, scale, DETERMINIST
 
 
 @triton.jit
+def _tile(Lq, M, D, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's image n, head m, BLOCK_Q queries and BLOCK_D channels (with masks);
+    the grid is (query blocks, N * M)."""
+    nm = tl.program_id(1)
+    q = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    d = tl.arange(0, BLOCK_D)
+    return (nm // M).to(tl.int64), (nm % M).to(tl.int64), q, q < Lq, d, d < D
+
+
+@triton.jit
 def _bilinear(h_im, w_im, H, W, qmask):
     """Top-left corner (h0, w0), fractions (lh, lw) and validity of pixel coordinates
     (h_im, w_im) = location * size - 0.5; the negated comparisons also reject NaN."""
@@ -111,14 +121,7 @@ def _msda_fwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_p
                      BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
     # value [N, S, M, D]; shapes [L, 2]; starts [L]; loc [N, Lq, M, L, P, 2];
     # attn [N, Lq, M, L, P]; out [N, Lq, M, D]
-    pid_q = tl.program_id(0)
-    nm = tl.program_id(1)
-    n = (nm // M).to(tl.int64)
-    m = (nm % M).to(tl.int64)
-    q = pid_q.to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    qmask = q < Lq
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < D
+    n, m, q, qmask, d, dmask = _tile(Lq, M, D, BLOCK_Q, BLOCK_D)
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
     for lvl in range(L):
         H = tl.load(shapes_ptr + 2 * lvl)
@@ -142,14 +145,7 @@ def _msda_bwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_
                      DETERMINISTIC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
     # grad_out [N, Lq, M, D]; grad_value [N, S, M, D] fp32 (or int64 fixed point when
     # DETERMINISTIC); grad_loc [N, Lq, M, L, P, 2] and grad_attn [N, Lq, M, L, P] fp32.
-    pid_q = tl.program_id(0)
-    nm = tl.program_id(1)
-    n = (nm // M).to(tl.int64)
-    m = (nm % M).to(tl.int64)
-    q = pid_q.to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    qmask = q < Lq
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < D
+    n, m, q, qmask, d, dmask = _tile(Lq, M, D, BLOCK_Q, BLOCK_D)
     g = tl.load(grad_out_ptr + ((n * Lq + q) * M + m)[:, None] * D + d[None, :],
                 mask=qmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr)
