@@ -26,7 +26,7 @@ TORCH_LIBRARY(piip_C, m) {
       "-> Tensor");
   m.def(
       "dca_backward(Tensor grad_output, Tensor value, Tensor offsets, Tensor logits, int Hv, "
-      "int Wv, int Hq, int Wq) -> (Tensor, Tensor, Tensor)");
+      "int Wv, int Hq, int Wq, bool deterministic) -> (Tensor, Tensor, Tensor)");
   m.def(
       "merge_forward(Tensor[] features, Tensor weights, int Ho, int Wo, bool align_corners, "
       "ScalarType out_dtype) -> Tensor");

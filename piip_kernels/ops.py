@@ -165,7 +165,7 @@ def _dca_kernels(backend: str, deterministic: bool = False):
         return tk.dca_forward, functools.partial(tk.dca_backward, deterministic=deterministic)
     forward, backward = _kernels("dca", backend)
     return (lambda v, o, lg, vhw, qhw: forward(v, o, lg, *vhw, *qhw),
-            lambda g, v, o, lg, vhw, qhw: backward(g, v, o, lg, *vhw, *qhw))
+            lambda g, v, o, lg, vhw, qhw: backward(g, v, o, lg, *vhw, *qhw, deterministic))
 
 
 @torch.library.custom_op("piip::deform_cross_attn", mutates_args=())

@@ -1,5 +1,5 @@
-"""The CUDA backend of ms_deform_attn against the float64 reference (needs a GPU;
-bench/gpu_check.sh runs these on the lent H100)."""
+"""The CUDA backends (ms_deform_attn, deform_cross_attn, branch_merge) against the float64
+reference (needs a GPU; bench/gpu_check.sh runs these on the lent H100)."""
 import pytest
 import torch
 
@@ -7,7 +7,10 @@ import piip_kernels
 from piip_kernels import ms_deform_attn
 from piip_kernels.msda.reference import ms_deform_attn_reference
 
-from helpers import assert_derived_close, msda_inputs, reference64, run_with_grads
+from helpers import (assert_derived_close, dca_grads, dca_inputs, merge_grads, merge_inputs, msda_inputs, reference64,
+                     run_with_grads)
+from piip_kernels.dca.reference import deform_cross_attn_reference
+from piip_kernels.merge.reference import branch_merge_reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_check.sh)")]
 DEV = torch.device("cuda")
@@ -92,3 +95,46 @@ def test_triton_matches_cuda():
     b, _ = run_with_grads(lambda *x: ms_deform_attn(*x, backend="triton"), inputs)
     for x, y in zip(a, b):
         torch.testing.assert_close(x.float(), y.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", [((98, 98), (70, 70), 16, 12, 4), ((70, 70), (42, 42), 16, 32, 4), ((5, 7), (3, 4), 4, 6, 4),
+                                  ((9, 9), (4, 4), 3, 100, 3), ((1, 1), (2, 3), 2, 40, 1)],
+                         ids=lambda c: f"v{c[0][0]}-q{c[1][0]}-D{c[3]}-P{c[4]}")
+def test_cuda_deform_cross_attn(case, dtype, deterministic):
+    value_hw, query_hw, M, D, P = case
+    inputs = [t.to(DEV) for t in dca_inputs(N=2, value_hw=value_hw, query_hw=query_hw, M=M, D=D, P=P, dtype=dtype,
+                                            off_dtype=torch.float32 if dtype != torch.float32 else None)]
+    fn = lambda *a: piip_kernels.deform_cross_attn(*a, backend="cuda", deterministic=deterministic)  # noqa: E731
+    got, grad_out = dca_grads(fn, inputs, value_hw, query_hw)
+    ref, _ = dca_grads(deform_cross_attn_reference, inputs, value_hw, query_hw, grad_out.to(DEV))
+    truth, _ = dca_grads(deform_cross_attn_reference, [t.cpu().double() for t in inputs], value_hw, query_hw, grad_out)
+    for name, g, r, t in zip(["out", "grad_value", "grad_offsets", "grad_logits"], got, ref, truth):
+        assert_derived_close(name, g.cpu(), r.cpu(), t, floor=1e-6 if dtype == torch.float32 else 1e-3)
+    if deterministic:
+        again, _ = dca_grads(fn, inputs, value_hw, query_hw, grad_out)
+        for a, b in zip(got, again):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", [([(42, 42), (70, 70), (98, 98)], (98, 98)), ([(28, 28), (56, 56), (112, 112)], (112, 112)),
+                                  ([(8, 8), (3, 5)], (5, 6)), ([(5, 7), (9, 11), (13, 17), (13, 17), (2, 2)], (13, 17))],
+                         ids=lambda c: f"{len(c[0])}br-{c[1][0]}x{c[1][1]}")
+def test_cuda_branch_merge(case, dtype, align_corners):
+    sizes, out_size = case
+    feats, weights = merge_inputs(sizes, N=2, C=8, dtype=dtype)
+    feats, weights = [f.to(DEV) for f in feats], weights.to(DEV)
+    fn = lambda f, w, s, a: piip_kernels.branch_merge(f, w, s, align_corners=a, backend="cuda")  # noqa: E731
+    got, grad_out = merge_grads(fn, feats, weights, out_size, align_corners)
+    ref, _ = merge_grads(branch_merge_reference, feats, weights, out_size, align_corners, grad_out.to(DEV))
+    truth, _ = merge_grads(branch_merge_reference, [f.cpu().double() for f in feats], weights.cpu().double(), out_size,
+                           align_corners, grad_out)
+    for g, r, t in zip(got, ref, truth):
+        assert g.dtype == r.dtype
+        assert_derived_close("branch_merge", g.cpu(), r.cpu(), t, floor=1e-6 if dtype == torch.float32 else 1e-3)
+    again, _ = merge_grads(fn, feats, weights, out_size, align_corners, grad_out)
+    for a, b in zip(got, again):
+        assert torch.equal(a, b)

@@ -44,13 +44,26 @@ KERNELS = r"""
 namespace piip::msda::cuda {
 #define INST(T, U, V) \
   template cudaError_t launch_forward<T, U, V>(const Params<T, U>&, T*, cudaStream_t); \
-  template cudaError_t launch_backward<T, U, V>(const Params<T, U>&, const T*, const GradValue&, U*, U*, T*, cudaStream_t);
+  template cudaError_t launch_backward<T, U, V>(const Params<T, U>&, const T*, const msda::cuda::GradValue&, U*, U*, T*, cudaStream_t);
 INST(float, float, 1) INST(float, float, 2) INST(float, float, 4)
 INST(__half, __half, 1) INST(__half, __half, 2) INST(__half, __half, 4) INST(__half, __half, 8)
 INST(__half, float, 1) INST(__half, float, 2) INST(__half, float, 4) INST(__half, float, 8)
 INST(__nv_bfloat16, __nv_bfloat16, 1) INST(__nv_bfloat16, __nv_bfloat16, 2) INST(__nv_bfloat16, __nv_bfloat16, 4)
 INST(__nv_bfloat16, __nv_bfloat16, 8) INST(__nv_bfloat16, float, 1) INST(__nv_bfloat16, float, 2)
 INST(__nv_bfloat16, float, 4) INST(__nv_bfloat16, float, 8)
+}
+#include "dca/dca_cuda.cuh"
+namespace piip::dca::cuda {
+INST(float, float, 1) INST(float, float, 2) INST(float, float, 4)
+INST(__half, __half, 8) INST(__half, float, 8) INST(__half, float, 2)
+INST(__nv_bfloat16, __nv_bfloat16, 8) INST(__nv_bfloat16, float, 8) INST(__nv_bfloat16, float, 1)
+}
+#include "merge/merge_cuda.cuh"
+namespace piip::merge::cuda {
+#define INST2(T, O) \
+  template cudaError_t launch_forward<T, O>(const ForwardParams<T>&, O*, cudaStream_t); \
+  template cudaError_t launch_backward<T, O>(const BackwardParams<T, O>&, cudaStream_t);
+INST2(float, float) INST2(__half, __half) INST2(__half, float) INST2(__nv_bfloat16, __nv_bfloat16) INST2(__nv_bfloat16, float)
 }
 """
 
@@ -91,4 +104,4 @@ def test_every_cuda_source_is_covered():
     """A new .cu file is compiled by test_glue_compiles_for_sm90 automatically; a new
     kernel header must be added to KERNELS above."""
     headers = sorted(p.relative_to(CSRC).as_posix() for p in CSRC.rglob("*.cuh"))
-    assert headers == ["msda/msda_cuda.cuh"], f"instantiate the kernels of {headers} in KERNELS"
+    assert headers == ["dca/dca_cuda.cuh", "merge/merge_cuda.cuh", "msda/msda_cuda.cuh"], f"instantiate the kernels of {headers} in KERNELS"

@@ -11,30 +11,11 @@
 
 #include "../common/cpu_glue.h"
 #include "dca_cpu.h"
+#include "dca_glue.h"
 
 namespace piip {
 namespace dca {
 namespace {
-
-Sizes check_and_sizes(const at::Tensor& value, const at::Tensor& offsets, const at::Tensor& logits,
-                      int64_t Hv, int64_t Wv, int64_t Hq, int64_t Wq) {
-  TORCH_CHECK(value.dim() == 4, "deform_cross_attn: value must be [N, Hv*Wv, M, D], got ", value.sizes());
-  TORCH_CHECK(offsets.dim() == 5 && offsets.size(4) == 2,
-              "deform_cross_attn: offsets must be [N, Hq*Wq, M, P, 2], got ", offsets.sizes());
-  TORCH_CHECK(Hv > 0 && Wv > 0 && Hq > 0 && Wq > 0, "deform_cross_attn: grid sizes must be positive");
-  Sizes z{value.size(0), Hv, Wv, value.size(2), value.size(3), Hq, Wq, offsets.size(3)};
-  TORCH_CHECK(value.size(1) == z.S(), "deform_cross_attn: value has ", value.size(1), " rows, value_hw gives ", z.S());
-  TORCH_CHECK(offsets.size(0) == z.N && offsets.size(1) == z.Lq() && offsets.size(2) == z.M,
-              "deform_cross_attn: offsets ", offsets.sizes(), " do not match value and query_hw");
-  TORCH_CHECK(logits.sizes() == offsets.sizes().slice(0, 4),
-              "deform_cross_attn: logits must be offsets.shape[:4]");
-  TORCH_CHECK(offsets.scalar_type() == logits.scalar_type(), "deform_cross_attn: offsets and logits must share a dtype");
-  TORCH_CHECK(z.P > 0, "deform_cross_attn: at least one point is needed");
-  for (const at::Tensor* t : {&value, &offsets, &logits}) {
-    TORCH_CHECK(t->is_cpu(), "deform_cross_attn (cpu): expected CPU tensors");
-  }
-  return z;
-}
 
 at::Tensor dca_forward_cpu(const at::Tensor& value_, const at::Tensor& offsets_, const at::Tensor& logits_,
                            int64_t Hv, int64_t Wv, int64_t Hq, int64_t Wq) {
@@ -61,7 +42,7 @@ at::Tensor dca_forward_cpu(const at::Tensor& value_, const at::Tensor& offsets_,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dca_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& value_, const at::Tensor& offsets_,
-    const at::Tensor& logits_, int64_t Hv, int64_t Wv, int64_t Hq, int64_t Wq) {
+    const at::Tensor& logits_, int64_t Hv, int64_t Wv, int64_t Hq, int64_t Wq, bool /*deterministic: always*/) {
   const Sizes z = check_and_sizes(value_, offsets_, logits_, Hv, Wv, Hq, Wq);
   TORCH_CHECK(grad_output.dim() == 3 && grad_output.size(0) == z.N && grad_output.size(1) == z.Lq() &&
                   grad_output.size(2) == z.M * z.D && grad_output.scalar_type() == value_.scalar_type(),

@@ -12,6 +12,7 @@
 
 #include <cmath>
 
+#include "../common/cuda_glue.h"
 #include "msda_cuda.cuh"
 #include "msda_glue.h"
 
@@ -19,22 +20,7 @@ namespace piip {
 namespace msda {
 namespace {
 
-// ATen's 16-bit types and CUDA's share their bit layout.
-template <typename T> struct Device { using type = T; };
-template <> struct Device<c10::Half> { using type = __half; };
-template <> struct Device<c10::BFloat16> { using type = __nv_bfloat16; };
-
-template <typename F>
-void dispatch(at::ScalarType vt, at::ScalarType lt, F&& f) {
-  using at::ScalarType;
-  if (vt == ScalarType::Float && lt == ScalarType::Float) return f.template operator()<float, float>();
-  if (vt == ScalarType::Half && lt == ScalarType::Half) return f.template operator()<c10::Half, c10::Half>();
-  if (vt == ScalarType::BFloat16 && lt == ScalarType::BFloat16) return f.template operator()<c10::BFloat16, c10::BFloat16>();
-  if (vt == ScalarType::Half && lt == ScalarType::Float) return f.template operator()<c10::Half, float>();
-  if (vt == ScalarType::BFloat16 && lt == ScalarType::Float) return f.template operator()<c10::BFloat16, float>();
-  TORCH_CHECK(false, "ms_deform_attn (cuda): unsupported dtypes value=", vt, " locations/weights=", lt,
-              "; the CUDA kernels take float32/float16/bfloat16 (float64 runs on the cpu and reference backends)");
-}
+using cuda_glue::Device;
 
 template <typename T, typename U>
 cuda::Params<typename Device<T>::type, typename Device<U>::type> params(const Sizes& z, const at::Tensor& value,
@@ -57,7 +43,7 @@ at::Tensor msda_forward_cuda(const at::Tensor& value_, const at::Tensor& shapes_
   if (out.numel() == 0) return out;
   if (z.L * z.P == 0) return out.zero_();
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
-  dispatch(value.scalar_type(), loc.scalar_type(), [&]<typename T, typename U>() {
+  cuda_glue::dispatch("ms_deform_attn", value.scalar_type(), loc.scalar_type(), [&]<typename T, typename U>() {
     using DT = typename Device<T>::type;
     const auto p = params<T, U>(z, value, shapes, starts, loc, attn);
     DT* o = reinterpret_cast<DT*>(out.mutable_data_ptr<T>());
@@ -65,7 +51,7 @@ at::Tensor msda_forward_cuda(const at::Tensor& value_, const at::Tensor& shapes_
     const cudaError_t err = cuda::with_vector_width<DT>(v, [&]<int V>() {
       return cuda::launch_forward<DT, typename Device<U>::type, V>(p, o, stream);
     });
-    TORCH_CHECK(err == cudaSuccess, "ms_deform_attn (cuda) forward launch failed: ", cudaGetErrorString(err));
+    cuda_glue::check_launch("ms_deform_attn forward", err);
   });
   return out;
 }
@@ -99,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msda_backward_cuda_impl(
     gv.f32 = acc.mutable_data_ptr<float>();
   }
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
-  dispatch(value.scalar_type(), loc.scalar_type(), [&]<typename T, typename U>() {
+  cuda_glue::dispatch("ms_deform_attn", value.scalar_type(), loc.scalar_type(), [&]<typename T, typename U>() {
     using DT = typename Device<T>::type;
     using DU = typename Device<U>::type;
     const auto p = params<T, U>(z, value, shapes, starts, loc, attn);
@@ -110,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msda_backward_cuda_impl(
                                               reinterpret_cast<DU*>(grad_attn.mutable_data_ptr<U>()),
                                               reinterpret_cast<DT*>(grad_value.mutable_data_ptr<T>()), stream);
     });
-    TORCH_CHECK(err == cudaSuccess, "ms_deform_attn (cuda) backward launch failed: ", cudaGetErrorString(err));
+    cuda_glue::check_launch("ms_deform_attn backward", err);
   });
   return {grad_value, grad_loc, grad_attn};
 }

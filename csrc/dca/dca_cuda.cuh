@@ -1,0 +1,180 @@
+// CUDA kernels of the fused deformable cross-attention (torch-free).
+//
+// Same thread mapping, vector loads and grad_value accumulation as msda_cuda.cuh
+// (a group of GP lanes per (image, query, head) row, V channels per load), with the
+// reference point from the query index, offsets scaled by the value grid, and the
+// softmax over the P points computed in registers (dca_math.h). The backward keeps
+// dL/dw_p per point in the group's first lane and applies the softmax backward there.
+#pragma once
+
+#include "../msda/msda_cuda.cuh"
+#include "dca_math.h"
+
+namespace piip {
+namespace dca {
+namespace cuda {
+
+using msda::cuda::from_f;
+using msda::cuda::GradValue;
+using msda::cuda::to_f;
+using msda::cuda::Vec;
+
+constexpr int kMaxP = 32;  // points per head held in registers
+
+template <typename T, typename U>
+struct Params {
+  const T* value;    // [N, Hv*Wv, M, D]
+  const U* offsets;  // [N, Hq*Wq, M, P, 2]
+  const U* logits;   // [N, Hq*Wq, M, P]
+  int64_t N, Hv, Wv, Hq, Wq, M, D, P;
+};
+
+// Softmax weights of row `row` (max-subtracted), in fp32.
+template <typename U>
+__device__ __forceinline__ void row_softmax(const U* logits, int64_t P, float* w) {
+  float mx = to_f(logits[0]);
+  for (int64_t p = 1; p < P; ++p) mx = fmaxf(mx, to_f(logits[p]));
+  float sum = 0.f;
+  for (int64_t p = 0; p < P; ++p) {
+    w[p] = __expf(to_f(logits[p]) - mx);
+    sum += w[p];
+  }
+  for (int64_t p = 0; p < P; ++p) w[p] /= sum;
+}
+
+template <typename T, typename U>
+__device__ __forceinline__ bool point(const Params<T, U>& p, int64_t row, int64_t pp, float rx, float ry,
+                                      msda::Bilinear<float>& b) {
+  const U* off = p.offsets + 2 * (row * p.P + pp);
+  const float x = rx + to_f(off[0]) / static_cast<float>(p.Wv);
+  const float y = ry + to_f(off[1]) / static_cast<float>(p.Hv);
+  return msda::make_bilinear<float>(x, y, p.Hv, p.Wv, b);
+}
+
+template <typename T, typename U, int V>
+__global__ void forward_kernel(Params<T, U> p, T* __restrict__ out, int GP) {
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t row = tid / GP;  // (n, q, m)
+  const int lane = static_cast<int>(tid % GP);
+  const int64_t Lq = p.Hq * p.Wq;
+  if (row >= p.N * Lq * p.M) return;
+  const int64_t m = row % p.M, q = (row / p.M) % Lq, n = row / (p.M * Lq);
+  float rx, ry, w[kMaxP];
+  grid_reference<float>(q, p.Hq, p.Wq, rx, ry);
+  row_softmax(p.logits + row * p.P, p.P, w);
+  const T* img = p.value + n * p.Hv * p.Wv * p.M * p.D + m * p.D;
+  for (int64_t c = lane; c < p.D / V; c += GP) {
+    float acc[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) acc[i] = 0.f;
+    for (int64_t pp = 0; pp < p.P; ++pp) {
+      msda::Bilinear<float> b;
+      if (!point(p, row, pp, rx, ry, b)) continue;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        if (b.idx[k] < 0) continue;
+        const Vec<T, V> v = *reinterpret_cast<const Vec<T, V>*>(img + b.idx[k] * p.M * p.D + c * V);
+        const float coef = w[pp] * b.w[k];
+#pragma unroll
+        for (int i = 0; i < V; ++i) acc[i] += coef * to_f(v.v[i]);
+      }
+    }
+    Vec<T, V> o;
+#pragma unroll
+    for (int i = 0; i < V; ++i) o.v[i] = from_f<T>(acc[i]);
+    *reinterpret_cast<Vec<T, V>*>(out + row * p.D + c * V) = o;
+  }
+}
+
+template <typename T, typename U, int V>
+__global__ void backward_kernel(Params<T, U> p, const T* __restrict__ grad_out, GradValue gv, U* __restrict__ grad_off,
+                                U* __restrict__ grad_logits, int GP) {
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t Lq = p.Hq * p.Wq;
+  const int64_t row = tid / GP;
+  const bool live = row < p.N * Lq * p.M;
+  const int lane = static_cast<int>(tid % GP);
+  const int64_t m = live ? row % p.M : 0, q = live ? (row / p.M) % Lq : 0, n = live ? row / (p.M * Lq) : 0;
+  const unsigned group_mask = (GP == 32) ? 0xffffffffu : (((1u << GP) - 1u) << ((threadIdx.x % 32) / GP * GP));
+  float rx = 0.f, ry = 0.f, w[kMaxP], gw[kMaxP];
+  if (live) {
+    grid_reference<float>(q, p.Hq, p.Wq, rx, ry);
+    row_softmax(p.logits + row * p.P, p.P, w);
+  }
+  const int64_t img = n * p.Hv * p.Wv * p.M * p.D + m * p.D;
+  for (int64_t pp = 0; pp < p.P; ++pp) {
+    msda::Bilinear<float> b;
+    const bool ok = live && point(p, row, pp, rx, ry, b);
+    float s[4] = {0.f, 0.f, 0.f, 0.f};
+    if (ok) {
+      for (int64_t c = lane; c < p.D / V; c += GP) {
+        const Vec<T, V> g = *reinterpret_cast<const Vec<T, V>*>(grad_out + row * p.D + c * V);
+        float gf[V];
+#pragma unroll
+        for (int i = 0; i < V; ++i) gf[i] = to_f(g.v[i]);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          if (b.idx[k] < 0) continue;
+          const int64_t off = img + b.idx[k] * p.M * p.D + c * V;
+          const Vec<T, V> v = *reinterpret_cast<const Vec<T, V>*>(p.value + off);
+          float contrib[V], dot = 0.f;
+#pragma unroll
+          for (int i = 0; i < V; ++i) {
+            dot += gf[i] * to_f(v.v[i]);
+            contrib[i] = w[pp] * b.w[k] * gf[i];
+          }
+          s[k] += dot;
+          msda::cuda::scatter<V>(gv, off, contrib);
+        }
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      for (int o = GP / 2; o > 0; o /= 2) s[k] += __shfl_xor_sync(group_mask, s[k], o, GP);
+    }
+    if (live && lane == 0) {
+      float ga = 0.f, gx = 0.f, gy = 0.f;
+      if (ok) msda::point_grads<float>(b, s, w[pp], p.Hv, p.Wv, ga, gx, gy);
+      gw[pp] = ga;
+      // x = rx + off_x / Wv: the offset gradient is the location gradient over Wv.
+      grad_off[2 * (row * p.P + pp)] = static_cast<U>(gx / static_cast<float>(p.Wv));
+      grad_off[2 * (row * p.P + pp) + 1] = static_cast<U>(gy / static_cast<float>(p.Hv));
+    }
+  }
+  if (live && lane == 0) {
+    softmax_backward<float>(w, p.P, gw);
+    for (int64_t pp = 0; pp < p.P; ++pp) grad_logits[row * p.P + pp] = static_cast<U>(gw[pp]);
+  }
+}
+
+template <typename T, typename U, int V>
+cudaError_t launch_forward(const Params<T, U>& p, T* out, cudaStream_t stream) {
+  const int GP = msda::cuda::group_size(p.D / V);
+  const int64_t threads = p.N * p.Hq * p.Wq * p.M * GP;
+  if (threads == 0) return cudaSuccess;
+  forward_kernel<T, U, V><<<static_cast<unsigned>((threads + msda::cuda::kThreads - 1) / msda::cuda::kThreads),
+                            msda::cuda::kThreads, 0, stream>>>(p, out, GP);
+  return cudaGetLastError();
+}
+
+template <typename T, typename U, int V>
+cudaError_t launch_backward(const Params<T, U>& p, const T* grad_out, const GradValue& gv, U* grad_off, U* grad_logits,
+                            T* grad_value, cudaStream_t stream) {
+  const int GP = msda::cuda::group_size(p.D / V);
+  const int64_t threads = p.N * p.Hq * p.Wq * p.M * GP;
+  if (threads > 0) {
+    backward_kernel<T, U, V><<<static_cast<unsigned>((threads + msda::cuda::kThreads - 1) / msda::cuda::kThreads),
+                               msda::cuda::kThreads, 0, stream>>>(p, grad_out, gv, grad_off, grad_logits, GP);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  const int64_t numel = p.N * p.Hv * p.Wv * p.M * p.D;
+  if (numel == 0) return cudaSuccess;
+  msda::cuda::finish_grad_value<T><<<static_cast<unsigned>((numel + msda::cuda::kThreads - 1) / msda::cuda::kThreads),
+                                     msda::cuda::kThreads, 0, stream>>>(gv, grad_value, numel);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace dca
+}  // namespace piip

@@ -1,0 +1,134 @@
+// CUDA kernels of branch_merge (torch-free).
+//
+// Forward: one thread per output element; every branch's two taps per axis come from
+// merge_math.h (torch's bilinear rule), so each map is read once (through the cache) and
+// the output written once. Backward, per branch: one thread per input element gathers
+// from the output elements whose taps touch it (a few rows and columns, bounded by the
+// scale), so grad_features need no atomics; each block writes its share of the weight
+// gradient, summed in a fixed order by the glue. Both are deterministic.
+#pragma once
+
+#include "../msda/msda_cuda.cuh"
+#include "merge_math.h"
+
+namespace piip {
+namespace merge {
+namespace cuda {
+
+using msda::cuda::from_f;
+using msda::cuda::to_f;
+
+constexpr int kMaxBranches = 8;
+constexpr int kThreads = 256;
+
+template <typename T>
+struct ForwardParams {
+  const T* f[kMaxBranches];  // [planes, H_i, W_i]
+  int64_t H[kMaxBranches], W[kMaxBranches];
+  float sy[kMaxBranches], sx[kMaxBranches];
+  const float* weights;      // [nb], device
+  int nb;
+  int64_t planes, Ho, Wo;
+  bool align_corners;
+};
+
+template <typename T, typename O>
+__global__ void forward_kernel(ForwardParams<T> p, O* __restrict__ out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= p.planes * p.Ho * p.Wo) return;
+  const int64_t ox = i % p.Wo, oy = (i / p.Wo) % p.Ho, plane = i / (p.Ho * p.Wo);
+  float acc = 0.f;
+  for (int b = 0; b < p.nb; ++b) {
+    const Tap<float> ty = axis_tap<float>(oy, p.H[b], p.sy[b], p.align_corners);
+    const Tap<float> tx = axis_tap<float>(ox, p.W[b], p.sx[b], p.align_corners);
+    const T* f = p.f[b] + plane * p.H[b] * p.W[b];
+    const float v00 = to_f(f[ty.i0 * p.W[b] + tx.i0]), v01 = to_f(f[ty.i0 * p.W[b] + tx.i1]);
+    const float v10 = to_f(f[ty.i1 * p.W[b] + tx.i0]), v11 = to_f(f[ty.i1 * p.W[b] + tx.i1]);
+    const float top = v00 + tx.l * (v01 - v00), bot = v10 + tx.l * (v11 - v10);
+    acc += p.weights[b] * (top + ty.l * (bot - top));
+  }
+  out[i] = from_f<O>(acc);
+}
+
+// Weight with which output index o reads input index in_idx along one axis (0 if it does not).
+__device__ __forceinline__ float axis_weight(int64_t o, int64_t in_idx, int64_t size_in, float scale, bool align) {
+  const Tap<float> t = axis_tap<float>(o, size_in, scale, align);
+  return (t.i0 == in_idx ? 1.f - t.l : 0.f) + (t.i1 == in_idx ? t.l : 0.f);
+}
+
+// First output index whose source coordinate can reach input index i (one early, clamped at 0).
+__device__ __forceinline__ int64_t first_reader(int64_t i, float inv_scale, bool align) {
+  const float lo = align ? (static_cast<float>(i) - 1.f) * inv_scale : (static_cast<float>(i) - 0.5f) * inv_scale - 0.5f;
+  const int64_t k = static_cast<int64_t>(floorf(lo)) - 1;
+  return k > 0 ? k : 0;
+}
+
+template <typename T, typename O>
+struct BackwardParams {
+  const O* grad_out;  // [planes, Ho, Wo]
+  const T* f;         // [planes, H, W]
+  T* grad_f;          // [planes, H, W]
+  float* partial;     // [blocks] shares of the weight gradient
+  const float* weight;
+  int64_t planes, H, W, Ho, Wo;
+  float sy, sx, inv_sy, inv_sx;
+  int ky, kx;         // candidate output rows / columns per input index
+  bool align_corners;
+};
+
+template <typename T, typename O>
+__global__ void backward_kernel(BackwardParams<T, O> p) {
+  __shared__ float share[kThreads];
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  float dot = 0.f;
+  if (i < p.planes * p.H * p.W) {
+    const int64_t ix = i % p.W, iy = (i / p.W) % p.H, plane = i / (p.H * p.W);
+    const O* g = p.grad_out + plane * p.Ho * p.Wo;
+    const int64_t y0 = first_reader(iy, p.inv_sy, p.align_corners), x0 = first_reader(ix, p.inv_sx, p.align_corners);
+    float G = 0.f;
+    for (int a = 0; a < p.ky; ++a) {
+      const int64_t oy = y0 + a;
+      if (oy >= p.Ho) break;
+      const float wy = axis_weight(oy, iy, p.H, p.sy, p.align_corners);
+      if (wy == 0.f) continue;
+      for (int b = 0; b < p.kx; ++b) {
+        const int64_t ox = x0 + b;
+        if (ox >= p.Wo) break;
+        const float wx = axis_weight(ox, ix, p.W, p.sx, p.align_corners);
+        if (wx != 0.f) G += wy * wx * to_f(g[oy * p.Wo + ox]);
+      }
+    }
+    p.grad_f[i] = from_f<T>(*p.weight * G);
+    dot = to_f(p.f[i]) * G;
+  }
+  // Block sum of this block's share of the weight gradient (fixed order: deterministic).
+  share[threadIdx.x] = dot;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s /= 2) {
+    if (threadIdx.x < s) share[threadIdx.x] += share[threadIdx.x + s];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) p.partial[blockIdx.x] = share[0];
+}
+
+template <typename T, typename O>
+cudaError_t launch_forward(const ForwardParams<T>& p, O* out, cudaStream_t stream) {
+  const int64_t n = p.planes * p.Ho * p.Wo;
+  if (n == 0) return cudaSuccess;
+  forward_kernel<T, O><<<static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads, 0, stream>>>(p, out);
+  return cudaGetLastError();
+}
+
+inline int64_t backward_blocks(int64_t planes, int64_t H, int64_t W) { return (planes * H * W + kThreads - 1) / kThreads; }
+
+template <typename T, typename O>
+cudaError_t launch_backward(const BackwardParams<T, O>& p, cudaStream_t stream) {
+  const int64_t blocks = backward_blocks(p.planes, p.H, p.W);
+  if (blocks == 0) return cudaSuccess;
+  backward_kernel<T, O><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace merge
+}  // namespace piip
