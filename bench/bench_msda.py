@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 
 import torch
@@ -111,6 +112,21 @@ def main(argv=None):
     progress(f"device: {device_name(device)}; copy bandwidth {bw:.0f} GB/s")
     fns = runners(device)
     rows = []
+    # A timeout (SIGTERM) ends the sweep early but keeps the rows measured so far.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        _sweep(args, device, batches, dtypes, shapes, scale, bw, fns, rows)
+    except KeyboardInterrupt:
+        progress(f"interrupted: saving the {len(rows)} rows measured so far")
+    _finish(args, device, bw, rows)
+    return rows
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _sweep(args, device, batches, dtypes, shapes, scale, bw, fns, rows):
     for batch in batches:
         for dtype in dtypes:
             for name, Lq, grids, M, D, P in shapes:
@@ -118,6 +134,10 @@ def main(argv=None):
                 sets = [make_inputs(batch, Lq, grids, M, D, P, dtype, device, seed) for seed in range(args.sets)]
                 fbytes = floor_bytes(sets[0], batch * Lq * M * D)
                 floor_ms = fbytes / (bw * 1e9) * 1e3
+                # Forward + backward moves every input three times (forward read, backward
+                # read, gradient write) and the output twice (output, grad_output).
+                out_bytes = batch * Lq * M * D * sets[0][0].element_size()
+                fb_floor_ms = (3 * (fbytes - out_bytes) + 2 * out_bytes) / (bw * 1e9) * 1e3
                 for backend, fn in fns.items():
                     progress(f"  batch {batch} {str(dtype)[6:]} {name} ({Lq} queries): {backend}")
                     fwd = sorted(bench_one(fn, s, device, False) for s in sets)[len(sets) // 2]
@@ -125,8 +145,11 @@ def main(argv=None):
                     rows.append({
                         "case": name, "batch": batch, "queries": Lq, "dtype": str(dtype)[6:], "backend": backend,
                         "fwd_ms": fwd, "fwd_bwd_ms": fb, "fwd_GBps": fbytes / (fwd * 1e-3) / 1e9,
-                        "fwd_x_floor": fwd / floor_ms, "floor_ms": floor_ms,
+                        "fwd_x_floor": fwd / floor_ms, "floor_ms": floor_ms, "fwd_bwd_x_floor": fb / fb_floor_ms,
                     })
+
+
+def _finish(args, device, bw, rows):
     # Speed-up of each backend over the reference, same case.
     ref = {(r["case"], r["batch"], r["dtype"]): r for r in rows if r["backend"] == "reference"}
     for r in rows:
@@ -134,7 +157,8 @@ def main(argv=None):
         if base:
             r["fwd_speedup"] = base["fwd_ms"] / r["fwd_ms"]
             r["fwd_bwd_speedup"] = base["fwd_bwd_ms"] / r["fwd_bwd_ms"]
-    cols = ["case", "batch", "queries", "dtype", "backend", "fwd_ms", "fwd_bwd_ms", "fwd_GBps", "fwd_x_floor", "fwd_speedup", "fwd_bwd_speedup"]
+    cols = ["case", "batch", "queries", "dtype", "backend", "fwd_ms", "fwd_bwd_ms", "fwd_GBps", "fwd_x_floor", "fwd_bwd_x_floor",
+            "fwd_speedup", "fwd_bwd_speedup"]
     table = format_table(rows, cols)
     env = environment()
     env["device"] = device_name(device)
@@ -143,7 +167,6 @@ def main(argv=None):
         path = write_results(f"msda_{device.type}", env, rows, table)
         progress(f"results appended to {path}")
     print(table)
-    return rows
 
 
 if __name__ == "__main__":
