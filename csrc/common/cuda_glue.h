@@ -2,12 +2,17 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include <cmath>
+
+#include "../msda/msda_cuda.cuh"
 
 namespace piip {
 namespace cuda_glue {
@@ -43,6 +48,26 @@ void dispatch(const char* op, at::ScalarType vt, at::ScalarType lt, F&& f) {
 inline void check_launch(const char* op, cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, op, " (cuda): kernel launch failed: ", cudaGetErrorString(err));
 }
+
+// The grad_value accumulator of the deformable backwards: fp32 for atomics, or (deterministic)
+// int64 fixed point whose scale maps the largest possible sum into one entry,
+// `bound` x max|grad_output|, to 2^62. Holds the tensors the kernels write into.
+struct GradValueAccumulator {
+  at::Tensor acc, scale;
+  msda::cuda::GradValue gv{nullptr, nullptr, nullptr};
+
+  GradValueAccumulator(const at::Tensor& value, const at::Tensor& grad_output, double bound, bool deterministic) {
+    if (deterministic) {
+      acc = at::zeros(value.sizes(), value.options().dtype(at::kLong));
+      scale = grad_output.abs().amax().to(at::kDouble).clamp_min(1e-30).mul(bound).reciprocal().mul(std::ldexp(1.0, 62));
+      gv.fixed = reinterpret_cast<unsigned long long*>(acc.mutable_data_ptr<int64_t>());
+      gv.scale = scale.const_data_ptr<double>();
+    } else {
+      acc = at::zeros(value.sizes(), value.options().dtype(at::kFloat));
+      gv.f32 = acc.mutable_data_ptr<float>();
+    }
+  }
+};
 
 }  // namespace cuda_glue
 }  // namespace piip

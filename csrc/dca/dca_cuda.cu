@@ -70,20 +70,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dca_backward_cuda(const at::Tenso
   auto grad_value = at::empty(value.sizes(), value.options());
   auto grad_off = at::empty(offsets.sizes(), offsets.options());
   auto grad_logits = at::empty(logits.sizes(), logits.options());
-  msda::cuda::GradValue gv{nullptr, nullptr, nullptr};
-  at::Tensor acc, scale;
-  if (deterministic) {
-    // Fixed point as in the ms_deform_attn backward: the largest possible sum into one
-    // entry maps to 2^62.
-    acc = at::zeros(value.sizes(), value.options().dtype(at::kLong));
-    const double bound = 4.0 * static_cast<double>(z.Lq()) * z.P;
-    scale = go.abs().amax().to(at::kDouble).clamp_min(1e-30).mul(bound).reciprocal().mul(std::ldexp(1.0, 62));
-    gv.fixed = reinterpret_cast<unsigned long long*>(acc.mutable_data_ptr<int64_t>());
-    gv.scale = scale.const_data_ptr<double>();
-  } else {
-    acc = at::zeros(value.sizes(), value.options().dtype(at::kFloat));
-    gv.f32 = acc.mutable_data_ptr<float>();
-  }
+  // Every point touches 4 corners; one entry can receive all of them.
+  const cuda_glue::GradValueAccumulator accum(value, go, 4.0 * static_cast<double>(z.Lq()) * z.P, deterministic);
+  const auto& gv = accum.gv;
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
   cuda_glue::dispatch("deform_cross_attn", value.scalar_type(), offsets.scalar_type(), [&]<typename T, typename U>() {
     using DT = typename Device<T>::type;

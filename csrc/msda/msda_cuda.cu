@@ -70,20 +70,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msda_backward_cuda_impl(
   auto grad_value = at::empty(value.sizes(), value.options());
   auto grad_loc = at::empty(loc.sizes(), loc.options());
   auto grad_attn = at::empty(attn.sizes(), attn.options());
-  cuda::GradValue gv{nullptr, nullptr, nullptr};
-  at::Tensor acc, scale;
-  if (deterministic) {
-    // Fixed point: the largest possible sum into one entry (every point of every query
-    // on it, 4 corners each, times max|grad_output|) maps to 2^62.
-    acc = at::zeros(value.sizes(), value.options().dtype(at::kLong));
-    const double bound = 4.0 * static_cast<double>(z.Lq) * z.L * z.P;
-    scale = go.abs().amax().to(at::kDouble).clamp_min(1e-30).mul(bound).reciprocal().mul(std::ldexp(1.0, 62));
-    gv.fixed = reinterpret_cast<unsigned long long*>(acc.mutable_data_ptr<int64_t>());
-    gv.scale = scale.const_data_ptr<double>();
-  } else {
-    acc = at::zeros(value.sizes(), value.options().dtype(at::kFloat));
-    gv.f32 = acc.mutable_data_ptr<float>();
-  }
+  // Every point touches 4 corners; one entry can receive all of them.
+  const cuda_glue::GradValueAccumulator accum(value, go, 4.0 * static_cast<double>(z.Lq) * z.L * z.P, deterministic);
+  const auto& gv = accum.gv;
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
   cuda_glue::dispatch("ms_deform_attn", value.scalar_type(), loc.scalar_type(), [&]<typename T, typename U>() {
     using DT = typename Device<T>::type;
