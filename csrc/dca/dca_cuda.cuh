@@ -53,9 +53,9 @@ __device__ __forceinline__ bool point(const Params<T, U>& p, int64_t row, int64_
 
 template <typename T, typename U, int V>
 __global__ void forward_kernel(Params<T, U> p, T* __restrict__ out, int GP) {
-  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t row = tid / GP;  // (n, q, m)
-  const int lane = static_cast<int>(tid % GP);
+  const msda::cuda::Group grp = msda::cuda::my_group(GP);
+  const int64_t row = grp.row;  // (n, q, m)
+  const int lane = grp.lane;
   const int64_t Lq = p.Hq * p.Wq;
   if (row >= p.N * Lq * p.M) return;
   const int64_t m = row % p.M, q = (row / p.M) % Lq, n = row / (p.M * Lq);
@@ -89,13 +89,12 @@ __global__ void forward_kernel(Params<T, U> p, T* __restrict__ out, int GP) {
 template <typename T, typename U, int V>
 __global__ void backward_kernel(Params<T, U> p, const T* __restrict__ grad_out, GradValue gv, U* __restrict__ grad_off,
                                 U* __restrict__ grad_logits, int GP) {
-  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const msda::cuda::Group grp = msda::cuda::my_group(GP);
   const int64_t Lq = p.Hq * p.Wq;
-  const int64_t row = tid / GP;
+  const int64_t row = grp.row;
   const bool live = row < p.N * Lq * p.M;
-  const int lane = static_cast<int>(tid % GP);
+  const int lane = grp.lane;
   const int64_t m = live ? row % p.M : 0, q = live ? (row / p.M) % Lq : 0, n = live ? row / (p.M * Lq) : 0;
-  const unsigned group_mask = (GP == 32) ? 0xffffffffu : (((1u << GP) - 1u) << ((threadIdx.x % 32) / GP * GP));
   float rx = 0.f, ry = 0.f, w[kMaxP], gw[kMaxP];
   if (live) {
     grid_reference<float>(q, p.Hq, p.Wq, rx, ry);
@@ -128,10 +127,7 @@ __global__ void backward_kernel(Params<T, U> p, const T* __restrict__ grad_out, 
         }
       }
     }
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      for (int o = GP / 2; o > 0; o /= 2) s[k] += __shfl_xor_sync(group_mask, s[k], o, GP);
-    }
+    msda::cuda::group_sum4(s, grp.mask, GP);
     if (live && lane == 0) {
       float ga = 0.f, gx = 0.f, gy = 0.f;
       if (ok) msda::point_grads<float>(b, s, w[pp], p.Hv, p.Wv, ga, gx, gy);
@@ -152,8 +148,7 @@ cudaError_t launch_forward(const Params<T, U>& p, T* out, cudaStream_t stream) {
   const int GP = msda::cuda::group_size(p.D / V);
   const int64_t threads = p.N * p.Hq * p.Wq * p.M * GP;
   if (threads == 0) return cudaSuccess;
-  forward_kernel<T, U, V><<<static_cast<unsigned>((threads + msda::cuda::kThreads - 1) / msda::cuda::kThreads),
-                            msda::cuda::kThreads, 0, stream>>>(p, out, GP);
+  forward_kernel<T, U, V><<<msda::cuda::blocks_for(threads), msda::cuda::kThreads, 0, stream>>>(p, out, GP);
   return cudaGetLastError();
 }
 
@@ -163,16 +158,12 @@ cudaError_t launch_backward(const Params<T, U>& p, const T* grad_out, const Grad
   const int GP = msda::cuda::group_size(p.D / V);
   const int64_t threads = p.N * p.Hq * p.Wq * p.M * GP;
   if (threads > 0) {
-    backward_kernel<T, U, V><<<static_cast<unsigned>((threads + msda::cuda::kThreads - 1) / msda::cuda::kThreads),
-                               msda::cuda::kThreads, 0, stream>>>(p, grad_out, gv, grad_off, grad_logits, GP);
+    backward_kernel<T, U, V><<<msda::cuda::blocks_for(threads), msda::cuda::kThreads, 0, stream>>>(
+        p, grad_out, gv, grad_off, grad_logits, GP);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  const int64_t numel = p.N * p.Hv * p.Wv * p.M * p.D;
-  if (numel == 0) return cudaSuccess;
-  msda::cuda::finish_grad_value<T><<<static_cast<unsigned>((numel + msda::cuda::kThreads - 1) / msda::cuda::kThreads),
-                                     msda::cuda::kThreads, 0, stream>>>(gv, grad_value, numel);
-  return cudaGetLastError();
+  return msda::cuda::launch_finish_grad_value<T>(gv, grad_value, p.N * p.Hv * p.Wv * p.M * p.D, stream);
 }
 
 }  // namespace cuda

@@ -92,12 +92,34 @@ __device__ __forceinline__ void scatter(const GradValue& gv, int64_t off, const 
   }
 }
 
+// This thread's row (one per group of GP lanes), its lane in the group, and the
+// shuffle mask of the group inside its warp.
+struct Group {
+  int64_t row;
+  int lane;
+  unsigned mask;
+};
+
+__device__ __forceinline__ Group my_group(int GP) {
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const unsigned mask = (GP == 32) ? 0xffffffffu : (((1u << GP) - 1u) << ((threadIdx.x % 32) / GP * GP));
+  return {tid / GP, static_cast<int>(tid % GP), mask};
+}
+
+// Sums the four partial corner dot products over the lanes of a group.
+__device__ __forceinline__ void group_sum4(float s[4], unsigned mask, int GP) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    for (int o = GP / 2; o > 0; o /= 2) s[k] += __shfl_xor_sync(mask, s[k], o, GP);
+  }
+}
+
 // One row (n, q, m) per group of GP lanes; `rows` = N * Lq * M.
 template <typename T, typename U, int V>
 __global__ void forward_kernel(Params<T, U> p, T* __restrict__ out, int GP) {
-  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t row = tid / GP;
-  const int lane = static_cast<int>(tid % GP);
+  const Group grp = my_group(GP);
+  const int64_t row = grp.row;
+  const int lane = grp.lane;
   if (row >= p.N * p.Lq * p.M) return;
   const int64_t m = row % p.M;
   const int64_t n = row / (p.Lq * p.M);
@@ -134,17 +156,14 @@ __global__ void forward_kernel(Params<T, U> p, T* __restrict__ out, int GP) {
 template <typename T, typename U, int V>
 __global__ void backward_kernel(Params<T, U> p, const T* __restrict__ grad_out, GradValue gv,
                                 U* __restrict__ grad_loc, U* __restrict__ grad_attn, int GP) {
-  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t rows = p.N * p.Lq * p.M;
+  const Group grp = my_group(GP);
   // Lanes past the last row stay to take part in the shuffles of their group.
-  const int64_t row = tid / GP;
-  const bool live = row < rows;
-  const int lane = static_cast<int>(tid % GP);
+  const int64_t row = grp.row;
+  const bool live = row < p.N * p.Lq * p.M;
+  const int lane = grp.lane;
   const int64_t m = live ? row % p.M : 0;
   const int64_t n = live ? row / (p.Lq * p.M) : 0;
   const int64_t chunks = p.D / V;
-  // Shuffle mask of this group inside its warp.
-  const unsigned group_mask = (GP == 32) ? 0xffffffffu : (((1u << GP) - 1u) << ((threadIdx.x % 32) / GP * GP));
   for (int64_t l = 0; l < p.L; ++l) {
     const int64_t H = live ? p.shapes[2 * l] : 1, W = live ? p.shapes[2 * l + 1] : 1;
     const int64_t level_off = live ? ((n * p.S + p.starts[l]) * p.M + m) * p.D : 0;
@@ -181,11 +200,7 @@ __global__ void backward_kernel(Params<T, U> p, const T* __restrict__ grad_out, 
           }
         }
       }
-      // Sum the partial corner dot products over the group.
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        for (int w = GP / 2; w > 0; w /= 2) s[k] += __shfl_xor_sync(group_mask, s[k], w, GP);
-      }
+      group_sum4(s, grp.mask, GP);
       if (live && lane == 0) {
         float ga = 0.f, gx = 0.f, gy = 0.f;
         if (ok) point_grads<float>(b, s, a, H, W, ga, gx, gy);
@@ -219,13 +234,22 @@ inline int group_size(int64_t chunks) {
 
 constexpr int kThreads = 256;
 
+inline unsigned blocks_for(int64_t threads) { return static_cast<unsigned>((threads + kThreads - 1) / kThreads); }
+
+// Converts the grad_value accumulator into the value dtype (after a backward kernel).
+template <typename T>
+cudaError_t launch_finish_grad_value(const GradValue& gv, T* grad_value, int64_t numel, cudaStream_t stream) {
+  if (numel == 0) return cudaSuccess;
+  finish_grad_value<T><<<blocks_for(numel), kThreads, 0, stream>>>(gv, grad_value, numel);
+  return cudaGetLastError();
+}
+
 template <typename T, typename U, int V>
 cudaError_t launch_forward(const Params<T, U>& p, T* out, cudaStream_t stream) {
   const int GP = group_size(p.D / V);
   const int64_t threads = p.N * p.Lq * p.M * GP;
   if (threads == 0) return cudaSuccess;
-  const int64_t blocks = (threads + kThreads - 1) / kThreads;
-  forward_kernel<T, U, V><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, out, GP);
+  forward_kernel<T, U, V><<<blocks_for(threads), kThreads, 0, stream>>>(p, out, GP);
   return cudaGetLastError();
 }
 
@@ -236,15 +260,11 @@ cudaError_t launch_backward(const Params<T, U>& p, const T* grad_out, const Grad
   const int64_t threads = p.N * p.Lq * p.M * GP;
   if (threads > 0) {
     // Whole groups per block (kThreads is a multiple of every GP), so shuffles stay inside a warp.
-    const int64_t blocks = (threads + kThreads - 1) / kThreads;
-    backward_kernel<T, U, V><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, grad_out, gv, grad_loc, grad_attn, GP);
-    cudaError_t err = cudaGetLastError();
+    backward_kernel<T, U, V><<<blocks_for(threads), kThreads, 0, stream>>>(p, grad_out, gv, grad_loc, grad_attn, GP);
+    const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  const int64_t numel = p.N * p.S * p.M * p.D;
-  if (numel == 0) return cudaSuccess;
-  finish_grad_value<T><<<static_cast<unsigned>((numel + kThreads - 1) / kThreads), kThreads, 0, stream>>>(gv, grad_value, numel);
-  return cudaGetLastError();
+  return launch_finish_grad_value<T>(gv, grad_value, p.N * p.S * p.M * p.D, stream);
 }
 
 // Largest vector width (elements) that divides D and fits 16 bytes.
