@@ -32,10 +32,18 @@ def _sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "**", pattern), recursive=True))
 
 
+def _opt() -> list[str]:
+    return ["-O0", "-g"] if os.environ.get("PIIP_KERNELS_DEBUG", "0") == "1" else ["-O3"]
+
+
+def nvcc_flags() -> list[str]:
+    """Our nvcc flags; torch's extension build adds its COMMON_NVCC_FLAGS (no implicit
+    half/bfloat16 conversions among them). tests/test_native_sources.py compiles with both."""
+    return _opt() + ["-std=c++20", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo"]
+
+
 def _extension():
-    debug = os.environ.get("PIIP_KERNELS_DEBUG", "0") == "1"
-    opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-std=c++20", "-fopenmp", "-fvisibility=hidden"]
+    cxx = _opt() + ["-std=c++20", "-fopenmp", "-fvisibility=hidden"]
     sources = _sources("*.cpp")
     kwargs = dict(
         name="piip_kernels._C",
@@ -45,8 +53,7 @@ def _extension():
     )
     if _cuda_wanted():
         sources += _sources("*.cu")
-        nvcc = opt + ["-std=c++20", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo"]
-        return CUDAExtension(extra_compile_args={"cxx": cxx + ["-DPIIP_WITH_CUDA"], "nvcc": nvcc}, **kwargs)
+        return CUDAExtension(extra_compile_args={"cxx": cxx + ["-DPIIP_WITH_CUDA"], "nvcc": nvcc_flags()}, **kwargs)
     return CppExtension(extra_compile_args={"cxx": cxx}, **kwargs)
 
 

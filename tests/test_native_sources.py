@@ -4,6 +4,7 @@
   glue can pick, so the device code CI compiles is the device code a GPU build runs.
 - The shared per-point headers (msda_math.h, dca_math.h, merge_math.h) are used from
   device code, so the CPU tests exercise arithmetic that also builds for the GPU.
+- Every file compiles with the flags of the real build (setup.py's and those torch adds).
 - Every .cu glue file compiles against the installed torch headers. The CPU wheel lacks
   one generated header (c10/cuda/impl/cuda_cmake_macros.h); an empty stand-in is enough.
 """
@@ -68,8 +69,23 @@ INST2(float, float) INST2(__half, __half) INST2(__half, float) INST2(__nv_bfloat
 """
 
 
-def nvcc(tmp_path, src: Path, *extra, std="c++17"):
-    cmd = [NVCC or "nvcc", "-c", f"-std={std}", "-arch=sm_90", "-I", str(CSRC), *extra, str(src), "-o", str(tmp_path / (src.stem + ".o"))]
+def build_flags() -> list[str]:
+    """The nvcc flags of the real build: setup.py's own plus those torch's extension build
+    adds (among them -D__CUDA_NO_HALF_CONVERSIONS__, so an implicit float -> __half
+    conversion that plain nvcc accepts fails here as it does in `pip install`)."""
+    import importlib.util
+
+    import torch.utils.cpp_extension as ext
+
+    spec = importlib.util.spec_from_file_location("piip_setup", CSRC.parent / "setup.py")
+    setup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup)
+    return setup.nvcc_flags() + ext.COMMON_NVCC_FLAGS
+
+
+def nvcc(tmp_path, src: Path, *extra):
+    cmd = [NVCC or "nvcc", "-c", *build_flags(), "-arch=sm_90", "-I", str(CSRC), *extra, str(src),
+           "-o", str(tmp_path / (src.stem + ".o"))]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     assert "warning" not in res.stderr, res.stderr[-4000:]
@@ -97,7 +113,7 @@ def test_glue_compiles_for_sm90(tmp_path, cu):
     includes = []
     for inc in [str(tmp_path / "stub")] + ext.include_paths():
         includes += ["-I", inc]
-    nvcc(tmp_path, CSRC / cu, "--expt-relaxed-constexpr", *includes, std="c++20")
+    nvcc(tmp_path, CSRC / cu, *includes)
 
 
 def test_every_cuda_source_is_covered():

@@ -133,13 +133,13 @@ __global__ void backward_kernel(Params<T, U> p, const T* __restrict__ grad_out, 
       if (ok) msda::point_grads<float>(b, s, w[pp], p.Hv, p.Wv, ga, gx, gy);
       gw[pp] = ga;
       // x = rx + off_x / Wv: the offset gradient is the location gradient over Wv.
-      grad_off[2 * (row * p.P + pp)] = static_cast<U>(gx / static_cast<float>(p.Wv));
-      grad_off[2 * (row * p.P + pp) + 1] = static_cast<U>(gy / static_cast<float>(p.Hv));
+      grad_off[2 * (row * p.P + pp)] = from_f<U>(gx / static_cast<float>(p.Wv));
+      grad_off[2 * (row * p.P + pp) + 1] = from_f<U>(gy / static_cast<float>(p.Hv));
     }
   }
   if (live && lane == 0) {
     softmax_backward<float>(w, p.P, gw);
-    for (int64_t pp = 0; pp < p.P; ++pp) grad_logits[row * p.P + pp] = static_cast<U>(gw[pp]);
+    for (int64_t pp = 0; pp < p.P; ++pp) grad_logits[row * p.P + pp] = from_f<U>(gw[pp]);
   }
 }
 

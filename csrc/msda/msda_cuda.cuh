@@ -204,9 +204,9 @@ __global__ void backward_kernel(Params<T, U> p, const T* __restrict__ grad_out, 
       if (live && lane == 0) {
         float ga = 0.f, gx = 0.f, gy = 0.f;
         if (ok) point_grads<float>(b, s, a, H, W, ga, gx, gy);
-        grad_attn[pt] = static_cast<U>(ga);
-        grad_loc[2 * pt] = static_cast<U>(gx);
-        grad_loc[2 * pt + 1] = static_cast<U>(gy);
+        grad_attn[pt] = from_f<U>(ga);
+        grad_loc[2 * pt] = from_f<U>(gx);
+        grad_loc[2 * pt + 1] = from_f<U>(gy);
       }
     }
   }
