@@ -7,7 +7,7 @@ import piip_kernels
 from piip_kernels import ms_deform_attn
 from piip_kernels.msda.reference import ms_deform_attn_reference
 
-from helpers import (assert_derived_close, dca_grads, dca_inputs, merge_grads, merge_inputs, msda_inputs, reference64,
+from helpers import (assert_derived_close, check_fixed_point_extremes, dca_grads, dca_inputs, merge_grads, merge_inputs, msda_inputs, reference64,
                      run_with_grads)
 from piip_kernels.dca.reference import deform_cross_attn_reference
 from piip_kernels.merge.reference import branch_merge_reference
@@ -69,6 +69,10 @@ def test_deterministic_mode_is_bit_identical(dtype):
     for a, b in zip(runs[0], honoured):
         assert torch.equal(a, b)
     check([t.cpu() for t in inputs], floor=1e-6 if dtype == torch.float32 else 1e-3, deterministic=True)
+
+
+def test_cuda_fixed_point_extremes():
+    check_fixed_point_extremes("cuda", DEV)
 
 
 def test_nan_poisoned_memory_and_non_contiguous_inputs():

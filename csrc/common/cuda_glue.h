@@ -10,6 +10,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "../msda/msda_cuda.cuh"
@@ -50,16 +51,23 @@ inline void check_launch(const char* op, cudaError_t err) {
 }
 
 // The grad_value accumulator of the deformable backwards: fp32 for atomics, or (deterministic)
-// int64 fixed point whose scale maps the largest possible sum into one entry,
-// `bound` x max|grad_output|, to 2^62. Holds the tensors the kernels write into.
+// int64 fixed point. Every point adds weight * w_c * grad_output (w_c <= 1) to an entry at most
+// once, so no entry's sum exceeds points_per_entry x max|weight| x max|grad_output|; the scale
+// maps that bound to 2^62. `weights` may be undefined for weights bounded by 1 (a softmax).
+// A non-finite grad_output or weight leaves the scale zero or NaN, and the finishing kernel
+// then writes NaN everywhere instead of a wrapped integer sum.
+// Holds the tensors the kernels write into.
 struct GradValueAccumulator {
   at::Tensor acc, scale;
   msda::cuda::GradValue gv{nullptr, nullptr, nullptr};
 
-  GradValueAccumulator(const at::Tensor& value, const at::Tensor& grad_output, double bound, bool deterministic) {
+  GradValueAccumulator(const at::Tensor& value, const at::Tensor& grad_output, const at::Tensor& weights,
+                       double points_per_entry, bool deterministic) {
     if (deterministic) {
       acc = at::zeros(value.sizes(), value.options().dtype(at::kLong));
-      scale = grad_output.abs().amax().to(at::kDouble).clamp_min(1e-30).mul(bound).reciprocal().mul(std::ldexp(1.0, 62));
+      auto bound = grad_output.abs().amax().to(at::kDouble);
+      if (weights.defined()) bound = bound.mul(weights.abs().amax().to(at::kDouble));
+      scale = bound.clamp_min(1e-30).mul(std::max(1.0, points_per_entry)).reciprocal().mul(std::ldexp(1.0, 62));
       gv.fixed = reinterpret_cast<unsigned long long*>(acc.mutable_data_ptr<int64_t>());
       gv.scale = scale.const_data_ptr<double>();
     } else {

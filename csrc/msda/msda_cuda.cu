@@ -70,8 +70,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msda_backward_cuda_impl(
   auto grad_value = at::empty(value.sizes(), value.options());
   auto grad_loc = at::empty(loc.sizes(), loc.options());
   auto grad_attn = at::empty(attn.sizes(), attn.options());
-  // Every point touches 4 corners; one entry can receive all of them.
-  const cuda_glue::GradValueAccumulator accum(value, go, 4.0 * static_cast<double>(z.Lq) * z.L * z.P, deterministic);
+  // An entry of level l can receive one contribution from each of the Lq * P points on that level.
+  const cuda_glue::GradValueAccumulator accum(value, go, attn, static_cast<double>(z.Lq) * z.P, deterministic);
   const auto& gv = accum.gv;
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
   cuda_glue::dispatch("ms_deform_attn", value.scalar_type(), loc.scalar_type(), [&]<typename T, typename U>() {

@@ -218,8 +218,12 @@ __global__ void finish_grad_value(GradValue gv, T* __restrict__ out, int64_t num
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= numel) return;
   if (gv.fixed != nullptr) {
+    // A zero or non-finite scale comes from a non-finite grad_output or weight: the integer
+    // sums are meaningless then, and NaN says so.
+    const double s = *gv.scale;
     const long long q = static_cast<long long>(gv.fixed[i]);
-    out[i] = from_f<T>(static_cast<float>(static_cast<double>(q) / *gv.scale));
+    const float quiet_nan = __int_as_float(0x7fc00000);
+    out[i] = from_f<T>((s > 0.0 && isfinite(s)) ? static_cast<float>(static_cast<double>(q) / s) : quiet_nan);
   } else {
     out[i] = from_f<T>(gv.f32[i]);
   }

@@ -15,7 +15,7 @@ import triton.language as tl
 
 import torch
 
-from ..msda.triton import _bilinear, _configs, _point_backward, _sample, _tile, fixed_point_scale
+from ..msda.triton import _bilinear, _configs, _point_backward, _sample, _tile, fixed_point_result, fixed_point_scale
 
 
 @triton.jit
@@ -130,9 +130,10 @@ def dca_backward(grad_output, value, offsets, logits, value_hw, query_hw, determ
     gv = torch.zeros(value.shape, device=value.device, dtype=torch.int64 if deterministic else torch.float32)
     goff = torch.empty(offsets.shape, device=value.device, dtype=torch.float32)
     glog = torch.empty(logits.shape, device=value.device, dtype=torch.float32)
-    scale = fixed_point_scale(go, 4 * Hq * Wq * P) if deterministic else torch.ones((), dtype=torch.float64, device=value.device)
+    # Softmax weights are at most 1, and each of the Hq * Wq * P points reaches an entry at most once.
+    scale = fixed_point_scale(go, Hq * Wq * P) if deterministic else torch.ones((), dtype=torch.float64, device=value.device)
     _bwd[_grid(Hq * Wq, N, M)](value, offsets, logits, go, gv, goff, glog, scale.reshape(1), Hv, Wv, Hq, Wq, M, D, P,
                                DETERMINISTIC=deterministic, BLOCK_D=triton.next_power_of_2(D), BLOCK_P=triton.next_power_of_2(P))
     if deterministic:
-        gv = gv.double() / scale
+        gv = fixed_point_result(gv, scale)
     return gv.to(value.dtype), goff.to(offsets.dtype), glog.to(logits.dtype)

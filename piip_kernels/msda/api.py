@@ -104,7 +104,8 @@ def ms_deform_attn(
         deterministic: bit-identical gradients across runs (default:
             ``torch.are_deterministic_algorithms_enabled()``). The CPU backward always is;
             the GPU backwards then accumulate grad_value in 64-bit fixed point instead of
-            fp32 atomics.
+            fp32 atomics, scaled so the largest possible sum fits; a non-finite
+            grad_output or attention weight then makes all of grad_value NaN.
 
     Returns:
         [N, Lq, M * D] in value's dtype (accumulated in fp32, fp64 for fp64 inputs).

@@ -192,12 +192,26 @@ def msda_forward(value, spatial_shapes, level_start_index, sampling_locations, a
     return out.view(N, Lq, M * D)
 
 
-def fixed_point_scale(grad_output: torch.Tensor, points_per_row_bound: int) -> torch.Tensor:
-    """Scale of the deterministic fixed-point accumulation, as a device scalar: the largest
-    possible |sum| into one grad_value entry (bound x max|grad_output|) maps to 2**62."""
-    bound = max(1, points_per_row_bound)
-    gmax = grad_output.detach().abs().amax().double().clamp_min(1e-30)
-    return (2.0 ** 62 / (gmax * bound))
+def fixed_point_scale(grad_output: torch.Tensor, points_per_entry: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Scale of the deterministic fixed-point accumulation, as a device scalar (no host sync).
+
+    Every point adds ``weight * w_c * grad_output`` (bilinear ``w_c <= 1``) to a grad_value
+    entry at most once, so no entry's sum exceeds ``points_per_entry x max|weight| x
+    max|grad_output|``; that bound maps to 2**62, half the int64 range. ``weights=None``
+    means weights bounded by 1 (a softmax). A non-finite grad_output or weight makes the
+    scale non-finite or zero, and ``fixed_point_result`` then returns NaN everywhere
+    instead of a wrapped integer sum.
+    """
+    bound = grad_output.detach().abs().amax().double()
+    if weights is not None:
+        bound = bound * weights.detach().abs().amax().double()
+    return 2.0 ** 62 / (bound.clamp_min(1e-30) * max(1, points_per_entry))
+
+
+def fixed_point_result(acc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The float64 sums of an int64 fixed-point accumulator (NaN where the scale is unusable)."""
+    usable = torch.isfinite(scale) & (scale > 0)
+    return torch.where(usable, acc.double() / scale, torch.full_like(scale, float("nan")))
 
 
 def msda_backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
@@ -214,11 +228,11 @@ def msda_backward(grad_output, value, spatial_shapes, level_start_index, samplin
     gv = torch.zeros(value.shape, device=value.device, dtype=torch.int64 if deterministic else torch.float32)
     gl = torch.empty(loc.shape, device=value.device, dtype=torch.float32)
     ga = torch.empty(attn.shape, device=value.device, dtype=torch.float32)
-    # Every point touches 4 corners; a row can receive at most all of them.
-    scale = fixed_point_scale(go, 4 * Lq * L * P) if deterministic else torch.ones((), dtype=torch.float64, device=value.device)
+    # An entry of level l can receive one contribution from each of the Lq * P points on that level.
+    scale = fixed_point_scale(go, Lq * P, attn) if deterministic else torch.ones((), dtype=torch.float64, device=value.device)
     _bwd[_grid(Lq, N, M)](value, spatial_shapes.contiguous(), level_start_index.contiguous(), loc, attn, go,
                           gv, gl, ga, scale.reshape(1), S, Lq, M, D, L, P,
                           DETERMINISTIC=deterministic, BLOCK_D=triton.next_power_of_2(D))
     if deterministic:
-        gv = gv.double() / scale
+        gv = fixed_point_result(gv, scale)
     return gv.to(value.dtype), gl.to(loc.dtype), ga.to(attn.dtype)
