@@ -20,7 +20,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device_name, environment, format_table, progress, time_ms, write_results  # noqa: E402
+from common import budgeted, device_name, environment, format_table, progress, time_ms, write_results  # noqa: E402
 
 import piip_kernels  # noqa: E402
 from piip_kernels.dca.api import BACKENDS  # noqa: E402
@@ -81,6 +81,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--dtype", default=None, help="default bfloat16 on a GPU, float32 on the CPU")
     p.add_argument("--query-scale", type=float, default=None, help="scale both grids' sides by sqrt of this (default 1 on a GPU, 0.25 on the CPU)")
+    p.add_argument("--budget-s", type=float, default=None, help="stop starting cases after this many seconds")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -90,7 +91,7 @@ def main(argv=None):
     side = scale ** 0.5
     backends = [b for b in ("cuda", "triton", "cpu") if not BACKENDS[b](device, dtype)]
     rows = []
-    for name, qhw, vhw, D in SHAPES:
+    for name, qhw, vhw, D in budgeted(SHAPES, args.budget_s, "cases"):
         qhw = tuple(max(1, round(s * side)) for s in qhw)
         vhw = tuple(max(1, round(s * side)) for s in vhw)
         inputs = make_inputs(args.batch, qhw, vhw, D, dtype, device, 0)

@@ -14,28 +14,31 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import signal
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import copy_bandwidth_gbs, device_name, environment, format_table, progress, time_ms, write_results  # noqa: E402
+from common import budgeted, copy_bandwidth_gbs, device_name, environment, format_table, progress, time_ms, write_results  # noqa: E402
 
 import piip_kernels  # noqa: E402
 from piip_kernels.msda.api import BACKENDS  # noqa: E402
 from piip_kernels.msda.reference import ms_deform_attn_reference  # noqa: E402
 
-# (name, queries, level grids, heads, head dim, points); PIIP interactions use 1 level,
-# 16 heads, 4 points (shapes.md); the last row is a Deformable DETR encoder.
+# (name, queries, level grids, heads, head dim, points, batch of the published figures,
+# Deformable DETR CUDA kernel fwd / fwd+bwd ms at that batch, fp32, H100). PIIP interactions
+# use 1 level, 16 heads, 4 points; the last row is a Deformable DETR encoder. All numbers
+# are ../shared/shapes.md's.
 SHAPES = [
-    ("SBL 1764q 70x70 D32", 1764, [(70, 70)], 16, 32, 4),
-    ("SBL 4900q 42x42 D24", 4900, [(42, 42)], 16, 24, 4),
-    ("SBL 4900q 98x98 D24", 4900, [(98, 98)], 16, 24, 4),
-    ("SBL 9604q 70x70 D12", 9604, [(70, 70)], 16, 12, 4),
-    ("cls 144q 8x8 D12", 144, [(8, 8)], 16, 12, 4),
-    ("DETR enc 4 levels D32", 20197, [(100, 152), (50, 76), (25, 38), (13, 19)], 8, 32, 4),
+    ("SBL 1764q 70x70 D32", 1764, [(70, 70)], 16, 32, 4, 2, 0.061, 0.223),
+    ("SBL 4900q 42x42 D24", 4900, [(42, 42)], 16, 24, 4, 2, 0.106, 0.358),
+    ("SBL 4900q 98x98 D24", 4900, [(98, 98)], 16, 24, 4, 2, 0.119, 0.398),
+    ("SBL 9604q 70x70 D12", 9604, [(70, 70)], 16, 12, 4, 2, 0.108, 0.536),
+    ("cls 144q 8x8 D12", 144, [(8, 8)], 16, 12, 4, 64, 0.055, 0.260),
+    ("DETR enc 4 levels D32", 20197, [(100, 152), (50, 76), (25, 38), (13, 19)], 8, 32, 4, 2, 0.664, 2.384),
 ]
+OURS = ("cuda", "triton", "cpu")
+BASELINES = ("reference", "compiled reference")
 
 
 def make_inputs(batch, Lq, grids, M, D, P, dtype, device, seed):
@@ -69,8 +72,15 @@ def runners(device):
         if not BACKENDS[name](device, torch.float32):
             out[name] = (lambda n: lambda *a: piip_kernels.ms_deform_attn(*a, backend=n))(name)
     if device.type == "cuda":
-        out["compiled reference"] = torch.compile(ms_deform_attn_reference, dynamic=False)
+        out["compiled reference"] = None  # compiled afresh for every case (see _compiled)
     return out
+
+
+def _compiled():
+    # A fresh compilation per case: with one compiled function for all cases, dynamo would
+    # stop recompiling after its cache limit and silently time eager code.
+    torch._dynamo.reset()
+    return torch.compile(ms_deform_attn_reference, dynamic=False)
 
 
 def bench_one(fn, inputs, device, backward):
@@ -93,60 +103,65 @@ def bench_one(fn, inputs, device, backward):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch", type=int, nargs="+", default=None, help="default: 2 8 on a GPU, 2 on the CPU")
-    p.add_argument("--dtype", nargs="+", default=None, help="default: float32 bfloat16 on a GPU, float32 on the CPU")
+    p.add_argument("--batch", type=int, nargs="+", default=None,
+                   help="default: 2 and 8 (plus the batch of the published figures) on a GPU, 2 on the CPU")
+    p.add_argument("--dtype", nargs="+", default=None, help="default: bfloat16 float32 on a GPU, float32 on the CPU")
     p.add_argument("--query-scale", type=float, default=None, help="scale the query counts (default 1 on a GPU, 0.25 on the CPU)")
     p.add_argument("--shapes", nargs="*", default=None, help="substrings selecting shape rows")
     p.add_argument("--sets", type=int, default=2, help="input sets per case (median over them)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="stop starting measurements after this many seconds (our backends are measured first)")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
-    batches = args.batch or ([2, 8] if gpu else [2])
-    dtypes = [getattr(torch, d) for d in (args.dtype or (["float32", "bfloat16"] if gpu else ["float32"]))]
+    dtypes = [getattr(torch, d) for d in (args.dtype or (["bfloat16", "float32"] if gpu else ["float32"]))]
     scale = args.query_scale if args.query_scale is not None else (1.0 if gpu else 0.25)
     shapes = [s for s in SHAPES if not args.shapes or any(k in s[0] for k in args.shapes)]
-    if not gpu:
-        shapes = [s for s in shapes if not s[0].startswith("DETR")] if args.shapes is None else shapes
+    if not gpu and args.shapes is None:
+        shapes = [s for s in shapes if not s[0].startswith("DETR")]
     bw = copy_bandwidth_gbs(device)
     progress(f"device: {device_name(device)}; copy bandwidth {bw:.0f} GB/s")
     fns = runners(device)
-    rows = []
-    # A timeout (SIGTERM) ends the sweep early but keeps the rows measured so far.
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        _sweep(args, device, batches, dtypes, shapes, scale, bw, fns, rows)
-    except KeyboardInterrupt:
-        progress(f"interrupted: saving the {len(rows)} rows measured so far")
+    cases = []
+    for dtype in dtypes:  # the order that matters most: bf16 first, the published batch first
+        for shape in shapes:
+            batches = args.batch or ([shape[6], 2, 8] if gpu else [2])
+            cases += [(shape, b, dtype) for b in dict.fromkeys(batches)]
+    # Our backends on every case first, then the baselines: a budget cut drops baselines.
+    order = [b for b in OURS + BASELINES if b in fns]
+    work = [(case, backend) for backend in order for case in cases]
+    rows, inputs = [], {}
+    for case, backend in budgeted(work, args.budget_s):
+        rows.append(_measure(args, device, case, backend, fns[backend] or _compiled(), scale, bw, inputs))
     _finish(args, device, bw, rows)
     return rows
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-def _sweep(args, device, batches, dtypes, shapes, scale, bw, fns, rows):
-    for batch in batches:
-        for dtype in dtypes:
-            for name, Lq, grids, M, D, P in shapes:
-                Lq = max(1, round(Lq * scale))
-                sets = [make_inputs(batch, Lq, grids, M, D, P, dtype, device, seed) for seed in range(args.sets)]
-                fbytes = floor_bytes(sets[0], batch * Lq * M * D)
-                floor_ms = fbytes / (bw * 1e9) * 1e3
-                # Forward + backward moves every input three times (forward read, backward
-                # read, gradient write) and the output twice (output, grad_output).
-                out_bytes = batch * Lq * M * D * sets[0][0].element_size()
-                fb_floor_ms = (3 * (fbytes - out_bytes) + 2 * out_bytes) / (bw * 1e9) * 1e3
-                for backend, fn in fns.items():
-                    progress(f"  batch {batch} {str(dtype)[6:]} {name} ({Lq} queries): {backend}")
-                    fwd = sorted(bench_one(fn, s, device, False) for s in sets)[len(sets) // 2]
-                    fb = sorted(bench_one(fn, s, device, True) for s in sets)[len(sets) // 2]
-                    rows.append({
-                        "case": name, "batch": batch, "queries": Lq, "dtype": str(dtype)[6:], "backend": backend,
-                        "fwd_ms": fwd, "fwd_bwd_ms": fb, "fwd_GBps": fbytes / (fwd * 1e-3) / 1e9,
-                        "fwd_x_floor": fwd / floor_ms, "floor_ms": floor_ms, "fwd_bwd_x_floor": fb / fb_floor_ms,
-                    })
+def _measure(args, device, case, backend, fn, scale, bw, cache):
+    (name, Lq, grids, M, D, P, pub_batch, detr_fwd, detr_fb), batch, dtype = case
+    Lq = max(1, round(Lq * scale))
+    key = (name, batch, dtype)
+    if key not in cache:
+        cache[key] = [make_inputs(batch, Lq, grids, M, D, P, dtype, device, seed) for seed in range(args.sets)]
+    sets = cache[key]
+    fbytes = floor_bytes(sets[0], batch * Lq * M * D)
+    floor_ms = fbytes / (bw * 1e9) * 1e3
+    # Forward + backward moves every input three times (forward read, backward read,
+    # gradient write) and the output twice (output, grad_output).
+    out_bytes = batch * Lq * M * D * sets[0][0].element_size()
+    fb_floor_ms = (3 * (fbytes - out_bytes) + 2 * out_bytes) / (bw * 1e9) * 1e3
+    progress(f"  batch {batch} {str(dtype)[6:]} {name} ({Lq} queries): {backend}")
+    fwd = sorted(bench_one(fn, s, device, False) for s in sets)[len(sets) // 2]
+    fb = sorted(bench_one(fn, s, device, True) for s in sets)[len(sets) // 2]
+    row = {"case": name, "batch": batch, "queries": Lq, "dtype": str(dtype)[6:], "backend": backend,
+           "fwd_ms": fwd, "fwd_bwd_ms": fb, "fwd_GBps": fbytes / (fwd * 1e-3) / 1e9,
+           "fwd_x_floor": fwd / floor_ms, "floor_ms": floor_ms, "fwd_bwd_x_floor": fb / fb_floor_ms}
+    if device.type == "cuda" and batch == pub_batch and scale == 1.0:
+        # Speed-up over the published Deformable DETR kernel figures (fp32, same shape).
+        row["fwd_vs_detr_kernel"] = detr_fwd / fwd
+        row["fwd_bwd_vs_detr_kernel"] = detr_fb / fb
+    return row
 
 
 def _finish(args, device, bw, rows):
@@ -157,8 +172,9 @@ def _finish(args, device, bw, rows):
         if base:
             r["fwd_speedup"] = base["fwd_ms"] / r["fwd_ms"]
             r["fwd_bwd_speedup"] = base["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+    rows.sort(key=lambda r: (r["dtype"], r["case"], r["batch"], r["backend"]))
     cols = ["case", "batch", "queries", "dtype", "backend", "fwd_ms", "fwd_bwd_ms", "fwd_GBps", "fwd_x_floor", "fwd_bwd_x_floor",
-            "fwd_speedup", "fwd_bwd_speedup"]
+            "fwd_speedup", "fwd_bwd_speedup", "fwd_vs_detr_kernel", "fwd_bwd_vs_detr_kernel"]
     table = format_table(rows, cols)
     env = environment()
     env["device"] = device_name(device)

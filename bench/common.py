@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -28,7 +29,9 @@ def environment() -> dict:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent).stdout.strip()
         dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=RESULTS.parent).stdout.strip())
     except OSError:
-        commit, dirty = "unknown", False
+        commit, dirty = "", False
+    if not commit:  # a copy of the tree without .git (a lent GPU machine): the caller says
+        commit = os.environ.get("PIIP_COMMIT", "unknown")
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit + ("-dirty" if dirty else ""),
@@ -112,3 +115,21 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
 
 def progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def budgeted(items, budget_s: float | None = None, what: str = "measurements"):
+    """Yields items until `budget_s` seconds have passed (None: no limit) or the process
+    receives SIGTERM (a `timeout`), then says how many were left out. The item in progress
+    finishes, so the caller still writes every row measured so far."""
+    items = list(items)
+    stop = []
+    old = signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    start = time.monotonic()
+    try:
+        for i, item in enumerate(items):
+            if stop or (budget_s is not None and time.monotonic() - start > budget_s):
+                progress(f"{'SIGTERM' if stop else f'budget of {budget_s:.0f} s'}: {len(items) - i} {what} left out")
+                return
+            yield item
+    finally:
+        signal.signal(signal.SIGTERM, old)

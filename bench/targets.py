@@ -1,0 +1,121 @@
+"""The speed targets of the kernel issues, checked against the latest benchmark records.
+
+    python bench/targets.py                  # latest *_cuda records in bench/results/
+    python bench/targets.py --results DIR --device cuda
+
+Reads the last record of msda_<device>.jsonl, interaction_<device>.jsonl and
+branch_merge_<device>.jsonl (written by the three benchmarks) and prints one line per
+target and backend: PASS, FAIL or MISSING (not measured, for example cut by a time
+budget), with the worst case and its value. The targets (H100 figures, same run):
+
+  ms_deform_attn     bf16 forward >= 5x and forward+backward >= 4x faster than the Deformable
+                     DETR kernel's published figures (../shared/shapes.md) on every PIIP shape;
+                     the 4-level encoder >= 3x forward+backward
+                     batch 8: forward <= 2x its memory floor, forward+backward <= 3x its floor
+                     Triton within 1.5x of CUDA on every shape
+  deform_cross_attn  fused >= 2x faster than the unfused path, same backend, bf16 forward+backward
+  branch_merge       bf16: >= 15x faster than eager forward, forward <= 1.5x its floor,
+                     forward+backward >= 8x faster than eager
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+GPU_BACKENDS = ("cuda", "triton")
+
+
+def latest(results: Path, name: str) -> list[dict]:
+    """Rows of the last record of results/<name>.jsonl ([] when there is none)."""
+    path = results / f"{name}.jsonl"
+    if not path.exists():
+        return []
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    return json.loads(lines[-1])["rows"] if lines else []
+
+
+def verdict(target: str, rows: list[dict], key: str, limit: float, at_least: bool) -> tuple[str, str]:
+    """One target over `rows`: every row's `key` must be >= limit (at_least) or <= limit."""
+    vals = [(r[key], r) for r in rows if r.get(key) is not None]
+    if not vals:
+        return "MISSING", f"{target}: no measurement"
+    worst, row = min(vals, key=lambda v: v[0]) if at_least else max(vals, key=lambda v: v[0])
+    ok = worst >= limit if at_least else worst <= limit
+    where = ", ".join(str(row[k]) for k in ("case", "batch", "dtype") if k in row)
+    sign = ">=" if at_least else "<="
+    return ("PASS" if ok else "FAIL"), f"{target}: worst {worst:.2f} ({where}); need {sign} {limit:g}; {len(vals)} cases"
+
+
+def msda_checks(rows: list[dict]) -> list[tuple[str, str]]:
+    out = []
+    for b in GPU_BACKENDS:
+        mine = [r for r in rows if r["backend"] == b]
+        if not mine:
+            continue
+        bf16 = [r for r in mine if r["dtype"] == "bfloat16"]
+        piip = [r for r in bf16 if not r["case"].startswith("DETR")]
+        detr = [r for r in bf16 if r["case"].startswith("DETR")]
+        b8 = [r for r in mine if r["batch"] == 8]
+        out += [
+            verdict(f"ms_deform_attn [{b}] bf16 fwd vs DETR kernel, PIIP shapes", piip, "fwd_vs_detr_kernel", 5, True),
+            verdict(f"ms_deform_attn [{b}] bf16 fwd+bwd vs DETR kernel, PIIP shapes", piip, "fwd_bwd_vs_detr_kernel", 4, True),
+            verdict(f"ms_deform_attn [{b}] bf16 fwd+bwd vs DETR kernel, 4-level encoder", detr, "fwd_bwd_vs_detr_kernel", 3, True),
+            verdict(f"ms_deform_attn [{b}] batch 8 fwd x floor", b8, "fwd_x_floor", 2, False),
+            verdict(f"ms_deform_attn [{b}] batch 8 fwd+bwd x floor", b8, "fwd_bwd_x_floor", 3, False),
+        ]
+    cuda = {(r["case"], r["batch"], r["dtype"]): r for r in rows if r["backend"] == "cuda"}
+    ratios = []
+    for r in rows:
+        c = cuda.get((r["case"], r["batch"], r["dtype"]))
+        if r["backend"] == "triton" and c:
+            ratios.append({**r, "triton_over_cuda": max(r["fwd_ms"] / c["fwd_ms"], r["fwd_bwd_ms"] / c["fwd_bwd_ms"])})
+    out.append(verdict("ms_deform_attn triton time / cuda time (worse of fwd, fwd+bwd)", ratios, "triton_over_cuda", 1.5, False))
+    return out
+
+
+def interaction_checks(rows: list[dict]) -> list[tuple[str, str]]:
+    out = []
+    for b in GPU_BACKENDS:
+        fused = [r for r in rows if r["path"] == f"fused ({b})" and r["dtype"] == "bfloat16"]
+        if fused:
+            out.append(verdict(f"deform_cross_attn [{b}] bf16 fwd+bwd vs unfused same backend", fused,
+                               "fwd_bwd_vs_unfused_same_backend", 2, True))
+    return out or [("MISSING", "deform_cross_attn: no bf16 GPU rows")]
+
+
+def merge_checks(rows: list[dict]) -> list[tuple[str, str]]:
+    out = []
+    for b in GPU_BACKENDS:
+        mine = [r for r in rows if r["path"] == f"branch_merge ({b})" and r["dtype"] == "bfloat16"]
+        if mine:
+            out += [
+                verdict(f"branch_merge [{b}] bf16 fwd vs eager", mine, "fwd_vs_eager", 15, True),
+                verdict(f"branch_merge [{b}] bf16 fwd x floor", mine, "fwd_x_floor", 1.5, False),
+                verdict(f"branch_merge [{b}] bf16 fwd+bwd vs eager", mine, "fwd_bwd_vs_eager", 8, True),
+            ]
+    return out or [("MISSING", "branch_merge: no bf16 GPU rows")]
+
+
+def check(results: Path = RESULTS, device: str = "cuda") -> list[tuple[str, str]]:
+    """(status, line) for every target, from the latest records of `device`."""
+    msda = latest(results, f"msda_{device}")
+    return ((msda_checks(msda) if msda else [("MISSING", "ms_deform_attn: no record")])
+            + interaction_checks(latest(results, f"interaction_{device}"))
+            + merge_checks(latest(results, f"branch_merge_{device}")))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--device", default="cuda")
+    args = p.parse_args(argv)
+    lines = check(args.results, args.device)
+    for status, line in lines:
+        print(f"{status:8s}{line}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
