@@ -110,14 +110,16 @@ void backward_planes(const Branch<T, acc_t>& b, const O* grad_out, int64_t Ho, i
     const O* g = grad_out + p * Ho * Wo;
     const T* f = b.f + p * H * W;
     T* gf = grad_f + p * H * W;
-    acc_t d = 0;
+    // The plane's weight-gradient share sums H * W products: in double, so a long plane
+    // does not lose fp32 digits to a sequential sum.
+    double d = 0;
     if (b.identity) {
       for (int64_t k = 0; k < H * W; ++k) {
         const acc_t G = static_cast<acc_t>(g[k]);
         gf[k] = static_cast<T>(b.weight * G);
-        d += static_cast<acc_t>(f[k]) * G;
+        d += static_cast<double>(static_cast<acc_t>(f[k]) * G);
       }
-      dot[p] = d;
+      dot[p] = static_cast<acc_t>(d);
       continue;
     }
     // Columns first: tmp[oy, ix] = sum over the output columns that read ix.
@@ -142,10 +144,10 @@ void backward_planes(const Branch<T, acc_t>& b, const O* grad_out, int64_t Ho, i
       }
       for (int64_t ix = 0; ix < W; ++ix) {
         gf[iy * W + ix] = static_cast<T>(b.weight * acc[ix]);
-        d += static_cast<acc_t>(f[iy * W + ix]) * acc[ix];
+        d += static_cast<double>(static_cast<acc_t>(f[iy * W + ix]) * acc[ix]);
       }
     }
-    dot[p] = d;
+    dot[p] = static_cast<acc_t>(d);
   }
 }
 
