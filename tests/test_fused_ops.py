@@ -134,6 +134,7 @@ MERGE_CASES = [
     ([(3, 3), (4, 4), (6, 6)], (6, 6)),            # PIIP: upsample to the finest branch
     ([(5, 7), (9, 11), (13, 17), (13, 17)], (13, 17)),
     ([(42, 42), (70, 70), (98, 98)], (98, 98)),    # TSB-1568 grids
+    ([(28, 28), (56, 56), (112, 112)], (112, 112)),  # long planes: the weight gradient sums 12544 products each
     ([(8, 8), (3, 5)], (5, 6)),                    # downsampling too
     ([(1, 1)], (4, 3)),
 ]
