@@ -179,3 +179,22 @@ def check_fixed_point_extremes(backend: str, device) -> None:
         (gv,) = torch.autograd.grad(
             ms_deform_attn(value, shapes, starts, loc, attn, backend=backend, deterministic=True), value, go)
         assert torch.isnan(gv).all(), f"{backend}: grad_output with {bad} gave a finite deterministic grad_value"
+
+
+def check_levels_outside_value(forward, backward, device) -> None:
+    """GPU kernels read index tensors on the device only: a level that does not lie inside
+    value (start past the end, or sizes so large that H * W overflows) must give NaN for its
+    outputs and gradients, never an out-of-bounds read or a finite wrong number.
+    `forward(value, shapes, starts, loc, attn)` and `backward(grad_out, same...)` call the
+    backend's kernels directly, below the host-side checks of the public API."""
+    value, shapes, starts, loc, attn = [t.to(device) for t in msda_inputs([(5, 7), (3, 4)], N=2, Lq=6, M=2, D=8, P=3)]
+    for bad_shapes, bad_starts in (([[5, 7], [3, 4]], [0, 40]), ([[5, 7], [2 ** 40, 2 ** 40]], [0, 35]),
+                                   ([[5, 7], [-3, 4]], [0, 35])):
+        shp = torch.tensor(bad_shapes, device=device)
+        st = torch.tensor(bad_starts, device=device)
+        out = forward(value, shp, st, loc, attn)
+        assert torch.isnan(out).all(), "a level outside value must poison the output"
+        gv, gl, ga = backward(torch.ones_like(out), value, shp, st, loc, attn)
+        assert torch.isnan(gl[:, :, :, 1]).all() and torch.isnan(ga[:, :, :, 1]).all()
+        assert torch.isfinite(gl[:, :, :, 0]).all() and torch.isfinite(ga[:, :, :, 0]).all()
+        assert torch.isfinite(gv).all()

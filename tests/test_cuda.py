@@ -7,7 +7,7 @@ import piip_kernels
 from piip_kernels import ms_deform_attn
 from piip_kernels.msda.reference import ms_deform_attn_reference
 
-from helpers import (assert_derived_close, check_fixed_point_extremes, dca_grads, dca_inputs, merge_grads, merge_inputs, msda_inputs, reference64,
+from helpers import (assert_derived_close, check_fixed_point_extremes, check_levels_outside_value, dca_grads, dca_inputs, merge_grads, merge_inputs, msda_inputs, reference64,
                      run_with_grads)
 from piip_kernels.dca.reference import deform_cross_attn_reference
 from piip_kernels.merge.reference import branch_merge_reference
@@ -73,6 +73,13 @@ def test_deterministic_mode_is_bit_identical(dtype):
 
 def test_cuda_fixed_point_extremes():
     check_fixed_point_extremes("cuda", DEV)
+
+
+def test_cuda_levels_outside_value_give_nan():
+    # Through the public API: with CUDA index tensors nothing is checked on the host.
+    fwd = lambda *a: ms_deform_attn(*a, backend="cuda")  # noqa: E731
+    bwd = lambda go, *a: torch.ops.piip_C.msda_backward(go, *a)  # noqa: E731
+    check_levels_outside_value(fwd, bwd, DEV)
 
 
 def test_nan_poisoned_memory_and_non_contiguous_inputs():

@@ -17,7 +17,7 @@ from piip_kernels.dca.reference import deform_cross_attn_reference
 from piip_kernels.merge.reference import branch_merge_reference
 from piip_kernels.msda.reference import ms_deform_attn_reference
 
-from helpers import (assert_derived_close, check_fixed_point_extremes, dca_grads, dca_inputs, merge_grads, merge_inputs, msda_inputs, reference64,
+from helpers import (assert_derived_close, check_fixed_point_extremes, check_levels_outside_value, dca_grads, dca_inputs, merge_grads, merge_inputs, msda_inputs, reference64,
                      run_with_grads)
 
 pytestmark = pytest.mark.triton
@@ -78,6 +78,12 @@ def test_triton_deterministic_mode_is_bit_identical():
 
 def test_triton_fixed_point_extremes():
     check_fixed_point_extremes("triton", DEVICE)
+
+
+def test_triton_levels_outside_value_give_nan():
+    from piip_kernels.msda import triton as kernels
+
+    check_levels_outside_value(kernels.msda_forward, kernels.msda_backward, DEVICE)
 
 
 def test_triton_nan_locations_and_empty_sizes():

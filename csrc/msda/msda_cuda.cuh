@@ -41,6 +41,9 @@ template <> __device__ __forceinline__ double from_f<double>(float v) { return v
 template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// What a kernel writes where its inputs make the result meaningless (see level_fits).
+__device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000); }
+
 // V consecutive elements, loaded and stored as one aligned vector.
 template <typename T, int V>
 struct alignas(sizeof(T) * V) Vec {
@@ -128,9 +131,14 @@ __global__ void forward_kernel(Params<T, U> p, T* __restrict__ out, int GP) {
     float acc[V];
 #pragma unroll
     for (int i = 0; i < V; ++i) acc[i] = 0.f;
+    bool fits = true;
     for (int64_t l = 0; l < p.L; ++l) {
-      const int64_t H = p.shapes[2 * l], W = p.shapes[2 * l + 1];
-      const T* level = p.value + ((n * p.S + p.starts[l]) * p.M + m) * p.D + c * V;
+      const int64_t H = p.shapes[2 * l], W = p.shapes[2 * l + 1], start = p.starts[l];
+      if (!level_fits(H, W, start, p.S)) {
+        fits = false;
+        continue;
+      }
+      const T* level = p.value + ((n * p.S + start) * p.M + m) * p.D + c * V;
       for (int64_t pp = 0; pp < p.P; ++pp) {
         const int64_t pt = (row * p.L + l) * p.P + pp;
         Bilinear<float> b;
@@ -148,7 +156,7 @@ __global__ void forward_kernel(Params<T, U> p, T* __restrict__ out, int GP) {
     }
     Vec<T, V> o;
 #pragma unroll
-    for (int i = 0; i < V; ++i) o.v[i] = from_f<T>(acc[i]);
+    for (int i = 0; i < V; ++i) o.v[i] = from_f<T>(fits ? acc[i] : quiet_nan());
     *reinterpret_cast<Vec<T, V>*>(out + row * p.D + c * V) = o;
   }
 }
@@ -166,13 +174,15 @@ __global__ void backward_kernel(Params<T, U> p, const T* __restrict__ grad_out, 
   const int64_t chunks = p.D / V;
   for (int64_t l = 0; l < p.L; ++l) {
     const int64_t H = live ? p.shapes[2 * l] : 1, W = live ? p.shapes[2 * l + 1] : 1;
-    const int64_t level_off = live ? ((n * p.S + p.starts[l]) * p.M + m) * p.D : 0;
+    const int64_t start = live ? p.starts[l] : 0;
+    const bool fits = live && level_fits(H, W, start, p.S);  // else its gradients are NaN
+    const int64_t level_off = fits ? ((n * p.S + start) * p.M + m) * p.D : 0;
     for (int64_t pp = 0; pp < p.P; ++pp) {
       const int64_t pt = (row * p.L + l) * p.P + pp;
       Bilinear<float> b;
       bool ok = false;
       float a = 0.f;
-      if (live) {
+      if (fits) {
         ok = make_bilinear<float>(to_f(p.loc[2 * pt]), to_f(p.loc[2 * pt + 1]), H, W, b);
         a = to_f(p.attn[pt]);
       }
@@ -204,6 +214,7 @@ __global__ void backward_kernel(Params<T, U> p, const T* __restrict__ grad_out, 
       if (live && lane == 0) {
         float ga = 0.f, gx = 0.f, gy = 0.f;
         if (ok) point_grads<float>(b, s, a, H, W, ga, gx, gy);
+        if (!fits) ga = gx = gy = quiet_nan();
         grad_attn[pt] = from_f<U>(ga);
         grad_loc[2 * pt] = from_f<U>(gx);
         grad_loc[2 * pt + 1] = from_f<U>(gy);
@@ -222,8 +233,7 @@ __global__ void finish_grad_value(GradValue gv, T* __restrict__ out, int64_t num
     // sums are meaningless then, and NaN says so.
     const double s = *gv.scale;
     const long long q = static_cast<long long>(gv.fixed[i]);
-    const float quiet_nan = __int_as_float(0x7fc00000);
-    out[i] = from_f<T>((s > 0.0 && isfinite(s)) ? static_cast<float>(static_cast<double>(q) / s) : quiet_nan);
+    out[i] = from_f<T>((s > 0.0 && isfinite(s)) ? static_cast<float>(static_cast<double>(q) / s) : quiet_nan());
   } else {
     out[i] = from_f<T>(gv.f32[i]);
   }

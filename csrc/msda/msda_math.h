@@ -17,6 +17,14 @@
 namespace piip {
 namespace msda {
 
+// Whether level rows [start, start + H * W) lie inside value's S rows. The GPU kernels check
+// this themselves when the index tensors live on the GPU (a host check would synchronise)
+// and poison the outputs of a level that does not fit with NaN instead of reading outside
+// value. Written so that H * W cannot overflow.
+PIIP_HD bool level_fits(int64_t H, int64_t W, int64_t start, int64_t S) {
+  return H > 0 && W > 0 && H <= S && W <= S / H && start >= 0 && start <= S - H * W;
+}
+
 // The four corners of one bilinear sample, in the order
 // 0: (h0, w0), 1: (h0, w0 + 1), 2: (h0 + 1, w0), 3: (h0 + 1, w0 + 1).
 template <typename acc_t>

@@ -94,7 +94,9 @@ def ms_deform_attn(
     Args:
         value: [N, S, M, D] float32/float64/float16/bfloat16; S = sum of H_l * W_l.
         spatial_shapes: [L, 2] integer, (H_l, W_l) of each level.
-        level_start_index: [L] integer, first row of each level in ``value``.
+        level_start_index: [L] integer, first row of each level in ``value``. With the
+            index tensors on the CPU the levels must tile ``value`` (ValueError otherwise);
+            on a GPU they are not read on the host, and a level outside ``value`` gives NaN.
         sampling_locations: [N, Lq, M, L, P, 2], normalised (x, y) in [0, 1]; points
             outside read zeros (``grid_sample`` with ``align_corners=False``, zero padding).
         attention_weights: [N, Lq, M, L, P].
@@ -117,9 +119,10 @@ def ms_deform_attn(
         # Shape-only runs (parameter and FLOP counting on the meta device): the op's fake
         # kernel gives the output shape, and FLOP counters see the op itself.
         return ms_deform_attn_op(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, "reference", False)
-    if not torch.compiler.is_compiling():
-        # Needs the tensors' values; under torch.compile the compiled kernels check
-        # the same at run time instead.
+    if spatial_shapes.device.type == "cpu" and not torch.compiler.is_compiling():
+        # Needs the tensors' values: free on the CPU. On a GPU it would synchronise on every
+        # call (and break CUDA graph capture), so there the kernels check that every level
+        # lies inside value and write NaN for one that does not, instead of reading outside.
         check_levels(spatial_shapes, level_start_index, value.shape[1])
     name = backends.select(OP, BACKENDS, value.device, value.dtype, backend)
     if name == "reference":

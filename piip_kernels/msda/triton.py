@@ -67,6 +67,19 @@ def _tile(Lq, M, D, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _level(shapes_ptr, starts_ptr, lvl, n, S):
+    """(H, W, first value row of level lvl in image n, whether the level lies inside value's
+    S rows). As csrc/msda/msda_math.h's level_fits: index tensors on the GPU are not checked
+    on the host (that would synchronise), so a level that does not fit is never read and
+    poisons its outputs with NaN instead."""
+    H = tl.load(shapes_ptr + 2 * lvl)
+    W = tl.load(shapes_ptr + 2 * lvl + 1)
+    start = tl.load(starts_ptr + lvl)
+    fits = (H > 0) & (W > 0) & (H <= S) & (W <= S // tl.maximum(H, 1)) & (start >= 0) & (start <= S - H * W)
+    return H, W, n * S + tl.where(fits, start, 0), fits
+
+
+@triton.jit
 def _bilinear(h_im, w_im, H, W, qmask):
     """Top-left corner (h0, w0), fractions (lh, lw) and validity of pixel coordinates
     (h_im, w_im) = location * size - 0.5; the negated comparisons also reject NaN."""
@@ -123,17 +136,18 @@ def _msda_fwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_p
     # attn [N, Lq, M, L, P]; out [N, Lq, M, D]
     n, m, q, qmask, d, dmask = _tile(Lq, M, D, BLOCK_Q, BLOCK_D)
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
+    unfit = 0
     for lvl in range(L):
-        H = tl.load(shapes_ptr + 2 * lvl)
-        W = tl.load(shapes_ptr + 2 * lvl + 1)
-        row0 = n * S + tl.load(starts_ptr + lvl)
+        H, W, row0, fits = _level(shapes_ptr, starts_ptr, lvl, n, S)
+        unfit += tl.where(fits, 0, 1)
         for p in range(P):
             pt = (((n * Lq + q) * M + m) * L + lvl) * P + p
             x = tl.load(loc_ptr + 2 * pt, mask=qmask, other=0.0).to(tl.float32)
             y = tl.load(loc_ptr + 2 * pt + 1, mask=qmask, other=0.0).to(tl.float32)
             a = tl.load(attn_ptr + pt, mask=qmask, other=0.0).to(tl.float32)
-            valid, h0, w0, lh, lw = _bilinear(y * H - 0.5, x * W - 0.5, H, W, qmask)
+            valid, h0, w0, lh, lw = _bilinear(y * H - 0.5, x * W - 0.5, H, W, qmask & fits)
             acc += _sample(value_ptr, row0, H, W, h0, w0, lh, lw, a, valid, m, M, D, d, dmask)
+    acc = tl.where(unfit > 0, float("nan"), acc)
     out = out_ptr + ((n * Lq + q) * M + m)[:, None] * D + d[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=qmask[:, None] & dmask[None, :])
 
@@ -150,20 +164,19 @@ def _msda_bwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_
                 mask=qmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr)
     for lvl in range(L):
-        H = tl.load(shapes_ptr + 2 * lvl)
-        W = tl.load(shapes_ptr + 2 * lvl + 1)
-        row0 = n * S + tl.load(starts_ptr + lvl)
+        H, W, row0, fits = _level(shapes_ptr, starts_ptr, lvl, n, S)
+        poison = tl.where(fits, 0.0, float("nan"))  # added to the gradients of a level that does not fit
         for p in range(P):
             pt = (((n * Lq + q) * M + m) * L + lvl) * P + p
             x = tl.load(loc_ptr + 2 * pt, mask=qmask, other=0.0).to(tl.float32)
             y = tl.load(loc_ptr + 2 * pt + 1, mask=qmask, other=0.0).to(tl.float32)
             a = tl.load(attn_ptr + pt, mask=qmask, other=0.0).to(tl.float32)
-            valid, h0, w0, lh, lw = _bilinear(y * H - 0.5, x * W - 0.5, H, W, qmask)
+            valid, h0, w0, lh, lw = _bilinear(y * H - 0.5, x * W - 0.5, H, W, qmask & fits)
             g_attn, g_w, g_h = _point_backward(value_ptr, grad_value_ptr, row0, H, W, h0, w0, lh, lw, a, valid, g,
                                                m, M, D, d, dmask, scale, DETERMINISTIC)
-            tl.store(grad_attn_ptr + pt, g_attn, mask=qmask)
-            tl.store(grad_loc_ptr + 2 * pt, a * W * g_w, mask=qmask)
-            tl.store(grad_loc_ptr + 2 * pt + 1, a * H * g_h, mask=qmask)
+            tl.store(grad_attn_ptr + pt, g_attn + poison, mask=qmask)
+            tl.store(grad_loc_ptr + 2 * pt, a * W * g_w + poison, mask=qmask)
+            tl.store(grad_loc_ptr + 2 * pt + 1, a * H * g_h + poison, mask=qmask)
 
 
 def _grid(Lq, N, M):
