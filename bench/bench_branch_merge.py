@@ -7,7 +7,7 @@ eager = ``sum(w_i * F.interpolate(f_i, size, bilinear))`` in the maps' dtype, wh
 user writes (and what shapes.md timed). The weights have the maps' dtype, so every path
 writes its output in that dtype. The memory floor is the bytes of the inputs read and
 the output written once, over the copy bandwidth measured in the same run (shapes.md's
-definition).
+definition), from the CUDA-graph replay time (``fwd_gpu_ms``, the kernels alone) on a GPU.
 Appends to bench/results/branch_merge_<device>.jsonl (device, versions, commit).
 """
 from __future__ import annotations
@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import budgeted, copy_bandwidth_gbs, device_name, environment, format_table, progress, time_ms, write_results  # noqa: E402
+from common import (budgeted, copy_bandwidth_gbs, device_name, environment, format_table, graph_time_ms, progress, time_ms,
+                    write_results)  # noqa: E402
 
 import piip_kernels  # noqa: E402
 from piip_kernels.merge.api import BACKENDS  # noqa: E402
@@ -37,13 +38,15 @@ def eager(features, weights, out_size):
                for f, w in zip(features, weights))
 
 
-def bench(fn, feats, weights, out_size, device, backward):
+def bench(fn, feats, weights, out_size, device, backward, graph=False):
+    """Median ms of one eager call, or with `graph` of its CUDA-graph replay (None if not capturable)."""
+    timer = graph_time_ms if graph else (lambda f: time_ms(f, device))
     if not backward:
         with torch.no_grad():
-            return time_ms(lambda: fn(feats, weights, out_size), device)
+            return timer(lambda: fn(feats, weights, out_size))
     leaves = [f.detach().requires_grad_(True) for f in feats] + [weights.detach().requires_grad_(True)]
     grad = torch.randn(feats[0].shape[0], feats[0].shape[1], *out_size, device=device, dtype=weights.dtype)
-    return time_ms(lambda: torch.autograd.grad(fn(leaves[:-1], leaves[-1], out_size), leaves, grad), device)
+    return timer(lambda: torch.autograd.grad(fn(leaves[:-1], leaves[-1], out_size), leaves, grad))
 
 
 def main(argv=None):
@@ -73,15 +76,20 @@ def main(argv=None):
         paths = {"eager": eager}
         for b in backends:
             paths[f"branch_merge ({b})"] = (lambda b: lambda f, w, s: piip_kernels.branch_merge(f, w, s, backend=b))(b)
-        times = {}
+        times, gpu_fwd = {}, {}
         for label, fn in paths.items():
             progress(f"  {name} C{C} {str(dtype)[6:]}: {label}")
             times[label] = (bench(fn, feats, weights, out_size, device, False), bench(fn, feats, weights, out_size, device, True))
+            if gpu:
+                gpu_fwd[label] = bench(fn, feats, weights, out_size, device, False, graph=True)
         for label, (fwd, fb) in times.items():
+            kernel = gpu_fwd.get(label) or fwd
             rows.append({"case": name, "batch": batch, "channels": C, "grids": "/".join(map(str, grids)), "dtype": str(dtype)[6:],
-                         "path": label, "fwd_ms": fwd, "fwd_bwd_ms": fb, "fwd_x_floor": fwd / floor_ms,
+                         "path": label, "fwd_ms": fwd, "fwd_bwd_ms": fb, "fwd_gpu_ms": gpu_fwd.get(label),
+                         "fwd_x_floor": kernel / floor_ms,
                          "fwd_vs_eager": times["eager"][0] / fwd, "fwd_bwd_vs_eager": times["eager"][1] / fb})
-    cols = ["case", "batch", "channels", "grids", "dtype", "path", "fwd_ms", "fwd_bwd_ms", "fwd_x_floor", "fwd_vs_eager", "fwd_bwd_vs_eager"]
+    cols = ["case", "batch", "channels", "grids", "dtype", "path", "fwd_ms", "fwd_bwd_ms", "fwd_gpu_ms", "fwd_x_floor", "fwd_vs_eager",
+            "fwd_bwd_vs_eager"]
     table = format_table(rows, cols)
     env = environment()
     env["device"] = device_name(device)

@@ -9,6 +9,8 @@ ends with the sampled [N, Lq, M*D] tensor:
   fused      deform_cross_attn with the backend
   unfused    grid reference + offsets / (Wv, Hv), softmax, ms_deform_attn with the same backend
   eager      the unfused path on the plain-PyTorch reference (grid_sample)
+Times are eager calls (``*_ms``) and, on a GPU, CUDA-graph replays (``*_gpu_ms``: the kernels
+without the CPU's launch overhead, where the path can be captured).
 Appends to bench/results/interaction_<device>.jsonl (device, versions, commit).
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import budgeted, device_name, environment, format_table, progress, time_ms, write_results  # noqa: E402
+from common import budgeted, device_name, environment, format_table, graph_time_ms, progress, time_ms, write_results  # noqa: E402
 
 import piip_kernels  # noqa: E402
 from piip_kernels.dca.api import BACKENDS  # noqa: E402
@@ -65,14 +67,16 @@ def make_inputs(batch, query_hw, value_hw, D, dtype, device, seed):
     return value, offsets, logits
 
 
-def bench(fn, inputs, value_hw, query_hw, device, backward):
+def bench(fn, inputs, value_hw, query_hw, device, backward, graph=False):
+    """Median ms of one eager call, or with `graph` of its CUDA-graph replay (None if not capturable)."""
+    timer = graph_time_ms if graph else (lambda f: time_ms(f, device))
     value, offsets, logits = inputs
     if not backward:
         with torch.no_grad():
-            return time_ms(lambda: fn(value, value_hw, offsets, logits, query_hw), device)
+            return timer(lambda: fn(value, value_hw, offsets, logits, query_hw))
     leaves = [t.detach().requires_grad_(True) for t in inputs]
     grad = torch.randn(value.shape[0], offsets.shape[1], M * value.shape[3], device=device, dtype=value.dtype)
-    return time_ms(lambda: torch.autograd.grad(fn(leaves[0], value_hw, leaves[1], leaves[2], query_hw), leaves, grad), device)
+    return timer(lambda: torch.autograd.grad(fn(leaves[0], value_hw, leaves[1], leaves[2], query_hw), leaves, grad))
 
 
 def main(argv=None):
@@ -91,6 +95,7 @@ def main(argv=None):
     side = scale ** 0.5
     backends = [b for b in ("cuda", "triton", "cpu") if not BACKENDS[b](device, dtype)]
     rows = []
+    gpu_timing = gpu  # CUDA-graph replays beside the eager calls
     for name, qhw, vhw, D in budgeted(SHAPES, args.budget_s, "cases"):
         qhw = tuple(max(1, round(s * side)) for s in qhw)
         vhw = tuple(max(1, round(s * side)) for s in vhw)
@@ -99,19 +104,25 @@ def main(argv=None):
         for b in backends:
             paths[f"unfused ({b})"] = unfused(b)
             paths[f"fused ({b})"] = fused(b)
-        times = {}
+        times, gpu = {}, {}
         for label, fn in paths.items():
             progress(f"  {name} q{qhw} v{vhw}: {label}")
             times[label] = (bench(fn, inputs, vhw, qhw, device, False), bench(fn, inputs, vhw, qhw, device, True))
+            if gpu_timing and label != "eager (reference)":
+                gpu[label] = bench(fn, inputs, vhw, qhw, device, True, graph=True)
         for label, (fwd, fb) in times.items():
             row = {"case": name, "query_hw": f"{qhw[0]}x{qhw[1]}", "value_hw": f"{vhw[0]}x{vhw[1]}", "batch": args.batch,
-                   "dtype": str(dtype)[6:], "path": label, "fwd_ms": fwd, "fwd_bwd_ms": fb,
+                   "dtype": str(dtype)[6:], "path": label, "fwd_ms": fwd, "fwd_bwd_ms": fb, "fwd_bwd_gpu_ms": gpu.get(label),
                    "fwd_bwd_vs_eager": times["eager (reference)"][1] / fb}
             b = label[label.find("(") + 1:-1]
             if label.startswith("fused") and f"unfused ({b})" in times:
                 row["fwd_bwd_vs_unfused_same_backend"] = times[f"unfused ({b})"][1] / fb
+                if gpu.get(label) and gpu.get(f"unfused ({b})"):
+                    # The kernels alone: the unfused path's extra small ops cost GPU time, not just launches.
+                    row["fwd_bwd_gpu_vs_unfused_same_backend"] = gpu[f"unfused ({b})"] / gpu[label]
             rows.append(row)
-    cols = ["case", "query_hw", "value_hw", "dtype", "path", "fwd_ms", "fwd_bwd_ms", "fwd_bwd_vs_eager", "fwd_bwd_vs_unfused_same_backend"]
+    cols = ["case", "query_hw", "value_hw", "dtype", "path", "fwd_ms", "fwd_bwd_ms", "fwd_bwd_gpu_ms", "fwd_bwd_vs_eager",
+            "fwd_bwd_vs_unfused_same_backend", "fwd_bwd_gpu_vs_unfused_same_backend"]
     table = format_table(rows, cols)
     env = environment()
     env["device"] = device_name(device)

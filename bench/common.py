@@ -82,6 +82,38 @@ def time_ms(fn, device: torch.device, warmup: int = 3, reps: int = 20, budget_s:
     return statistics.median(times)
 
 
+def graph_time_ms(fn, reps: int = 20, inner: int = 5) -> float | None:
+    """Median GPU time of fn() in milliseconds, without the CPU's launch overhead: fn is
+    captured once in a CUDA graph and replayed `inner` times between each pair of events.
+    None when fn cannot be captured (it synchronises with the host, for example)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (and Triton autotuning) outside the capture
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as err:  # noqa: BLE001 - any capture failure means "not capturable"
+        progress(f"    (no CUDA graph: {type(err).__name__}: {str(err).splitlines()[0][:100]})")
+        torch.cuda.synchronize()
+        return None
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / inner)
+    return statistics.median(times)
+
+
 def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 28) -> float:
     """Measured device-to-device copy bandwidth (read + write), GB/s."""
     n = nbytes // 4 if device.type == "cuda" else nbytes // 16
@@ -106,7 +138,7 @@ def write_results(name: str, env: dict, rows: list[dict], table: str) -> Path:
 def format_table(rows: list[dict], columns: list[str]) -> str:
     """Markdown table of the given columns."""
     def fmt(v):
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
+        return f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
