@@ -3,8 +3,9 @@
 // Same thread mapping, vector loads and grad_value accumulation as msda_cuda.cuh
 // (a group of GP lanes per (image, query, head) row, V channels per load), with the
 // reference point from the query index, offsets scaled by the value grid, and the
-// softmax over the P points computed in registers (dca_math.h). The backward keeps
-// dL/dw_p per point in the group's first lane and applies the softmax backward there.
+// softmax over the P points computed per thread. The backward keeps dL/dw_p per point
+// (every lane of the group has the reduced sums) and applies the softmax backward in the
+// group's first lane.
 #pragma once
 
 #include "../msda/msda_cuda.cuh"
@@ -19,7 +20,7 @@ using msda::cuda::GradValue;
 using msda::cuda::to_f;
 using msda::cuda::Vec;
 
-constexpr int kMaxP = 32;  // points per head held in registers
+constexpr int kMaxP = 32;  // points per head held per thread
 
 template <typename T, typename U>
 struct Params {
@@ -29,17 +30,32 @@ struct Params {
   int64_t N, Hv, Wv, Hq, Wq, M, D, P;
 };
 
-// Softmax weights of row `row` (max-subtracted), in fp32.
-template <typename U>
+// The per-point arrays (softmax weights, their gradients) stay in registers only when every
+// index is a compile-time constant, so the kernels take the point count as a template
+// argument PC: PC > 0 is that many points, unrolled (PIIP uses 4); PC = 0 reads p.P at run
+// time (at most kMaxP) and the arrays live in local memory.
+template <int PC>
+__device__ __forceinline__ int64_t points(int64_t runtime_p) {
+  return PC > 0 ? PC : runtime_p;
+}
+template <int PC>
+constexpr int kSlots = PC > 0 ? PC : kMaxP;
+
+// Softmax weights of one row (max-subtracted), in fp32.
+template <int PC, typename U>
 __device__ __forceinline__ void row_softmax(const U* logits, int64_t P, float* w) {
   float mx = to_f(logits[0]);
-  for (int64_t p = 1; p < P; ++p) mx = fmaxf(mx, to_f(logits[p]));
+#pragma unroll
+  for (int64_t p = 1; p < points<PC>(P); ++p) mx = fmaxf(mx, to_f(logits[p]));
   float sum = 0.f;
-  for (int64_t p = 0; p < P; ++p) {
+#pragma unroll
+  for (int64_t p = 0; p < points<PC>(P); ++p) {
     w[p] = __expf(to_f(logits[p]) - mx);
     sum += w[p];
   }
-  for (int64_t p = 0; p < P; ++p) w[p] /= sum;
+  const float inv = 1.f / sum;
+#pragma unroll
+  for (int64_t p = 0; p < points<PC>(P); ++p) w[p] *= inv;
 }
 
 template <typename T, typename U>
@@ -51,7 +67,7 @@ __device__ __forceinline__ bool point(const Params<T, U>& p, int64_t row, int64_
   return msda::make_bilinear<float>(x, y, p.Hv, p.Wv, b);
 }
 
-template <typename T, typename U, int V>
+template <typename T, typename U, int V, int PC>
 __global__ void forward_kernel(Params<T, U> p, T* __restrict__ out, int GP) {
   const msda::cuda::Group grp = msda::cuda::my_group(GP);
   const int64_t row = grp.row;  // (n, q, m)
@@ -59,15 +75,17 @@ __global__ void forward_kernel(Params<T, U> p, T* __restrict__ out, int GP) {
   const int64_t Lq = p.Hq * p.Wq;
   if (row >= p.N * Lq * p.M) return;
   const int64_t m = row % p.M, q = (row / p.M) % Lq, n = row / (p.M * Lq);
-  float rx, ry, w[kMaxP];
+  const int64_t P = points<PC>(p.P);
+  float rx, ry, w[kSlots<PC>];
   grid_reference<float>(q, p.Hq, p.Wq, rx, ry);
-  row_softmax(p.logits + row * p.P, p.P, w);
+  row_softmax<PC>(p.logits + row * P, P, w);
   const T* img = p.value + n * p.Hv * p.Wv * p.M * p.D + m * p.D;
   for (int64_t c = lane; c < p.D / V; c += GP) {
     float acc[V];
 #pragma unroll
     for (int i = 0; i < V; ++i) acc[i] = 0.f;
-    for (int64_t pp = 0; pp < p.P; ++pp) {
+#pragma unroll
+    for (int64_t pp = 0; pp < P; ++pp) {
       msda::Bilinear<float> b;
       if (!point(p, row, pp, rx, ry, b)) continue;
 #pragma unroll
@@ -86,7 +104,7 @@ __global__ void forward_kernel(Params<T, U> p, T* __restrict__ out, int GP) {
   }
 }
 
-template <typename T, typename U, int V>
+template <typename T, typename U, int V, int PC>
 __global__ void backward_kernel(Params<T, U> p, const T* __restrict__ grad_out, GradValue gv, U* __restrict__ grad_off,
                                 U* __restrict__ grad_logits, int GP) {
   const msda::cuda::Group grp = msda::cuda::my_group(GP);
@@ -95,13 +113,16 @@ __global__ void backward_kernel(Params<T, U> p, const T* __restrict__ grad_out, 
   const bool live = row < p.N * Lq * p.M;
   const int lane = grp.lane;
   const int64_t m = live ? row % p.M : 0, q = live ? (row / p.M) % Lq : 0, n = live ? row / (p.M * Lq) : 0;
-  float rx = 0.f, ry = 0.f, w[kMaxP], gw[kMaxP];
+  const int64_t P = points<PC>(p.P);
+  float rx = 0.f, ry = 0.f, w[kSlots<PC>], gw[kSlots<PC>];
   if (live) {
     grid_reference<float>(q, p.Hq, p.Wq, rx, ry);
-    row_softmax(p.logits + row * p.P, p.P, w);
+    row_softmax<PC>(p.logits + row * P, P, w);
   }
   const int64_t img = n * p.Hv * p.Wv * p.M * p.D + m * p.D;
-  for (int64_t pp = 0; pp < p.P; ++pp) {
+  const double scale = msda::cuda::fixed_scale(gv);
+#pragma unroll
+  for (int64_t pp = 0; pp < P; ++pp) {
     msda::Bilinear<float> b;
     const bool ok = live && point(p, row, pp, rx, ry, b);
     float s[4] = {0.f, 0.f, 0.f, 0.f};
@@ -115,7 +136,7 @@ __global__ void backward_kernel(Params<T, U> p, const T* __restrict__ grad_out, 
         for (int k = 0; k < 4; ++k) {
           if (b.idx[k] < 0) continue;
           const int64_t off = img + b.idx[k] * p.M * p.D + c * V;
-          const Vec<T, V> v = *reinterpret_cast<const Vec<T, V>*>(p.value + off);
+          const Vec<T, V> v = msda::cuda::load_ro<T, V>(p.value + off);
           float contrib[V], dot = 0.f;
 #pragma unroll
           for (int i = 0; i < V; ++i) {
@@ -123,24 +144,32 @@ __global__ void backward_kernel(Params<T, U> p, const T* __restrict__ grad_out, 
             contrib[i] = w[pp] * b.w[k] * gf[i];
           }
           s[k] += dot;
-          msda::cuda::scatter<V>(gv, off, contrib);
+          msda::cuda::scatter<V>(gv, scale, off, contrib);
         }
       }
     }
     msda::cuda::group_sum4(s, grp.mask, GP);
+    float ga = 0.f, gx = 0.f, gy = 0.f;
+    if (ok) msda::point_grads<float>(b, s, w[pp], p.Hv, p.Wv, ga, gx, gy);
+    gw[pp] = ga;  // every lane holds the group's sums after group_sum4
     if (live && lane == 0) {
-      float ga = 0.f, gx = 0.f, gy = 0.f;
-      if (ok) msda::point_grads<float>(b, s, w[pp], p.Hv, p.Wv, ga, gx, gy);
-      gw[pp] = ga;
       // x = rx + off_x / Wv: the offset gradient is the location gradient over Wv.
-      grad_off[2 * (row * p.P + pp)] = from_f<U>(gx / static_cast<float>(p.Wv));
-      grad_off[2 * (row * p.P + pp) + 1] = from_f<U>(gy / static_cast<float>(p.Hv));
+      grad_off[2 * (row * P + pp)] = from_f<U>(gx / static_cast<float>(p.Wv));
+      grad_off[2 * (row * P + pp) + 1] = from_f<U>(gy / static_cast<float>(p.Hv));
     }
   }
   if (live && lane == 0) {
-    softmax_backward<float>(w, p.P, gw);
-    for (int64_t pp = 0; pp < p.P; ++pp) grad_logits[row * p.P + pp] = from_f<U>(gw[pp]);
+    softmax_backward<float>(w, P, gw);  // gw: dL/dw -> dL/dlogits
+#pragma unroll
+    for (int64_t pp = 0; pp < P; ++pp) grad_logits[row * P + pp] = from_f<U>(gw[pp]);
   }
+}
+
+// Runs f.template operator()<PC>() with PC = 4 (unrolled, PIIP's point count) or 0 (any P).
+template <typename F>
+cudaError_t with_points(int64_t P, F&& f) {
+  if (P == 4) return f.template operator()<4>();
+  return f.template operator()<0>();
 }
 
 template <typename T, typename U, int V>
@@ -148,8 +177,10 @@ cudaError_t launch_forward(const Params<T, U>& p, T* out, cudaStream_t stream) {
   const int GP = msda::cuda::group_size(p.D / V);
   const int64_t threads = p.N * p.Hq * p.Wq * p.M * GP;
   if (threads == 0) return cudaSuccess;
-  forward_kernel<T, U, V><<<msda::cuda::blocks_for(threads), msda::cuda::kThreads, 0, stream>>>(p, out, GP);
-  return cudaGetLastError();
+  return with_points(p.P, [&]<int PC>() {
+    forward_kernel<T, U, V, PC><<<msda::cuda::blocks_for(threads), msda::cuda::kThreads, 0, stream>>>(p, out, GP);
+    return cudaGetLastError();
+  });
 }
 
 template <typename T, typename U, int V>
@@ -158,9 +189,11 @@ cudaError_t launch_backward(const Params<T, U>& p, const T* grad_out, const Grad
   const int GP = msda::cuda::group_size(p.D / V);
   const int64_t threads = p.N * p.Hq * p.Wq * p.M * GP;
   if (threads > 0) {
-    backward_kernel<T, U, V><<<msda::cuda::blocks_for(threads), msda::cuda::kThreads, 0, stream>>>(
-        p, grad_out, gv, grad_off, grad_logits, GP);
-    const cudaError_t err = cudaGetLastError();
+    const cudaError_t err = with_points(p.P, [&]<int PC>() {
+      backward_kernel<T, U, V, PC><<<msda::cuda::blocks_for(threads), msda::cuda::kThreads, 0, stream>>>(
+          p, grad_out, gv, grad_off, grad_logits, GP);
+      return cudaGetLastError();
+    });
     if (err != cudaSuccess) return err;
   }
   return msda::cuda::launch_finish_grad_value<T>(gv, grad_value, p.N * p.Hv * p.Wv * p.M * p.D, stream);

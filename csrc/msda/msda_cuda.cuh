@@ -23,6 +23,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "msda_math.h"
 
@@ -41,6 +42,8 @@ template <> __device__ __forceinline__ double from_f<double>(float v) { return v
 template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+constexpr int kThreads = 256;  // threads per block of every kernel here
+
 // What a kernel writes where its inputs make the result meaningless (see level_fits).
 __device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000); }
 
@@ -49,6 +52,21 @@ template <typename T, int V>
 struct alignas(sizeof(T) * V) Vec {
   T v[V];
 };
+
+// One vector through the read-only data cache (ld.global.nc). For value in the backwards:
+// the kernel never writes it, but the compiler cannot prove that grad_value's atomics do
+// not alias it and would otherwise use ordinary loads.
+template <typename T, int V>
+__device__ __forceinline__ Vec<T, V> load_ro(const T* ptr) {
+  constexpr int kBytes = sizeof(T) * V;
+  using Word = std::conditional_t<kBytes == 16, uint4,
+               std::conditional_t<kBytes == 8, uint2, std::conditional_t<kBytes == 4, unsigned int, unsigned short>>>;
+  static_assert(sizeof(Word) == kBytes, "vectors of 2, 4, 8 or 16 bytes");
+  const Word w = __ldg(reinterpret_cast<const Word*>(ptr));
+  Vec<T, V> out;
+  __builtin_memcpy(&out, &w, kBytes);
+  return out;
+}
 
 template <typename T, typename U>
 struct Params {
@@ -67,13 +85,16 @@ struct GradValue {
   const double* scale;          // fixed-point units per 1.0 (device scalar)
 };
 
+// The fixed-point scale, read once per thread (0 when accumulating in fp32).
+__device__ __forceinline__ double fixed_scale(const GradValue& gv) { return gv.fixed != nullptr ? *gv.scale : 0.0; }
+
+// grad_value[off .. off + V) += contrib; `scale` from fixed_scale(gv).
 template <int V>
-__device__ __forceinline__ void scatter(const GradValue& gv, int64_t off, const float* contrib) {
+__device__ __forceinline__ void scatter(const GradValue& gv, double scale, int64_t off, const float* contrib) {
   if (gv.fixed != nullptr) {
-    const double s = *gv.scale;
 #pragma unroll
     for (int i = 0; i < V; ++i) {
-      const long long q = __double2ll_rn(static_cast<double>(contrib[i]) * s);
+      const long long q = __double2ll_rn(static_cast<double>(contrib[i]) * scale);
       atomicAdd(gv.fixed + off + i, static_cast<unsigned long long>(q));
     }
     return;
@@ -161,8 +182,16 @@ __global__ void forward_kernel(Params<T, U> p, T* __restrict__ out, int GP) {
   }
 }
 
+// The backward's register use decides its occupancy: left alone, nvcc gives it 80 to 126
+// registers (2 blocks of 256 threads per SM). These bounds cap it at 64 (80 for 16-byte
+// vectors of 16-bit values), 3 to 4 blocks per SM, and ptxas reports no spills at these caps
+// (tests/test_native_sources.py checks that).
+template <int V>
+constexpr int kBackwardMinBlocks = V >= 8 ? 3 : 4;
+
 template <typename T, typename U, int V>
-__global__ void backward_kernel(Params<T, U> p, const T* __restrict__ grad_out, GradValue gv,
+__global__ void __launch_bounds__(kThreads, kBackwardMinBlocks<V>)
+    backward_kernel(Params<T, U> p, const T* __restrict__ grad_out, GradValue gv,
                                 U* __restrict__ grad_loc, U* __restrict__ grad_attn, int GP) {
   const Group grp = my_group(GP);
   // Lanes past the last row stay to take part in the shuffles of their group.
@@ -172,6 +201,7 @@ __global__ void backward_kernel(Params<T, U> p, const T* __restrict__ grad_out, 
   const int64_t m = live ? row % p.M : 0;
   const int64_t n = live ? row / (p.Lq * p.M) : 0;
   const int64_t chunks = p.D / V;
+  const double scale = fixed_scale(gv);
   for (int64_t l = 0; l < p.L; ++l) {
     const int64_t H = live ? p.shapes[2 * l] : 1, W = live ? p.shapes[2 * l + 1] : 1;
     const int64_t start = live ? p.starts[l] : 0;
@@ -197,7 +227,7 @@ __global__ void backward_kernel(Params<T, U> p, const T* __restrict__ grad_out, 
           for (int k = 0; k < 4; ++k) {
             if (b.idx[k] < 0) continue;
             const int64_t off = level_off + b.idx[k] * p.M * p.D + c * V;
-            const Vec<T, V> v = *reinterpret_cast<const Vec<T, V>*>(p.value + off);
+            const Vec<T, V> v = load_ro<T, V>(p.value + off);
             float contrib[V];
             float dot = 0.f;
 #pragma unroll
@@ -206,7 +236,7 @@ __global__ void backward_kernel(Params<T, U> p, const T* __restrict__ grad_out, 
               contrib[i] = a * b.w[k] * gf[i];
             }
             s[k] += dot;
-            scatter<V>(gv, off, contrib);
+            scatter<V>(gv, scale, off, contrib);
           }
         }
       }
@@ -245,8 +275,6 @@ inline int group_size(int64_t chunks) {
   while (gp < chunks && gp < 32) gp *= 2;
   return gp;
 }
-
-constexpr int kThreads = 256;
 
 inline unsigned blocks_for(int64_t threads) { return static_cast<unsigned>((threads + kThreads - 1) / kThreads); }
 
