@@ -87,15 +87,7 @@ __global__ void forward_kernel(Params<T, U> p, T* __restrict__ out, int GP) {
 #pragma unroll
     for (int64_t pp = 0; pp < P; ++pp) {
       msda::Bilinear<float> b;
-      if (!point(p, row, pp, rx, ry, b)) continue;
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        if (b.idx[k] < 0) continue;
-        const Vec<T, V> v = *reinterpret_cast<const Vec<T, V>*>(img + b.idx[k] * p.M * p.D + c * V);
-        const float coef = w[pp] * b.w[k];
-#pragma unroll
-        for (int i = 0; i < V; ++i) acc[i] += coef * to_f(v.v[i]);
-      }
+      if (point(p, row, pp, rx, ry, b)) msda::cuda::gather_point<T, V>(img + c * V, p.M * p.D, b, w[pp], acc);
     }
     Vec<T, V> o;
 #pragma unroll
@@ -127,26 +119,8 @@ __global__ void backward_kernel(Params<T, U> p, const T* __restrict__ grad_out, 
     const bool ok = live && point(p, row, pp, rx, ry, b);
     float s[4] = {0.f, 0.f, 0.f, 0.f};
     if (ok) {
-      for (int64_t c = lane; c < p.D / V; c += GP) {
-        const Vec<T, V> g = *reinterpret_cast<const Vec<T, V>*>(grad_out + row * p.D + c * V);
-        float gf[V];
-#pragma unroll
-        for (int i = 0; i < V; ++i) gf[i] = to_f(g.v[i]);
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          if (b.idx[k] < 0) continue;
-          const int64_t off = img + b.idx[k] * p.M * p.D + c * V;
-          const Vec<T, V> v = msda::cuda::load_ro<T, V>(p.value + off);
-          float contrib[V], dot = 0.f;
-#pragma unroll
-          for (int i = 0; i < V; ++i) {
-            dot += gf[i] * to_f(v.v[i]);
-            contrib[i] = w[pp] * b.w[k] * gf[i];
-          }
-          s[k] += dot;
-          msda::cuda::scatter<V>(gv, scale, off, contrib);
-        }
-      }
+      msda::cuda::scatter_point<T, V>(p.value, grad_out + row * p.D, img, p.M * p.D, b, w[pp], gv, scale, lane, GP,
+                                      p.D / V, s);
     }
     msda::cuda::group_sum4(s, grp.mask, GP);
     float ga = 0.f, gx = 0.f, gy = 0.f;

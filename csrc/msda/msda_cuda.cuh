@@ -138,6 +138,52 @@ __device__ __forceinline__ void group_sum4(float s[4], unsigned mask, int GP) {
   }
 }
 
+// One sampling point, one lane's chunk of V channels at `chunk` (value's pointer advanced to
+// the point's map and this chunk), forward: acc += a * sum over inside corners k of
+// w_k * chunk[idx_k * stride], where `stride` is the distance between two pixels (M * D).
+template <typename T, int V>
+__device__ __forceinline__ void gather_point(const T* chunk, int64_t stride, const Bilinear<float>& b, float a, float* acc) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    if (b.idx[k] < 0) continue;
+    const Vec<T, V> v = *reinterpret_cast<const Vec<T, V>*>(chunk + b.idx[k] * stride);
+    const float coef = a * b.w[k];
+#pragma unroll
+    for (int i = 0; i < V; ++i) acc[i] += coef * to_f(v.v[i]);
+  }
+}
+
+// One sampling point, backward, over this lane's chunks (lane, lane + GP, ... < chunks):
+// scatters a * w_k * grad_out into grad_value at each inside corner k and adds the partial
+// dot product <grad_out, value[corner k]> to s[k]. `map` is the offset of the point's map
+// (pixel 0, channel 0 of its head) in value and grad_value; `g_row` the row of grad_out.
+template <typename T, int V>
+__device__ __forceinline__ void scatter_point(const T* value, const T* g_row, int64_t map, int64_t stride,
+                                              const Bilinear<float>& b, float a, const GradValue& gv, double scale,
+                                              int lane, int GP, int64_t chunks, float s[4]) {
+  for (int64_t c = lane; c < chunks; c += GP) {
+    const Vec<T, V> g = *reinterpret_cast<const Vec<T, V>*>(g_row + c * V);
+    float gf[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) gf[i] = to_f(g.v[i]);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      if (b.idx[k] < 0) continue;
+      const int64_t off = map + b.idx[k] * stride + c * V;
+      const Vec<T, V> v = load_ro<T, V>(value + off);
+      float contrib[V];
+      float dot = 0.f;
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        dot += gf[i] * to_f(v.v[i]);
+        contrib[i] = a * b.w[k] * gf[i];
+      }
+      s[k] += dot;
+      scatter<V>(gv, scale, off, contrib);
+    }
+  }
+}
+
 // One row (n, q, m) per group of GP lanes; `rows` = N * Lq * M.
 template <typename T, typename U, int V>
 __global__ void forward_kernel(Params<T, U> p, T* __restrict__ out, int GP) {
@@ -164,15 +210,7 @@ __global__ void forward_kernel(Params<T, U> p, T* __restrict__ out, int GP) {
         const int64_t pt = (row * p.L + l) * p.P + pp;
         Bilinear<float> b;
         if (!make_bilinear<float>(to_f(p.loc[2 * pt]), to_f(p.loc[2 * pt + 1]), H, W, b)) continue;
-        const float a = to_f(p.attn[pt]);
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          if (b.idx[k] < 0) continue;
-          const Vec<T, V> v = *reinterpret_cast<const Vec<T, V>*>(level + b.idx[k] * p.M * p.D);
-          const float coef = a * b.w[k];
-#pragma unroll
-          for (int i = 0; i < V; ++i) acc[i] += coef * to_f(v.v[i]);
-        }
+        gather_point<T, V>(level, p.M * p.D, b, to_f(p.attn[pt]), acc);
       }
     }
     Vec<T, V> o;
@@ -217,29 +255,7 @@ __global__ void __launch_bounds__(kThreads, kBackwardMinBlocks<V>)
         a = to_f(p.attn[pt]);
       }
       float s[4] = {0.f, 0.f, 0.f, 0.f};
-      if (ok) {
-        for (int64_t c = lane; c < chunks; c += GP) {
-          const Vec<T, V> g = *reinterpret_cast<const Vec<T, V>*>(grad_out + row * p.D + c * V);
-          float gf[V];
-#pragma unroll
-          for (int i = 0; i < V; ++i) gf[i] = to_f(g.v[i]);
-#pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            if (b.idx[k] < 0) continue;
-            const int64_t off = level_off + b.idx[k] * p.M * p.D + c * V;
-            const Vec<T, V> v = load_ro<T, V>(p.value + off);
-            float contrib[V];
-            float dot = 0.f;
-#pragma unroll
-            for (int i = 0; i < V; ++i) {
-              dot += gf[i] * to_f(v.v[i]);
-              contrib[i] = a * b.w[k] * gf[i];
-            }
-            s[k] += dot;
-            scatter<V>(gv, scale, off, contrib);
-          }
-        }
-      }
+      if (ok) scatter_point<T, V>(p.value, grad_out + row * p.D, level_off, p.M * p.D, b, a, gv, scale, lane, GP, chunks, s);
       group_sum4(s, grp.mask, GP);
       if (live && lane == 0) {
         float ga = 0.f, gx = 0.f, gy = 0.f;
