@@ -152,8 +152,7 @@ cudaError_t launch_forward(const Params<T, U>& p, T* out, cudaStream_t stream) {
   const int64_t threads = p.N * p.Hq * p.Wq * p.M * GP;
   if (threads == 0) return cudaSuccess;
   return with_points(p.P, [&]<int PC>() {
-    forward_kernel<T, U, V, PC><<<msda::cuda::blocks_for(threads), msda::cuda::kThreads, 0, stream>>>(p, out, GP);
-    return cudaGetLastError();
+    return launch(forward_kernel<T, U, V, PC>, msda::cuda::blocks_for(threads), msda::cuda::kThreads, stream, p, out, GP);
   });
 }
 
@@ -164,9 +163,8 @@ cudaError_t launch_backward(const Params<T, U>& p, const T* grad_out, const Grad
   const int64_t threads = p.N * p.Hq * p.Wq * p.M * GP;
   if (threads > 0) {
     const cudaError_t err = with_points(p.P, [&]<int PC>() {
-      backward_kernel<T, U, V, PC><<<msda::cuda::blocks_for(threads), msda::cuda::kThreads, 0, stream>>>(
-          p, grad_out, gv, grad_off, grad_logits, GP);
-      return cudaGetLastError();
+      return launch(backward_kernel<T, U, V, PC>, msda::cuda::blocks_for(threads), msda::cuda::kThreads, stream, p, grad_out,
+                    gv, grad_off, grad_logits, GP);
     });
     if (err != cudaSuccess) return err;
   }

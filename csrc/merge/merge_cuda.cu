@@ -7,7 +7,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <vector>
 
 #include "../common/cuda_glue.h"
@@ -37,10 +36,6 @@ std::vector<at::Tensor> check_features(at::TensorList features, const at::Tensor
   return out;
 }
 
-float scale_of(int64_t in, int64_t out, bool align) { return merge::axis_scale<float>(in, out, align); }
-
-int candidates(float scale) { return scale <= 0.f ? 4 : static_cast<int>(std::ceil(2.0 / scale)) + 4; }
-
 // Calls f.template operator()<T, O>(): maps' dtype T and output dtype O (T, or float).
 template <typename F>
 void dispatch(at::ScalarType t, at::ScalarType o, F&& f) {
@@ -65,20 +60,15 @@ at::Tensor merge_forward_cuda(at::TensorList features, const at::Tensor& weights
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
   dispatch(feats[0].scalar_type(), out_dtype, [&]<typename T, typename O>() {
     using DT = typename Device<T>::type;
-    cuda::ForwardParams<DT> p{};
-    p.nb = static_cast<int>(feats.size());
-    for (int b = 0; b < p.nb; ++b) {
-      p.f[b] = dev_ptr<T>(feats[b]);
-      p.H[b] = feats[b].size(2);
-      p.W[b] = feats[b].size(3);
-      p.sy[b] = scale_of(p.H[b], Ho, align_corners);
-      p.sx[b] = scale_of(p.W[b], Wo, align_corners);
+    const DT* maps[cuda::kMaxBranches];
+    int64_t H[cuda::kMaxBranches], W[cuda::kMaxBranches];
+    for (size_t b = 0; b < feats.size(); ++b) {
+      maps[b] = dev_ptr<T>(feats[b]);
+      H[b] = feats[b].size(2);
+      W[b] = feats[b].size(3);
     }
-    p.weights = w.const_data_ptr<float>();
-    p.planes = N * C;
-    p.Ho = Ho;
-    p.Wo = Wo;
-    p.align_corners = align_corners;
+    const auto p = cuda::forward_params<DT>(static_cast<int>(feats.size()), maps, H, W, w.const_data_ptr<float>(), N * C, Ho,
+                                            Wo, align_corners);
     cuda_glue::check_launch("branch_merge forward", cuda::launch_forward<DT, typename Device<O>::type>(p, dev_mut_ptr<O>(out), stream));
   });
   return out;
@@ -102,24 +92,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> merge_backward_cuda(const at::Te
       const int64_t H = feats[b].size(2), W = feats[b].size(3);
       auto gf = at::empty(feats[b].sizes(), feats[b].options());
       auto partial = at::empty({cuda::backward_blocks(planes, H, W)}, feats[b].options().dtype(at::kFloat));
-      cuda::BackwardParams<DT, DO> p{};
-      p.grad_out = dev_ptr<O>(go);
-      p.f = dev_ptr<T>(feats[b]);
-      p.grad_f = dev_mut_ptr<T>(gf);
-      p.partial = partial.mutable_data_ptr<float>();
-      p.weight = w.const_data_ptr<float>() + b;
-      p.planes = planes;
-      p.H = H;
-      p.W = W;
-      p.Ho = Ho;
-      p.Wo = Wo;
-      p.sy = scale_of(H, Ho, align_corners);
-      p.sx = scale_of(W, Wo, align_corners);
-      p.inv_sy = p.sy > 0.f ? 1.f / p.sy : 0.f;
-      p.inv_sx = p.sx > 0.f ? 1.f / p.sx : 0.f;
-      p.ky = candidates(p.sy);
-      p.kx = candidates(p.sx);
-      p.align_corners = align_corners;
+      const auto p = cuda::backward_params<DT, DO>(dev_ptr<O>(go), dev_ptr<T>(feats[b]), dev_mut_ptr<T>(gf),
+                                                   partial.mutable_data_ptr<float>(), w.const_data_ptr<float>() + b, planes,
+                                                   H, W, Ho, Wo, align_corners);
       cuda_glue::check_launch("branch_merge backward", cuda::launch_backward<DT, DO>(p, stream));
       grads.push_back(gf);
       shares.push_back(partial.to(at::kDouble).sum());

@@ -11,6 +11,8 @@
 #include "../msda/msda_cuda.cuh"
 #include "merge_math.h"
 
+#include <cmath>
+
 namespace piip {
 namespace merge {
 namespace cuda {
@@ -104,29 +106,82 @@ __global__ void backward_kernel(BackwardParams<T, O> p) {
   // Block sum of this block's share of the weight gradient (fixed order: deterministic).
   share[threadIdx.x] = dot;
   __syncthreads();
-  for (int s = blockDim.x / 2; s > 0; s /= 2) {
+  for (unsigned s = blockDim.x / 2; s > 0; s /= 2) {
     if (threadIdx.x < s) share[threadIdx.x] += share[threadIdx.x + s];
     __syncthreads();
   }
   if (threadIdx.x == 0) p.partial[blockIdx.x] = share[0];
 }
 
+// The kernels' parameters from sizes and pointers (host side; the glue and the CPU emulation
+// of the tests both build them here).
+inline float scale_of(int64_t in, int64_t out, bool align) { return axis_scale<float>(in, out, align); }
+
+// Output rows (columns) whose taps can touch one input row (column): the reach of a tap,
+// 2 / scale, plus margin for first_reader's one-early start and rounding.
+inline int candidates(float scale) { return scale <= 0.f ? 4 : static_cast<int>(std::ceil(2.0 / scale)) + 4; }
+
+// maps[b] of sizes H[b] x W[b] (b < nb), weights [nb] fp32 on the device.
+template <typename T>
+ForwardParams<T> forward_params(int nb, const T* const* maps, const int64_t* H, const int64_t* W, const float* weights,
+                                int64_t planes, int64_t Ho, int64_t Wo, bool align_corners) {
+  ForwardParams<T> p{};
+  p.nb = nb;
+  for (int b = 0; b < nb; ++b) {
+    p.f[b] = maps[b];
+    p.H[b] = H[b];
+    p.W[b] = W[b];
+    p.sy[b] = scale_of(H[b], Ho, align_corners);
+    p.sx[b] = scale_of(W[b], Wo, align_corners);
+  }
+  p.weights = weights;
+  p.planes = planes;
+  p.Ho = Ho;
+  p.Wo = Wo;
+  p.align_corners = align_corners;
+  return p;
+}
+
+inline int64_t backward_blocks(int64_t planes, int64_t H, int64_t W) { return (planes * H * W + kThreads - 1) / kThreads; }
+
+// One branch: its map f [planes, H, W], gradient grad_f, weight (a device scalar) and
+// `partial`, backward_blocks(planes, H, W) fp32 shares of its weight gradient.
+template <typename T, typename O>
+BackwardParams<T, O> backward_params(const O* grad_out, const T* f, T* grad_f, float* partial, const float* weight,
+                                     int64_t planes, int64_t H, int64_t W, int64_t Ho, int64_t Wo, bool align_corners) {
+  BackwardParams<T, O> p{};
+  p.grad_out = grad_out;
+  p.f = f;
+  p.grad_f = grad_f;
+  p.partial = partial;
+  p.weight = weight;
+  p.planes = planes;
+  p.H = H;
+  p.W = W;
+  p.Ho = Ho;
+  p.Wo = Wo;
+  p.sy = scale_of(H, Ho, align_corners);
+  p.sx = scale_of(W, Wo, align_corners);
+  p.inv_sy = p.sy > 0.f ? 1.f / p.sy : 0.f;
+  p.inv_sx = p.sx > 0.f ? 1.f / p.sx : 0.f;
+  p.ky = candidates(p.sy);
+  p.kx = candidates(p.sx);
+  p.align_corners = align_corners;
+  return p;
+}
+
 template <typename T, typename O>
 cudaError_t launch_forward(const ForwardParams<T>& p, O* out, cudaStream_t stream) {
   const int64_t n = p.planes * p.Ho * p.Wo;
   if (n == 0) return cudaSuccess;
-  forward_kernel<T, O><<<static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads, 0, stream>>>(p, out);
-  return cudaGetLastError();
+  return launch(forward_kernel<T, O>, static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads, stream, p, out);
 }
-
-inline int64_t backward_blocks(int64_t planes, int64_t H, int64_t W) { return (planes * H * W + kThreads - 1) / kThreads; }
 
 template <typename T, typename O>
 cudaError_t launch_backward(const BackwardParams<T, O>& p, cudaStream_t stream) {
   const int64_t blocks = backward_blocks(p.planes, p.H, p.W);
   if (blocks == 0) return cudaSuccess;
-  backward_kernel<T, O><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch(backward_kernel<T, O>, static_cast<unsigned>(blocks), kThreads, stream, p);
 }
 
 }  // namespace cuda

@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "../common/launch.cuh"
 #include "msda_math.h"
 
 namespace piip {
@@ -99,11 +100,7 @@ __device__ __forceinline__ void scatter(const GradValue& gv, double scale, int64
     }
     return;
   }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  constexpr bool kVector = V % 4 == 0;  // Hopper has vector atomics: one per four channels
-#else
-  constexpr bool kVector = false;
-#endif
+  constexpr bool kVector = PIIP_VECTOR_ATOMICS && V % 4 == 0;  // Hopper: one atomic per four channels
   if constexpr (kVector) {
 #pragma unroll
     for (int i = 0; i < V; i += 4) {
@@ -298,8 +295,7 @@ inline unsigned blocks_for(int64_t threads) { return static_cast<unsigned>((thre
 template <typename T>
 cudaError_t launch_finish_grad_value(const GradValue& gv, T* grad_value, int64_t numel, cudaStream_t stream) {
   if (numel == 0) return cudaSuccess;
-  finish_grad_value<T><<<blocks_for(numel), kThreads, 0, stream>>>(gv, grad_value, numel);
-  return cudaGetLastError();
+  return launch(finish_grad_value<T>, blocks_for(numel), kThreads, stream, gv, grad_value, numel);
 }
 
 template <typename T, typename U, int V>
@@ -307,8 +303,7 @@ cudaError_t launch_forward(const Params<T, U>& p, T* out, cudaStream_t stream) {
   const int GP = group_size(p.D / V);
   const int64_t threads = p.N * p.Lq * p.M * GP;
   if (threads == 0) return cudaSuccess;
-  forward_kernel<T, U, V><<<blocks_for(threads), kThreads, 0, stream>>>(p, out, GP);
-  return cudaGetLastError();
+  return launch(forward_kernel<T, U, V>, blocks_for(threads), kThreads, stream, p, out, GP);
 }
 
 template <typename T, typename U, int V>
@@ -318,8 +313,8 @@ cudaError_t launch_backward(const Params<T, U>& p, const T* grad_out, const Grad
   const int64_t threads = p.N * p.Lq * p.M * GP;
   if (threads > 0) {
     // Whole groups per block (kThreads is a multiple of every GP), so shuffles stay inside a warp.
-    backward_kernel<T, U, V><<<blocks_for(threads), kThreads, 0, stream>>>(p, grad_out, gv, grad_loc, grad_attn, GP);
-    const cudaError_t err = cudaGetLastError();
+    const cudaError_t err = launch(backward_kernel<T, U, V>, blocks_for(threads), kThreads, stream, p, grad_out, gv, grad_loc,
+                                   grad_attn, GP);
     if (err != cudaSuccess) return err;
   }
   return launch_finish_grad_value<T>(gv, grad_value, p.N * p.S * p.M * p.D, stream);

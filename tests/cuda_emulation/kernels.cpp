@@ -1,0 +1,129 @@
+// The CUDA kernels of csrc/ compiled for the CPU emulation (emulation.h), behind a C ABI
+// that tests/test_cuda_emulation.py calls through ctypes with CPU tensors' pointers.
+// Each entry mirrors its glue file in csrc/*/*_cuda.cu: the same launch_* functions,
+// vector-width choice and parameter builders; only the ATen side is left out.
+// dtype codes: 0 float32, 1 float16, 2 bfloat16. Entries return 0, or the cudaError_t.
+#include "emulation.h"  // first: it defines PIIP_CUDA_EMULATION and piip::launch
+
+#include "dca/dca_cuda.cuh"
+#include "merge/merge_cuda.cuh"
+#include "msda/msda_cuda.cuh"
+
+namespace {
+
+template <int Code> struct Type;
+template <> struct Type<0> { using type = float; };
+template <> struct Type<1> { using type = __half; };
+template <> struct Type<2> { using type = __nv_bfloat16; };
+
+// f.template operator()<T, U>() for the pairs the glue dispatches: U == T, or float beside 16-bit T.
+template <typename F>
+int dispatch(int t, int u, F&& f) {
+  if (t == 0 && u == 0) return f.template operator()<float, float>();
+  if (t == 1 && u == 1) return f.template operator()<__half, __half>();
+  if (t == 2 && u == 2) return f.template operator()<__nv_bfloat16, __nv_bfloat16>();
+  if (t == 1 && u == 0) return f.template operator()<__half, float>();
+  if (t == 2 && u == 0) return f.template operator()<__nv_bfloat16, float>();
+  return -1;
+}
+
+piip::msda::cuda::GradValue grad_value(float* f32, unsigned long long* fixed, const double* scale) {
+  return fixed != nullptr ? piip::msda::cuda::GradValue{nullptr, fixed, scale} : piip::msda::cuda::GradValue{f32, nullptr, nullptr};
+}
+
+template <typename T>
+uintptr_t addr(const T* p) { return reinterpret_cast<uintptr_t>(p); }
+
+}  // namespace
+
+extern "C" {
+
+long piip_emu_errors() { return piip_emu::errors.exchange(0); }
+
+int piip_emu_msda_forward(int t, int u, const void* value, const int64_t* shapes, const int64_t* starts, const void* loc,
+                          const void* attn, void* out, int64_t N, int64_t S, int64_t M, int64_t D, int64_t Lq, int64_t L,
+                          int64_t P) {
+  namespace k = piip::msda::cuda;
+  return dispatch(t, u, [&]<typename T, typename U>() {
+    const k::Params<T, U> p{static_cast<const T*>(value), shapes, starts, static_cast<const U*>(loc),
+                            static_cast<const U*>(attn), N, S, M, D, Lq, L, P};
+    T* o = static_cast<T*>(out);
+    return static_cast<int>(k::with_vector_width<T>(k::vector_width<T>(D, addr(p.value), addr(o)), [&]<int V>() {
+      return k::launch_forward<T, U, V>(p, o, nullptr);
+    }));
+  });
+}
+
+int piip_emu_msda_backward(int t, int u, const void* grad_out, const void* value, const int64_t* shapes, const int64_t* starts,
+                           const void* loc, const void* attn, float* acc_f32, unsigned long long* acc_fixed, const double* scale,
+                           void* grad_value_out, void* grad_loc, void* grad_attn, int64_t N, int64_t S, int64_t M, int64_t D,
+                           int64_t Lq, int64_t L, int64_t P) {
+  namespace k = piip::msda::cuda;
+  const auto gv = grad_value(acc_f32, acc_fixed, scale);
+  return dispatch(t, u, [&]<typename T, typename U>() {
+    const k::Params<T, U> p{static_cast<const T*>(value), shapes, starts, static_cast<const U*>(loc),
+                            static_cast<const U*>(attn), N, S, M, D, Lq, L, P};
+    const T* g = static_cast<const T*>(grad_out);
+    return static_cast<int>(k::with_vector_width<T>(k::vector_width<T>(D, addr(p.value), addr(g)), [&]<int V>() {
+      return k::launch_backward<T, U, V>(p, g, gv, static_cast<U*>(grad_loc), static_cast<U*>(grad_attn),
+                                         static_cast<T*>(grad_value_out), nullptr);
+    }));
+  });
+}
+
+int piip_emu_dca_forward(int t, int u, const void* value, const void* offsets, const void* logits, void* out, int64_t N,
+                         int64_t Hv, int64_t Wv, int64_t Hq, int64_t Wq, int64_t M, int64_t D, int64_t P) {
+  namespace k = piip::dca::cuda;
+  return dispatch(t, u, [&]<typename T, typename U>() {
+    const k::Params<T, U> p{static_cast<const T*>(value), static_cast<const U*>(offsets), static_cast<const U*>(logits),
+                            N, Hv, Wv, Hq, Wq, M, D, P};
+    T* o = static_cast<T*>(out);
+    return static_cast<int>(piip::msda::cuda::with_vector_width<T>(
+        piip::msda::cuda::vector_width<T>(D, addr(p.value), addr(o)), [&]<int V>() { return k::launch_forward<T, U, V>(p, o, nullptr); }));
+  });
+}
+
+int piip_emu_dca_backward(int t, int u, const void* grad_out, const void* value, const void* offsets, const void* logits,
+                          float* acc_f32, unsigned long long* acc_fixed, const double* scale, void* grad_value_out,
+                          void* grad_off, void* grad_logits, int64_t N, int64_t Hv, int64_t Wv, int64_t Hq, int64_t Wq,
+                          int64_t M, int64_t D, int64_t P) {
+  namespace k = piip::dca::cuda;
+  const auto gv = grad_value(acc_f32, acc_fixed, scale);
+  return dispatch(t, u, [&]<typename T, typename U>() {
+    const k::Params<T, U> p{static_cast<const T*>(value), static_cast<const U*>(offsets), static_cast<const U*>(logits),
+                            N, Hv, Wv, Hq, Wq, M, D, P};
+    const T* g = static_cast<const T*>(grad_out);
+    return static_cast<int>(piip::msda::cuda::with_vector_width<T>(
+        piip::msda::cuda::vector_width<T>(D, addr(p.value), addr(g)), [&]<int V>() {
+          return k::launch_backward<T, U, V>(p, g, gv, static_cast<U*>(grad_off), static_cast<U*>(grad_logits),
+                                             static_cast<T*>(grad_value_out), nullptr);
+        }));
+  });
+}
+
+// maps: nb pointers to [planes, H[b], W[b]]; the output dtype o is t or float (0).
+int piip_emu_merge_forward(int t, int o, int nb, const void* const* maps, const int64_t* H, const int64_t* W,
+                           const float* weights, void* out, int64_t planes, int64_t Ho, int64_t Wo, int align_corners) {
+  namespace k = piip::merge::cuda;
+  return dispatch(t, o, [&]<typename T, typename O>() {
+    const auto p = k::forward_params<T>(nb, reinterpret_cast<const T* const*>(maps), H, W, weights, planes, Ho, Wo,
+                                        align_corners != 0);
+    return static_cast<int>(k::launch_forward<T, O>(p, static_cast<O*>(out), nullptr));
+  });
+}
+
+long piip_emu_merge_backward_blocks(int64_t planes, int64_t H, int64_t W) { return piip::merge::cuda::backward_blocks(planes, H, W); }
+
+int piip_emu_merge_backward(int t, int o, const void* grad_out, const void* map, void* grad_map, float* partial,
+                            const float* weight, int64_t planes, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
+                            int align_corners) {
+  namespace k = piip::merge::cuda;
+  return dispatch(t, o, [&]<typename T, typename O>() {
+    const auto p = k::backward_params<T, O>(static_cast<const O*>(grad_out), static_cast<const T*>(map),
+                                            static_cast<T*>(grad_map), partial, weight, planes, H, W, Ho, Wo,
+                                            align_corners != 0);
+    return static_cast<int>(k::launch_backward<T, O>(p, nullptr));
+  });
+}
+
+}  // extern "C"
