@@ -149,36 +149,44 @@ def merge_grads(fn, feats, weights, out_size, align_corners=False, grad_out=None
     return [out.detach(), *grads], grad_out
 
 
-def check_fixed_point_extremes(backend: str, device) -> None:
-    """The deterministic (fixed-point) grad_value of `backend` at its extremes.
+def deterministic_grad_value(backend: str):
+    """(value, shapes, starts, loc, attn, grad_out) -> grad_value of the public op, deterministic."""
+    from piip_kernels import ms_deform_attn
+
+    def run(value, shapes, starts, loc, attn, grad_out):
+        value = value.detach().requires_grad_(True)
+        out = ms_deform_attn(value, shapes, starts, loc, attn, backend=backend, deterministic=True)
+        return torch.autograd.grad(out, value, grad_out)[0]
+    return run
+
+
+def check_fixed_point_extremes(grad_value, device) -> None:
+    """A deterministic (fixed-point) grad_value at its extremes; `grad_value(value, shapes,
+    starts, loc, attn, grad_out)` runs a backend's backward.
 
     1. Weights far above 1, every point on one pixel centre: one grad_value entry receives
        the largest sum possible (Lq * P * max|weight| * max|grad_output|). It must come out
        exact, not wrapped around the int64 range.
     2. A non-finite grad_output must make grad_value NaN, never a finite wrong number.
     """
-    from piip_kernels import ms_deform_attn
-
     H, W, Lq, P, D, big = 4, 4, 64, 4, 4, 50.0
-    value = torch.randn(1, H * W, 1, D, device=device, requires_grad=True)
+    value = torch.randn(1, H * W, 1, D, device=device)
     shapes = torch.tensor([[H, W]], device=device)
     starts = torch.tensor([0], device=device)
     # Pixel (1, 2) centre: all bilinear weight on one corner.
     loc = torch.empty(1, Lq, 1, 1, P, 2, device=device)
     loc[..., 0], loc[..., 1] = (2 + 0.5) / W, (1 + 0.5) / H
     attn = torch.full((1, Lq, 1, 1, P), big, device=device)
-    out = ms_deform_attn(value, shapes, starts, loc, attn, backend=backend, deterministic=True)
-    (gv,) = torch.autograd.grad(out, value, torch.ones_like(out))
+    ones = torch.ones(1, Lq, D, device=device)
     want = torch.zeros(1, H * W, 1, D)
     want[0, 1 * W + 2] = big * Lq * P
-    torch.testing.assert_close(gv.cpu(), want, rtol=0, atol=0)
+    torch.testing.assert_close(grad_value(value, shapes, starts, loc, attn, ones).cpu(), want, rtol=0, atol=0)
 
     for bad in (float("inf"), float("nan")):
-        go = torch.ones_like(out)
+        go = ones.clone()
         go[0, 3, 1] = bad
-        (gv,) = torch.autograd.grad(
-            ms_deform_attn(value, shapes, starts, loc, attn, backend=backend, deterministic=True), value, go)
-        assert torch.isnan(gv).all(), f"{backend}: grad_output with {bad} gave a finite deterministic grad_value"
+        gv = grad_value(value, shapes, starts, loc, attn, go)
+        assert torch.isnan(gv).all(), f"grad_output with {bad} gave a finite deterministic grad_value"
 
 
 def check_levels_outside_value(forward, backward, device) -> None:

@@ -23,8 +23,8 @@ from piip_kernels.merge.reference import branch_merge_reference
 from piip_kernels.msda.reference import ms_deform_attn_reference
 from piip_kernels.msda.triton import fixed_point_scale
 
-from helpers import (assert_derived_close, check_levels_outside_value, dca_grads, dca_inputs, merge_grads, merge_inputs,
-                     msda_inputs, reference64, run_with_grads)
+from helpers import (assert_derived_close, check_fixed_point_extremes, check_levels_outside_value, dca_grads,
+                     dca_inputs, merge_grads, merge_inputs, msda_inputs, reference64, run_with_grads)
 
 ROOT = Path(__file__).resolve().parents[1]
 NVCC = shutil.which("nvcc")
@@ -203,6 +203,11 @@ def test_emulated_msda_deterministic_is_bit_identical(emu):
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             assert torch.equal(a, b)
+
+
+def test_emulated_msda_fixed_point_extremes(emu):
+    check_fixed_point_extremes(lambda v, s, st, loc, a, go: emu.msda_backward(go, v, s, st, loc, a, deterministic=True)[0],
+                               torch.device("cpu"))
 
 
 def test_emulated_msda_levels_outside_value_give_nan(emu):
