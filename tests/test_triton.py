@@ -158,49 +158,66 @@ def test_triton_branch_merge_bf16_is_deterministic():
 
 
 COMPILE = r"""
+import os, re, subprocess, tempfile
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from piip_kernels.msda import triton as tk
-target = GPUTarget("cuda", 90, 32)
-for vt in ("fp32", "bf16", "fp16"):
-    common = {"value_ptr": "*" + vt, "shapes_ptr": "*i64", "starts_ptr": "*i64", "loc_ptr": "*fp32", "attn_ptr": "*fp32"}
-    sizes = {k: "i32" for k in ("S", "Lq", "M", "D", "L", "P")}
-    fwd = dict(common, out_ptr="*" + vt, **sizes, BLOCK_Q="constexpr", BLOCK_D="constexpr")
-    src = triton.compiler.ASTSource(fn=tk._msda_fwd_kernel, signature=fwd, constexprs={"BLOCK_Q": 64, "BLOCK_D": 32})
-    k = triton.compile(src, target=target)
-    assert "sm_90" in k.asm["ptx"] or ".target sm_90" in k.asm["ptx"]
-    for det in (False, True):
-        bwd = dict(common, grad_out_ptr="*" + vt, grad_value_ptr="*i64" if det else "*fp32", grad_loc_ptr="*fp32",
-                   grad_attn_ptr="*fp32", scale_ptr="*fp64", **sizes, DETERMINISTIC="constexpr", BLOCK_Q="constexpr", BLOCK_D="constexpr")
-        src = triton.compiler.ASTSource(fn=tk._msda_bwd_kernel, signature=bwd,
-                                        constexprs={"DETERMINISTIC": det, "BLOCK_Q": 64, "BLOCK_D": 16})
-        triton.compile(src, target=target)
 from piip_kernels.dca import triton as dk
 from piip_kernels.merge import triton as mk
+target = GPUTarget("cuda", 90, 32)
+PTXAS = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "ptxas")  # Triton's own
+spills = []
+
+
+def build(fn, sig, constexprs, num_warps=4, check=False):
+    k = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=target,
+                       options={"num_warps": num_warps})
+    ptx = k.asm["ptx"]
+    assert ".target sm_90" in ptx, "not sm_90 code"
+    if check:  # the compiler's resource report: spills would mean local-memory traffic
+        arch = re.search(r"\.target (sm_\w+)", ptx).group(1)
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(ptx)
+        rep = subprocess.run([PTXAS, f"-arch={arch}", "-v", f.name, "-o", f.name + ".cubin"], capture_output=True, text=True)
+        spilled = int(re.search(r"(\d+) bytes spill stores", rep.stderr).group(1))
+        if spilled:
+            spills.append(f"{fn.__name__} {constexprs} warps={num_warps}: {spilled} bytes")
+
+
+msda_sizes = {k: "i32" for k in ("S", "Lq", "M", "D", "L", "P")}
+dca_sizes = {k: "i32" for k in ("Hv", "Wv", "Hq", "Wq", "M", "D", "P")}
+for vt in ("fp32", "bf16", "fp16"):
+    # Every dtype compiles; bf16 also at every config autotuning can pick for head dims up to 128.
+    configs = [(bd, c.kwargs["BLOCK_Q"], c.num_warps) for bd in (16, 32, 128) for c in tk._prune(tk._configs(), {}, BLOCK_D=bd)]
+    for bd, bq, w in configs if vt == "bf16" else [(32, 32, 8)]:
+        common = {"value_ptr": "*" + vt, "shapes_ptr": "*i64", "starts_ptr": "*i64", "loc_ptr": "*fp32", "attn_ptr": "*fp32"}
+        build(tk._msda_fwd_kernel, dict(common, out_ptr="*" + vt, **msda_sizes, BLOCK_Q="constexpr", BLOCK_D="constexpr"),
+              {"BLOCK_Q": bq, "BLOCK_D": bd}, w, check=True)
+        sig = dict(value_ptr="*" + vt, off_ptr="*fp32", logits_ptr="*fp32", out_ptr="*" + vt, **dca_sizes,
+                   BLOCK_Q="constexpr", BLOCK_D="constexpr", BLOCK_P="constexpr")
+        build(dk._dca_fwd_kernel, sig, {"BLOCK_Q": bq, "BLOCK_D": bd, "BLOCK_P": 4}, w, check=True)
+        for det in (False, True) if (bd, bq) == (32, 32) else (False,):
+            sig = dict(common, grad_out_ptr="*" + vt, grad_value_ptr="*i64" if det else "*fp32", grad_loc_ptr="*fp32",
+                       grad_attn_ptr="*fp32", scale_ptr="*fp64", **msda_sizes, DETERMINISTIC="constexpr",
+                       BLOCK_Q="constexpr", BLOCK_D="constexpr")
+            build(tk._msda_bwd_kernel, sig, {"DETERMINISTIC": det, "BLOCK_Q": bq, "BLOCK_D": bd}, w, check=True)
+            sig = dict(value_ptr="*" + vt, off_ptr="*fp32", logits_ptr="*fp32", grad_out_ptr="*" + vt,
+                       grad_value_ptr="*i64" if det else "*fp32", grad_off_ptr="*fp32", grad_logits_ptr="*fp32",
+                       scale_ptr="*fp64", **dca_sizes, DETERMINISTIC="constexpr", BLOCK_Q="constexpr", BLOCK_D="constexpr",
+                       BLOCK_P="constexpr")
+            build(dk._dca_bwd_kernel, sig, {"DETERMINISTIC": det, "BLOCK_Q": bq, "BLOCK_D": bd, "BLOCK_P": 4}, w, check=True)
 for vt in ("fp32", "bf16"):
-    sizes = {k: "i32" for k in ("Hv", "Wv", "Hq", "Wq", "M", "D", "P")}
-    sig = dict(value_ptr="*" + vt, off_ptr="*fp32", logits_ptr="*fp32", out_ptr="*" + vt, **sizes,
-               BLOCK_Q="constexpr", BLOCK_D="constexpr", BLOCK_P="constexpr")
-    triton.compile(triton.compiler.ASTSource(fn=dk._dca_fwd_kernel, signature=sig,
-                   constexprs={"BLOCK_Q": 64, "BLOCK_D": 32, "BLOCK_P": 4}), target=target)
-    for det in (False, True):
-        sig = dict(value_ptr="*" + vt, off_ptr="*fp32", logits_ptr="*fp32", grad_out_ptr="*" + vt,
-                   grad_value_ptr="*i64" if det else "*fp32", grad_off_ptr="*fp32", grad_logits_ptr="*fp32",
-                   scale_ptr="*fp64", **sizes, DETERMINISTIC="constexpr", BLOCK_Q="constexpr", BLOCK_D="constexpr", BLOCK_P="constexpr")
-        triton.compile(triton.compiler.ASTSource(fn=dk._dca_bwd_kernel, signature=sig,
-                       constexprs={"DETERMINISTIC": det, "BLOCK_Q": 64, "BLOCK_D": 16, "BLOCK_P": 4}), target=target)
     for align in (False, True):
         hw = {k: "i32" for k in ("H0", "W0", "H1", "W1", "H2", "W2", "H3", "W3")}
         sc = {k: "fp32" for k in ("sy0", "sx0", "sy1", "sx1", "sy2", "sx2", "sy3", "sx3")}
         sig = dict(out_ptr="*fp32", w_ptr="*fp32", f0="*" + vt, f1="*" + vt, f2="*" + vt, f3="*" + vt, **hw, **sc,
                    Ho="i32", Wo="i32", NB="constexpr", ALIGN="constexpr", BLOCK="constexpr")
-        triton.compile(triton.compiler.ASTSource(fn=mk._merge_fwd_kernel, signature=sig,
-                       constexprs={"NB": 3, "ALIGN": align, "BLOCK": 256}), target=target)
+        build(mk._merge_fwd_kernel, sig, {"NB": 3, "ALIGN": align, "BLOCK": 256}, check=True)
         sig = dict(grad_out_ptr="*fp32", f_ptr="*" + vt, grad_f_ptr="*" + vt, partial_ptr="*fp32", weight_ptr="*fp32",
-                   H="i32", W="i32", Ho="i32", Wo="i32", sy="fp32", sx="fp32", inv_sy="fp32", inv_sx="fp32", KY="i32", KX="i32",
-                   ALIGN="constexpr", BLOCK="constexpr")
-        triton.compile(triton.compiler.ASTSource(fn=mk._merge_bwd_kernel, signature=sig,
-                       constexprs={"ALIGN": align, "BLOCK": 256}), target=target)
+                   H="i32", W="i32", Ho="i32", Wo="i32", sy="fp32", sx="fp32", inv_sy="fp32", inv_sx="fp32", KY="i32",
+                   KX="i32", ALIGN="constexpr", BLOCK="constexpr")
+        build(mk._merge_bwd_kernel, sig, {"ALIGN": align, "BLOCK": 256}, check=True)
+assert not spills, "register spills:\n" + "\n".join(spills)
 print("compiled")
 """
 

@@ -15,7 +15,7 @@ import triton.language as tl
 
 import torch
 
-from ..msda.triton import _bilinear, _configs, _point_backward, _sample, _tile, fixed_point_result, fixed_point_scale
+from ..msda.triton import _bilinear, _point_backward, _sample, _tile, autotuned, fixed_point_result, fixed_point_scale
 
 
 @triton.jit
@@ -97,8 +97,8 @@ def _dca_bwd_kernel(value_ptr, off_ptr, logits_ptr, grad_out_ptr, grad_value_ptr
     tl.store(grad_logits_ptr + base[:, None] + pcol[None, :], glog, mask=qmask[:, None] & (pcol < P)[None, :])
 
 
-_fwd = triton.autotune(configs=_configs(), key=["Hq", "Wq", "M", "D", "P"])(_dca_fwd_kernel)
-_bwd = triton.autotune(configs=_configs(), key=["Hq", "Wq", "M", "D", "P"], reset_to_zero=["grad_value_ptr"])(_dca_bwd_kernel)
+_fwd = autotuned(_dca_fwd_kernel, ["Hq", "Wq", "M", "D", "P"])
+_bwd = autotuned(_dca_bwd_kernel, ["Hq", "Wq", "M", "D", "P"], reset_to_zero=["grad_value_ptr"])
 
 
 def _grid(Lq, N, M):

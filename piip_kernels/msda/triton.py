@@ -25,12 +25,36 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+ELEMENTS_PER_THREAD = 4
+
+
 def _configs():
-    # A few configs keep the first call cheap; the interpreter gets one big block
-    # (it costs about a millisecond per program).
+    # The interpreter gets one big block (it costs about a millisecond per program). On a GPU
+    # the candidates are pruned per head dim by _prune to three.
     if INTERPRET:
         return [triton.Config({"BLOCK_Q": 64}, num_warps=4)]
-    return [triton.Config({"BLOCK_Q": bq}, num_warps=w) for bq, w in ((32, 4), (64, 4), (128, 8))]
+    return [triton.Config({"BLOCK_Q": bq}, num_warps=w) for bq in (8, 16, 32, 64) for w in (1, 2, 4, 8)]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keeps the configs whose [BLOCK_Q, BLOCK_D] tiles give every thread ELEMENTS_PER_THREAD
+    elements: one per BLOCK_Q, so first-call autotuning times at most three configs. The
+    compiler's report (ptxas) shows why: registers grow with the elements per thread (each
+    corner's element carries its own address), and from 8 on the kernels spill; at 4 with at
+    most 8 warps (16 would cap a thread at 128 registers) none spills for head dims up to 128
+    (tests/test_triton.py checks that)."""
+    if INTERPRET:
+        return configs
+    block_d = kwargs["BLOCK_D"]
+    kept = [c for c in configs if c.kwargs["BLOCK_Q"] * block_d == ELEMENTS_PER_THREAD * 32 * c.num_warps]
+    # BLOCK_Q = 8 only where nothing else fits (its backward spilled a little at BLOCK_D = 64).
+    kept = [c for c in kept if c.kwargs["BLOCK_Q"] >= 16] or kept
+    return kept or [min(configs, key=lambda c: abs(c.kwargs["BLOCK_Q"] * block_d / (32 * c.num_warps) - ELEMENTS_PER_THREAD))]
+
+
+def autotuned(kernel, key, **kw):
+    """`kernel` autotuned over _configs() pruned by _prune (the deformable kernels share this)."""
+    return triton.autotune(configs=_configs(), key=key, prune_configs_by={"early_config_prune": _prune}, **kw)(kernel)
 
 
 @triton.jit
@@ -183,9 +207,8 @@ def _grid(Lq, N, M):
     return lambda meta: (triton.cdiv(Lq, meta["BLOCK_Q"]), N * M)
 
 
-_fwd = triton.autotune(configs=_configs(), key=["Lq", "M", "D", "L", "P"])(_msda_fwd_kernel)
-_bwd = triton.autotune(configs=_configs(), key=["Lq", "M", "D", "L", "P"],
-                       reset_to_zero=["grad_value_ptr"])(_msda_bwd_kernel)
+_fwd = autotuned(_msda_fwd_kernel, ["Lq", "M", "D", "L", "P"])
+_bwd = autotuned(_msda_bwd_kernel, ["Lq", "M", "D", "L", "P"], reset_to_zero=["grad_value_ptr"])
 
 
 def msda_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
