@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (budgeted, copy_bandwidth_gbs, device_name, environment, format_table, graph_time_ms, progress, time_ms,
-                    write_results)  # noqa: E402
+from common import budgeted, copy_bandwidth_gbs, device_name, graph_time_ms, progress, report, time_ms  # noqa: E402
 
 import piip_kernels  # noqa: E402
 from piip_kernels.merge.api import BACKENDS  # noqa: E402
@@ -90,13 +89,7 @@ def main(argv=None):
                          "fwd_vs_eager": times["eager"][0] / fwd, "fwd_bwd_vs_eager": times["eager"][1] / fb})
     cols = ["case", "batch", "channels", "grids", "dtype", "path", "fwd_ms", "fwd_bwd_ms", "fwd_gpu_ms", "fwd_x_floor", "fwd_vs_eager",
             "fwd_bwd_vs_eager"]
-    table = format_table(rows, cols)
-    env = environment()
-    env["device"] = device_name(device)
-    env["copy_bandwidth_GBps"] = round(bw, 1)
-    if not args.no_save:
-        progress(f"results appended to {write_results(f'branch_merge_{device.type}', env, rows, table)}")
-    print(table)
+    report("branch_merge", device, rows, cols, not args.no_save, bw)
     return rows
 
 

@@ -22,7 +22,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import budgeted, device_name, environment, format_table, graph_time_ms, progress, time_ms, write_results  # noqa: E402
+from common import budgeted, graph_time_ms, progress, report, time_ms  # noqa: E402
 
 import piip_kernels  # noqa: E402
 from piip_kernels.dca.api import BACKENDS  # noqa: E402
@@ -123,12 +123,7 @@ def main(argv=None):
             rows.append(row)
     cols = ["case", "query_hw", "value_hw", "dtype", "path", "fwd_ms", "fwd_bwd_ms", "fwd_bwd_gpu_ms", "fwd_bwd_vs_eager",
             "fwd_bwd_vs_unfused_same_backend", "fwd_bwd_gpu_vs_unfused_same_backend"]
-    table = format_table(rows, cols)
-    env = environment()
-    env["device"] = device_name(device)
-    if not args.no_save:
-        progress(f"results appended to {write_results(f'interaction_{device.type}', env, rows, table)}")
-    print(table)
+    report("interaction", device, rows, cols, not args.no_save)
     return rows
 
 

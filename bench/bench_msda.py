@@ -23,8 +23,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (budgeted, copy_bandwidth_gbs, device_name, environment, format_table, graph_time_ms, progress, time_ms,
-                    write_results)  # noqa: E402
+from common import budgeted, copy_bandwidth_gbs, device_name, graph_time_ms, progress, report, time_ms  # noqa: E402
 
 import piip_kernels  # noqa: E402
 from piip_kernels.msda.api import BACKENDS  # noqa: E402
@@ -195,14 +194,7 @@ def _finish(args, device, bw, rows):
     cols = ["case", "batch", "queries", "dtype", "backend", "fwd_ms", "fwd_bwd_ms", "fwd_gpu_ms", "fwd_bwd_gpu_ms", "fwd_GBps",
             "fwd_x_floor", "fwd_bwd_x_floor", "fwd_speedup", "fwd_bwd_speedup", "fwd_vs_detr_kernel", "fwd_bwd_vs_detr_kernel",
             "fwd_call_vs_detr_kernel", "fwd_bwd_call_vs_detr_kernel"]
-    table = format_table(rows, cols)
-    env = environment()
-    env["device"] = device_name(device)
-    env["copy_bandwidth_GBps"] = round(bw, 1)
-    if not args.no_save:
-        path = write_results(f"msda_{device.type}", env, rows, table)
-        progress(f"results appended to {path}")
-    print(table)
+    report("msda", device, rows, cols, not args.no_save, bw)
 
 
 if __name__ == "__main__":

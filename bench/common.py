@@ -165,3 +165,17 @@ def budgeted(items, budget_s: float | None = None, what: str = "measurements"):
             yield item
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def report(name: str, device: torch.device, rows: list[dict], columns: list[str], save: bool = True,
+           copy_bandwidth: float | None = None) -> None:
+    """Prints the table of `rows` and, with `save`, appends them to results/<name>_<device type>
+    with the environment (device, versions, commit, measured copy bandwidth)."""
+    table = format_table(rows, columns)
+    env = environment()
+    env["device"] = device_name(device)
+    if copy_bandwidth is not None:
+        env["copy_bandwidth_GBps"] = round(copy_bandwidth, 1)
+    if save:
+        progress(f"results appended to {write_results(f'{name}_{device.type}', env, rows, table)}")
+    print(table)

@@ -1,7 +1,6 @@
 """Public branch merge: input checks, backend choice, dispatch."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from .. import backends
