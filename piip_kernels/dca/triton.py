@@ -46,7 +46,7 @@ def _point(off_ptr, w, pcol, base, p, rx, ry, Hv, Wv, qmask):
 
 
 @triton.jit
-def _dca_fwd_kernel(value_ptr, off_ptr, logits_ptr, out_ptr, Hv, Wv, Hq, Wq, M, D, P,
+def _dca_fwd_kernel(value_ptr, off_ptr, logits_ptr, out_ptr, Hv, Wv, Hq, Wq, M, D: tl.constexpr, P,
                     BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
     # value [N, Hv*Wv, M, D]; offsets [N, Lq, M, P, 2]; logits [N, Lq, M, P]; out [N, Lq, M, D]
     Lq = Hq * Wq
@@ -68,7 +68,7 @@ def _dca_fwd_kernel(value_ptr, off_ptr, logits_ptr, out_ptr, Hv, Wv, Hq, Wq, M, 
 
 @triton.jit
 def _dca_bwd_kernel(value_ptr, off_ptr, logits_ptr, grad_out_ptr, grad_value_ptr, grad_off_ptr, grad_logits_ptr,
-                    scale_ptr, Hv, Wv, Hq, Wq, M, D, P,
+                    scale_ptr, Hv, Wv, Hq, Wq, M, D: tl.constexpr, P,
                     DETERMINISTIC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
     Lq = Hq * Wq
     n, m, q, qmask, d, dmask = _tile(Lq, M, D, BLOCK_Q, BLOCK_D)
