@@ -46,18 +46,26 @@ def _point(off_ptr, w, pcol, base, p, rx, ry, Hv, Wv, qmask):
 
 
 @triton.jit
-def _dca_fwd_kernel(value_ptr, off_ptr, logits_ptr, out_ptr, Hv, Wv, Hq, Wq, M, D: tl.constexpr, P,
-                    BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
-    # value [N, Hv*Wv, M, D]; offsets [N, Lq, M, P, 2]; logits [N, Lq, M, P]; out [N, Lq, M, D]
+def _rows(logits_ptr, Hv, Wv, Hq, Wq, M, D: tl.constexpr, P, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+          BLOCK_P: tl.constexpr):
+    """This program's queries as _tile gives them, plus their reference points (the cell
+    centres of the Hq x Wq grid), the softmax weights [BLOCK_Q, BLOCK_P] of their points,
+    the point columns, the base index of their points and the first value row of image n."""
     Lq = Hq * Wq
     n, m, q, qmask, d, dmask = _tile(Lq, M, D, BLOCK_Q, BLOCK_D)
-    # Reference point: the cell centre of query q on the Hq x Wq grid.
     rx = ((q % Wq).to(tl.float32) + 0.5) / Wq
     ry = ((q // Wq).to(tl.float32) + 0.5) / Hq
     base = ((n * Lq + q) * M + m) * P
     w = _softmax_tile(logits_ptr, base, qmask, P, BLOCK_P)
-    pcol = tl.arange(0, BLOCK_P)
-    row0 = n * Hv * Wv
+    return Lq, n, m, q, qmask, d, dmask, rx, ry, base, w, tl.arange(0, BLOCK_P), n * Hv * Wv
+
+
+@triton.jit
+def _dca_fwd_kernel(value_ptr, off_ptr, logits_ptr, out_ptr, Hv, Wv, Hq, Wq, M, D: tl.constexpr, P,
+                    BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
+    # value [N, Hv*Wv, M, D]; offsets [N, Lq, M, P, 2]; logits [N, Lq, M, P]; out [N, Lq, M, D]
+    Lq, n, m, q, qmask, d, dmask, rx, ry, base, w, pcol, row0 = _rows(logits_ptr, Hv, Wv, Hq, Wq, M, D, P,
+                                                                      BLOCK_Q, BLOCK_D, BLOCK_P)
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
     for p in range(P):
         a, valid, h0, w0, lh, lw = _point(off_ptr, w, pcol, base, p, rx, ry, Hv, Wv, qmask)
@@ -70,15 +78,8 @@ def _dca_fwd_kernel(value_ptr, off_ptr, logits_ptr, out_ptr, Hv, Wv, Hq, Wq, M, 
 def _dca_bwd_kernel(value_ptr, off_ptr, logits_ptr, grad_out_ptr, grad_value_ptr, grad_off_ptr, grad_logits_ptr,
                     scale_ptr, Hv, Wv, Hq, Wq, M, D: tl.constexpr, P,
                     DETERMINISTIC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
-    Lq = Hq * Wq
-    n, m, q, qmask, d, dmask = _tile(Lq, M, D, BLOCK_Q, BLOCK_D)
-    # Reference point: the cell centre of query q on the Hq x Wq grid.
-    rx = ((q % Wq).to(tl.float32) + 0.5) / Wq
-    ry = ((q // Wq).to(tl.float32) + 0.5) / Hq
-    base = ((n * Lq + q) * M + m) * P
-    w = _softmax_tile(logits_ptr, base, qmask, P, BLOCK_P)
-    pcol = tl.arange(0, BLOCK_P)
-    row0 = n * Hv * Wv
+    Lq, n, m, q, qmask, d, dmask, rx, ry, base, w, pcol, row0 = _rows(logits_ptr, Hv, Wv, Hq, Wq, M, D, P,
+                                                                      BLOCK_Q, BLOCK_D, BLOCK_P)
     g = tl.load(grad_out_ptr + ((n * Lq + q) * M + m)[:, None] * D + d[None, :],
                 mask=qmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr)
