@@ -160,6 +160,24 @@ def deterministic_grad_value(backend: str):
     return run
 
 
+def check_bit_identical(backend: str, inputs, runs: int = 2) -> list:
+    """`runs` deterministic runs of ms_deform_attn on `backend` give the same bits, and
+    torch.use_deterministic_algorithms(True) selects that mode; returns the first run."""
+    from piip_kernels import ms_deform_attn
+
+    results = [run_with_grads(lambda *a: ms_deform_attn(*a, backend=backend, deterministic=True), inputs)[0]
+               for _ in range(runs)]
+    torch.use_deterministic_algorithms(True)
+    try:
+        results.append(run_with_grads(lambda *a: ms_deform_attn(*a, backend=backend), inputs)[0])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+    return results[0]
+
+
 def check_fixed_point_extremes(grad_value, device) -> None:
     """A deterministic (fixed-point) grad_value at its extremes; `grad_value(value, shapes,
     starts, loc, attn, grad_out)` runs a backend's backward.

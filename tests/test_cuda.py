@@ -7,9 +7,9 @@ import piip_kernels
 from piip_kernels import ms_deform_attn
 from piip_kernels.msda.reference import ms_deform_attn_reference
 
-from helpers import (assert_derived_close, check_fixed_point_extremes, check_levels_outside_value, dca_grads,
-                     dca_inputs, deterministic_grad_value, merge_grads, merge_inputs, msda_inputs, reference64,
-                     run_with_grads)
+from helpers import (assert_derived_close, check_bit_identical, check_fixed_point_extremes, check_levels_outside_value,
+                     dca_grads, dca_inputs, deterministic_grad_value, merge_grads, merge_inputs, msda_inputs,
+                     reference64, run_with_grads)
 from piip_kernels.dca.reference import deform_cross_attn_reference
 from piip_kernels.merge.reference import branch_merge_reference
 
@@ -58,17 +58,7 @@ def test_awkward_and_detr_levels(shapes):
 def test_deterministic_mode_is_bit_identical(dtype):
     inputs = [t.to(DEV) for t in msda_inputs([(70, 70)], N=2, Lq=1764, M=16, D=32, P=4, dtype=dtype,
                                              loc_dtype=torch.float32 if dtype != torch.float32 else None)]
-    runs = [run_with_grads(cuda_fn(True), inputs)[0] for _ in range(3)]
-    for other in runs[1:]:
-        for a, b in zip(runs[0], other):
-            assert torch.equal(a, b)
-    torch.use_deterministic_algorithms(True)
-    try:
-        honoured = run_with_grads(lambda *a: ms_deform_attn(*a, backend="cuda"), inputs)[0]
-    finally:
-        torch.use_deterministic_algorithms(False)
-    for a, b in zip(runs[0], honoured):
-        assert torch.equal(a, b)
+    check_bit_identical("cuda", inputs, runs=3)
     check([t.cpu() for t in inputs], floor=1e-6 if dtype == torch.float32 else 1e-3, deterministic=True)
 
 

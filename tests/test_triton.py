@@ -17,9 +17,9 @@ from piip_kernels.dca.reference import deform_cross_attn_reference
 from piip_kernels.merge.reference import branch_merge_reference
 from piip_kernels.msda.reference import ms_deform_attn_reference
 
-from helpers import (assert_derived_close, check_fixed_point_extremes, check_levels_outside_value, dca_grads,
-                     dca_inputs, deterministic_grad_value, merge_grads, merge_inputs, msda_inputs, reference64,
-                     run_with_grads)
+from helpers import (assert_derived_close, check_bit_identical, check_fixed_point_extremes, check_levels_outside_value,
+                     dca_grads, dca_inputs, deterministic_grad_value, merge_grads, merge_inputs, msda_inputs,
+                     reference64, run_with_grads)
 
 pytestmark = pytest.mark.triton
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -64,17 +64,7 @@ def test_triton_half_precision(dtype):
 
 
 def test_triton_deterministic_mode_is_bit_identical():
-    inputs = on_device(msda_inputs([(9, 13)], N=2, Lq=70, M=2, D=8, P=4))
-    runs = [run_with_grads(triton_fn(True), inputs)[0] for _ in range(2)]
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
-    torch.use_deterministic_algorithms(True)
-    try:
-        honoured = run_with_grads(lambda *a: ms_deform_attn(*a, backend="triton"), inputs)[0]
-    finally:
-        torch.use_deterministic_algorithms(False)
-    for a, b in zip(runs[0], honoured):
-        assert torch.equal(a, b)
+    check_bit_identical("triton", on_device(msda_inputs([(9, 13)], N=2, Lq=70, M=2, D=8, P=4)))
 
 
 def test_triton_fixed_point_extremes():
