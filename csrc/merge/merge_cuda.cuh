@@ -2,10 +2,11 @@
 //
 // Forward: one thread per output element; every branch's two taps per axis come from
 // merge_math.h (torch's bilinear rule), so each map is read once (through the cache) and
-// the output written once. Backward, per branch: one thread per input element gathers
-// from the output elements whose taps touch it (a few rows and columns, bounded by the
-// scale), so grad_features need no atomics; each block writes its share of the weight
-// gradient, summed in a fixed order by the glue. Both are deterministic.
+// the output written once. A branch of the output's size is read directly, without taps.
+// Backward, per branch: one thread per input element gathers from the output elements whose
+// taps touch it (a few rows and columns, bounded by the scale), so grad_features need no
+// atomics; a branch of the output's size takes grad_output itself. Each block writes its
+// share of the weight gradient, summed in a fixed order by the glue. Both are deterministic.
 #pragma once
 
 #include "../msda/msda_cuda.cuh"
@@ -41,9 +42,13 @@ __global__ void forward_kernel(ForwardParams<T> p, O* __restrict__ out) {
   const int64_t ox = i % p.Wo, oy = (i / p.Wo) % p.Ho, plane = i / (p.Ho * p.Wo);
   float acc = 0.f;
   for (int b = 0; b < p.nb; ++b) {
+    const T* f = p.f[b] + plane * p.H[b] * p.W[b];
+    if (p.H[b] == p.Ho && p.W[b] == p.Wo) {  // the finest branch: no resampling (as torch copies it)
+      acc += p.weights[b] * to_f(f[oy * p.Wo + ox]);
+      continue;
+    }
     const Tap<float> ty = axis_tap<float>(oy, p.H[b], p.sy[b], p.align_corners);
     const Tap<float> tx = axis_tap<float>(ox, p.W[b], p.sx[b], p.align_corners);
-    const T* f = p.f[b] + plane * p.H[b] * p.W[b];
     const float v00 = to_f(f[ty.i0 * p.W[b] + tx.i0]), v01 = to_f(f[ty.i0 * p.W[b] + tx.i1]);
     const float v10 = to_f(f[ty.i1 * p.W[b] + tx.i0]), v11 = to_f(f[ty.i1 * p.W[b] + tx.i1]);
     const float top = v00 + tx.l * (v01 - v00), bot = v10 + tx.l * (v11 - v10);
@@ -87,8 +92,9 @@ __global__ void backward_kernel(BackwardParams<T, O> p) {
     const int64_t ix = i % p.W, iy = (i / p.W) % p.H, plane = i / (p.H * p.W);
     const O* g = p.grad_out + plane * p.Ho * p.Wo;
     const int64_t y0 = first_reader(iy, p.inv_sy, p.align_corners), x0 = first_reader(ix, p.inv_sx, p.align_corners);
-    float G = 0.f;
-    for (int a = 0; a < p.ky; ++a) {
+    const bool identity = p.H == p.Ho && p.W == p.Wo;  // the finest branch: its gradient is grad_out itself
+    float G = identity ? to_f(g[iy * p.Wo + ix]) : 0.f;
+    for (int a = 0; a < (identity ? 0 : p.ky); ++a) {
       const int64_t oy = y0 + a;
       if (oy >= p.Ho) break;
       const float wy = axis_weight(oy, iy, p.H, p.sy, p.align_corners);
