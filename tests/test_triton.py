@@ -147,6 +147,24 @@ def test_triton_branch_merge_bf16_is_deterministic():
         assert torch.equal(x, y)
 
 
+def test_triton_autotune_configs_per_head_dim(monkeypatch):
+    """Autotuning times at most four configs per head dim: 4 elements per thread (one 8) and
+    at most 8 warps; PIIP_TRITON_AUTOTUNE=0 leaves one (the GPU check's correctness tests)."""
+    import triton
+
+    from piip_kernels.msda import triton as tk
+
+    monkeypatch.setattr(tk, "INTERPRET", False)
+    candidates = [triton.Config({"BLOCK_Q": bq}, num_warps=w) for bq in (8, 16, 32, 64) for w in (1, 2, 4, 8)]
+    for block_d in (8, 16, 32, 64, 128):
+        kept = tk._prune(candidates, {}, BLOCK_D=block_d)
+        per_thread = sorted(c.kwargs["BLOCK_Q"] * block_d // (32 * c.num_warps) for c in kept)
+        assert 1 <= len(kept) <= 4 and all(c.num_warps <= 8 for c in kept)
+        assert per_thread[0] == tk.ELEMENTS_PER_THREAD and set(per_thread) <= {4, 8}
+    monkeypatch.setenv("PIIP_TRITON_AUTOTUNE", "0")
+    assert len(tk._prune(candidates, {}, BLOCK_D=32)) == 1
+
+
 COMPILE = r"""
 import os, re, subprocess, tempfile
 import triton, triton.language as tl
