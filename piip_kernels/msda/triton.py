@@ -133,6 +133,18 @@ def _bilinear(h_im, w_im, H, W, qmask):
 
 
 @triton.jit
+def _point(loc_ptr, attn_ptr, n, q, m, Lq, M, L, P, lvl, p, H, W, qmask, fits):
+    """Point p of level lvl for each query: its flat index, weight and bilinear setup
+    (_bilinear's validity, corner and fractions; invalid where the level does not fit)."""
+    pt = (((n * Lq + q) * M + m) * L + lvl) * P + p
+    x = tl.load(loc_ptr + 2 * pt, mask=qmask, other=0.0).to(tl.float32)
+    y = tl.load(loc_ptr + 2 * pt + 1, mask=qmask, other=0.0).to(tl.float32)
+    a = tl.load(attn_ptr + pt, mask=qmask, other=0.0).to(tl.float32)
+    valid, h0, w0, lh, lw = _bilinear(y * H - 0.5, x * W - 0.5, H, W, qmask & fits)
+    return pt, a, valid, h0, w0, lh, lw
+
+
+@triton.jit
 def _sample(value_ptr, row0, H, W, h0, w0, lh, lw, a, valid, m, M, D, d, dmask):
     """a * bilinear sample of each query's point: [BLOCK_Q, BLOCK_D] fp32."""
     v00, _, _ = _corner(value_ptr, row0, H, W, h0, w0, valid, m, M, D, d, dmask)
@@ -182,11 +194,7 @@ def _msda_fwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_p
         H, W, row0, fits = _level(shapes_ptr, starts_ptr, lvl, n, S)
         unfit += tl.where(fits, 0, 1)
         for p in range(P):
-            pt = (((n * Lq + q) * M + m) * L + lvl) * P + p
-            x = tl.load(loc_ptr + 2 * pt, mask=qmask, other=0.0).to(tl.float32)
-            y = tl.load(loc_ptr + 2 * pt + 1, mask=qmask, other=0.0).to(tl.float32)
-            a = tl.load(attn_ptr + pt, mask=qmask, other=0.0).to(tl.float32)
-            valid, h0, w0, lh, lw = _bilinear(y * H - 0.5, x * W - 0.5, H, W, qmask & fits)
+            pt, a, valid, h0, w0, lh, lw = _point(loc_ptr, attn_ptr, n, q, m, Lq, M, L, P, lvl, p, H, W, qmask, fits)
             acc += _sample(value_ptr, row0, H, W, h0, w0, lh, lw, a, valid, m, M, D, d, dmask)
     acc = tl.where(unfit > 0, float("nan"), acc)
     out = out_ptr + ((n * Lq + q) * M + m)[:, None] * D + d[None, :]
@@ -208,11 +216,7 @@ def _msda_bwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_
         H, W, row0, fits = _level(shapes_ptr, starts_ptr, lvl, n, S)
         poison = tl.where(fits, 0.0, float("nan"))  # added to the gradients of a level that does not fit
         for p in range(P):
-            pt = (((n * Lq + q) * M + m) * L + lvl) * P + p
-            x = tl.load(loc_ptr + 2 * pt, mask=qmask, other=0.0).to(tl.float32)
-            y = tl.load(loc_ptr + 2 * pt + 1, mask=qmask, other=0.0).to(tl.float32)
-            a = tl.load(attn_ptr + pt, mask=qmask, other=0.0).to(tl.float32)
-            valid, h0, w0, lh, lw = _bilinear(y * H - 0.5, x * W - 0.5, H, W, qmask & fits)
+            pt, a, valid, h0, w0, lh, lw = _point(loc_ptr, attn_ptr, n, q, m, Lq, M, L, P, lvl, p, H, W, qmask, fits)
             g_attn, g_w, g_h = _point_backward(value_ptr, grad_value_ptr, row0, H, W, h0, w0, lh, lw, a, valid, g,
                                                m, M, D, d, dmask, scale, DETERMINISTIC)
             tl.store(grad_attn_ptr + pt, g_attn + poison, mask=qmask)
