@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import budgeted, copy_bandwidth_gbs, device_name, graph_time_ms, progress, report, time_ms  # noqa: E402
+from common import budgeted, copy_bandwidth_gbs, device_name, progress, report, timer  # noqa: E402
 
 import piip_kernels  # noqa: E402
 from piip_kernels.merge.api import BACKENDS  # noqa: E402
@@ -39,13 +39,13 @@ def eager(features, weights, out_size):
 
 def bench(fn, feats, weights, out_size, device, backward, graph=False):
     """Median ms of one eager call, or with `graph` of its CUDA-graph replay (None if not capturable)."""
-    timer = graph_time_ms if graph else (lambda f: time_ms(f, device))
+    measure = timer(device, graph)
     if not backward:
         with torch.no_grad():
-            return timer(lambda: fn(feats, weights, out_size))
+            return measure(lambda: fn(feats, weights, out_size))
     leaves = [f.detach().requires_grad_(True) for f in feats] + [weights.detach().requires_grad_(True)]
     grad = torch.randn(feats[0].shape[0], feats[0].shape[1], *out_size, device=device, dtype=weights.dtype)
-    return timer(lambda: torch.autograd.grad(fn(leaves[:-1], leaves[-1], out_size), leaves, grad))
+    return measure(lambda: torch.autograd.grad(fn(leaves[:-1], leaves[-1], out_size), leaves, grad))
 
 
 def main(argv=None):

@@ -22,7 +22,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import budgeted, graph_time_ms, progress, report, time_ms  # noqa: E402
+from common import budgeted, progress, report, timer  # noqa: E402
 
 import piip_kernels  # noqa: E402
 from piip_kernels.dca.api import BACKENDS  # noqa: E402
@@ -69,14 +69,14 @@ def make_inputs(batch, query_hw, value_hw, D, dtype, device, seed):
 
 def bench(fn, inputs, value_hw, query_hw, device, backward, graph=False):
     """Median ms of one eager call, or with `graph` of its CUDA-graph replay (None if not capturable)."""
-    timer = graph_time_ms if graph else (lambda f: time_ms(f, device))
+    measure = timer(device, graph)
     value, offsets, logits = inputs
     if not backward:
         with torch.no_grad():
-            return timer(lambda: fn(value, value_hw, offsets, logits, query_hw))
+            return measure(lambda: fn(value, value_hw, offsets, logits, query_hw))
     leaves = [t.detach().requires_grad_(True) for t in inputs]
     grad = torch.randn(value.shape[0], offsets.shape[1], M * value.shape[3], device=device, dtype=value.dtype)
-    return timer(lambda: torch.autograd.grad(fn(leaves[0], value_hw, leaves[1], leaves[2], query_hw), leaves, grad))
+    return measure(lambda: torch.autograd.grad(fn(leaves[0], value_hw, leaves[1], leaves[2], query_hw), leaves, grad))
 
 
 def main(argv=None):

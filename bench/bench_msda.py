@@ -23,7 +23,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import budgeted, copy_bandwidth_gbs, device_name, graph_time_ms, progress, report, time_ms  # noqa: E402
+from common import budgeted, copy_bandwidth_gbs, device_name, progress, report, timer  # noqa: E402
 
 import piip_kernels  # noqa: E402
 from piip_kernels.msda.api import BACKENDS  # noqa: E402
@@ -90,11 +90,11 @@ def _compiled():
 def bench_one(fn, inputs, device, backward, graph=False):
     """Median ms of one forward (or forward+backward) call; with `graph`, of its CUDA-graph
     replay (the kernels without the CPU's launch overhead; None if it cannot be captured)."""
-    timer = graph_time_ms if graph else (lambda f: time_ms(f, device))
+    measure = timer(device, graph)
     value, shapes, starts, loc, attn = inputs
     if not backward:
         with torch.no_grad():
-            return timer(lambda: fn(value, shapes, starts, loc, attn))
+            return measure(lambda: fn(value, shapes, starts, loc, attn))
     leaves = [t.detach().requires_grad_(True) for t in (value, loc, attn)]
     grad = torch.randn(value.shape[0], loc.shape[1], value.shape[2] * value.shape[3], device=device, dtype=value.dtype)
 
@@ -104,7 +104,7 @@ def bench_one(fn, inputs, device, backward, graph=False):
         out = fn(leaves[0], shapes, starts, leaves[1], leaves[2])
         torch.autograd.grad(out, leaves, grad)
 
-    return timer(step)
+    return measure(step)
 
 
 def main(argv=None):

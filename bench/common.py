@@ -82,6 +82,11 @@ def time_ms(fn, device: torch.device, warmup: int = 3, reps: int = 20, budget_s:
     return statistics.median(times)
 
 
+def timer(device: torch.device, graph: bool = False):
+    """fn -> median ms: of an eager call (time_ms), or with `graph` of its CUDA-graph replay."""
+    return graph_time_ms if graph else (lambda fn: time_ms(fn, device))
+
+
 def graph_time_ms(fn, reps: int = 20, inner: int = 5) -> float | None:
     """Median GPU time of fn() in milliseconds, without the CPU's launch overhead: fn is
     captured once in a CUDA graph and replayed `inner` times between each pair of events.
