@@ -18,11 +18,12 @@ namespace piip {
 namespace merge {
 namespace cuda {
 
+using msda::cuda::blocks_for;
 using msda::cuda::from_f;
+using msda::cuda::kThreads;
 using msda::cuda::to_f;
 
 constexpr int kMaxBranches = 8;
-constexpr int kThreads = 256;
 
 template <typename T>
 struct ForwardParams {
@@ -148,7 +149,7 @@ ForwardParams<T> forward_params(int nb, const T* const* maps, const int64_t* H, 
   return p;
 }
 
-inline int64_t backward_blocks(int64_t planes, int64_t H, int64_t W) { return (planes * H * W + kThreads - 1) / kThreads; }
+inline int64_t backward_blocks(int64_t planes, int64_t H, int64_t W) { return blocks_for(planes * H * W); }
 
 // One branch: its map f [planes, H, W], gradient grad_f, weight (a device scalar) and
 // `partial`, backward_blocks(planes, H, W) fp32 shares of its weight gradient.
@@ -180,7 +181,7 @@ template <typename T, typename O>
 cudaError_t launch_forward(const ForwardParams<T>& p, O* out, cudaStream_t stream) {
   const int64_t n = p.planes * p.Ho * p.Wo;
   if (n == 0) return cudaSuccess;
-  return launch(forward_kernel<T, O>, static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads, stream, p, out);
+  return launch(forward_kernel<T, O>, blocks_for(n), kThreads, stream, p, out);
 }
 
 template <typename T, typename O>
