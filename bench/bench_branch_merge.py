@@ -1,4 +1,4 @@
-"""Benchmark of branch_merge against eager PyTorch on the cases of ../shared/shapes.md.
+"""Benchmark of branch_merge against eager PyTorch on the cases of bench/data/shapes.md.
 
     python bench/bench_branch_merge.py                 # GPU if present, else CPU (channels / 8)
     python bench/bench_branch_merge.py --device cpu --channel-scale 0.125

@@ -1,5 +1,5 @@
 """Benchmark of the fused interaction cross-attention (deform_cross_attn) against the
-unfused path on the PIIP shapes of ../shared/shapes.md.
+unfused path on the PIIP shapes of bench/data/shapes.md.
 
     python bench/bench_interaction.py                  # GPU if present, else CPU (queries scaled to 1/4)
     python bench/bench_interaction.py --device cpu --batch 2 --dtype float32

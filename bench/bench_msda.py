@@ -1,5 +1,5 @@
 """Benchmark of multi-scale deformable attention: forward and forward+backward of
-every available backend on the shapes of ../shared/shapes.md.
+every available backend on the shapes of bench/data/shapes.md.
 
     python bench/bench_msda.py                       # GPU if present, else CPU (queries scaled to 1/4)
     python bench/bench_msda.py --device cpu --batch 2 --query-scale 0.25 --dtype float32
@@ -32,7 +32,7 @@ from piip_kernels.msda.reference import ms_deform_attn_reference  # noqa: E402
 # (name, queries, level grids, heads, head dim, points, batch of the published figures,
 # Deformable DETR CUDA kernel fwd / fwd+bwd ms at that batch, fp32, H100). PIIP interactions
 # use 1 level, 16 heads, 4 points; the last row is a Deformable DETR encoder. All numbers
-# are ../shared/shapes.md's.
+# are bench/data/shapes.md's.
 SHAPES = [
     ("SBL 1764q 70x70 D32", 1764, [(70, 70)], 16, 32, 4, 2, 0.061, 0.223),
     ("SBL 4900q 42x42 D24", 4900, [(42, 42)], 16, 24, 4, 2, 0.106, 0.358),
@@ -45,17 +45,22 @@ OURS = ("cuda", "triton", "cpu")
 BASELINES = ("reference", "compiled reference")
 
 
-def make_inputs(batch, Lq, grids, M, D, P, dtype, device, seed):
-    """Realistic inputs: queries on a regular grid, offsets of a few pixels, softmaxed weights."""
+def make_inputs(batch, Lq, grids, M, D, P, dtype, device, seed, locations="grid"):
+    """Inputs with softmaxed weights. ``locations``: "grid" (realistic: queries on a regular
+    grid, offsets of a few pixels) or "uniform" (anywhere in [0, 1]: no locality, the
+    worst case for caches)."""
     g = torch.Generator().manual_seed(seed)
     L = len(grids)
     S = sum(h * w for h, w in grids)
-    side = math.ceil(math.sqrt(Lq))
-    idx = torch.arange(Lq)
-    ref = torch.stack([(idx % side + 0.5) / side, (idx // side + 0.5) / side], -1)  # [Lq, 2]
-    wh = torch.tensor([[w, h] for h, w in grids], dtype=torch.float32)  # [L, 2]
-    offsets = torch.randn(batch, Lq, M, L, P, 2, generator=g) * 2.0 / wh[None, None, None, :, None, :]
-    loc = ref[None, :, None, None, None, :] + offsets
+    if locations == "uniform":
+        loc = torch.rand(batch, Lq, M, L, P, 2, generator=g)
+    else:
+        side = math.ceil(math.sqrt(Lq))
+        idx = torch.arange(Lq)
+        ref = torch.stack([(idx % side + 0.5) / side, (idx // side + 0.5) / side], -1)  # [Lq, 2]
+        wh = torch.tensor([[w, h] for h, w in grids], dtype=torch.float32)  # [L, 2]
+        offsets = torch.randn(batch, Lq, M, L, P, 2, generator=g) * 2.0 / wh[None, None, None, :, None, :]
+        loc = ref[None, :, None, None, None, :] + offsets
     attn = torch.randn(batch, Lq, M, L * P, generator=g).softmax(-1).view(batch, Lq, M, L, P)
     value = torch.randn(batch, S, M, D, generator=g)
     shapes = torch.tensor(grids, dtype=torch.long)
@@ -116,6 +121,8 @@ def main(argv=None):
     p.add_argument("--query-scale", type=float, default=None, help="scale the query counts (default 1 on a GPU, 0.25 on the CPU)")
     p.add_argument("--shapes", nargs="*", default=None, help="substrings selecting shape rows")
     p.add_argument("--sets", type=int, default=2, help="input sets per case (median over them)")
+    p.add_argument("--locations", choices=("grid", "uniform"), default="grid",
+                   help="sampling locations: near a query grid (PIIP, DETR) or uniformly random (no locality)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="stop starting measurements after this many seconds (our backends are measured first)")
     p.add_argument("--no-save", action="store_true")
@@ -150,7 +157,7 @@ def _measure(args, device, case, backend, fn, scale, bw, cache):
     Lq = max(1, round(Lq * scale))
     key = (name, batch, dtype)
     if key not in cache:
-        cache[key] = [make_inputs(batch, Lq, grids, M, D, P, dtype, device, seed) for seed in range(args.sets)]
+        cache[key] = [make_inputs(batch, Lq, grids, M, D, P, dtype, device, seed, args.locations) for seed in range(args.sets)]
     sets = cache[key]
     fbytes = floor_bytes(sets[0], batch * Lq * M * D)
     floor_ms = fbytes / (bw * 1e9) * 1e3
@@ -162,7 +169,7 @@ def _measure(args, device, case, backend, fn, scale, bw, cache):
     def median(values):
         return None if any(v is None for v in values) else sorted(values)[len(values) // 2]
 
-    row = {"case": name, "batch": batch, "queries": Lq, "dtype": str(dtype)[6:], "backend": backend,
+    row = {"case": name, "batch": batch, "queries": Lq, "dtype": str(dtype)[6:], "locations": args.locations, "backend": backend,
            "fwd_ms": median([bench_one(fn, s, device, False) for s in sets]),
            "fwd_bwd_ms": median([bench_one(fn, s, device, True) for s in sets]), "floor_ms": floor_ms}
     if device.type == "cuda" and backend in OURS:
@@ -191,10 +198,11 @@ def _finish(args, device, bw, rows):
             r["fwd_speedup"] = base["fwd_ms"] / r["fwd_ms"]
             r["fwd_bwd_speedup"] = base["fwd_bwd_ms"] / r["fwd_bwd_ms"]
     rows.sort(key=lambda r: (r["dtype"], r["case"], r["batch"], r["backend"]))
-    cols = ["case", "batch", "queries", "dtype", "backend", "fwd_ms", "fwd_bwd_ms", "fwd_gpu_ms", "fwd_bwd_gpu_ms", "fwd_GBps",
+    cols = ["case", "batch", "queries", "dtype", "locations", "backend", "fwd_ms", "fwd_bwd_ms", "fwd_gpu_ms", "fwd_bwd_gpu_ms", "fwd_GBps",
             "fwd_x_floor", "fwd_bwd_x_floor", "fwd_speedup", "fwd_bwd_speedup", "fwd_vs_detr_kernel", "fwd_bwd_vs_detr_kernel",
             "fwd_call_vs_detr_kernel", "fwd_bwd_call_vs_detr_kernel"]
-    report("msda", device, rows, cols, not args.no_save, bw)
+    # Uniform locations are another experiment, kept in their own results file.
+    report("msda" if args.locations == "grid" else f"msda_{args.locations}", device, rows, cols, not args.no_save, bw)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ target and backend: PASS, FAIL or MISSING (not measured, for example cut by a ti
 budget), with the worst case and its value. The targets (H100 figures, same run):
 
   ms_deform_attn     bf16 forward >= 5x and forward+backward >= 4x faster than the Deformable
-                     DETR kernel's published figures (../shared/shapes.md) on every PIIP shape;
+                     DETR kernel's published figures (bench/data/shapes.md) on every PIIP shape;
                      the 4-level encoder >= 3x forward+backward
                      batch 8: forward <= 2x its memory floor, forward+backward <= 3x its floor
                      Triton within 1.5x of CUDA on every shape

@@ -7,11 +7,12 @@ Ops (each with a plain-PyTorch reference and compiled backends):
 
 Modules:
   MSDeformAttn     drop-in replacement of the Deformable DETR module (same parameter names)
+  compat           the Deformable DETR / mmcv entry points (``piip_kernels.compat.MSDeformAttnFunction``)
 
 Set ``PIIP_KERNELS_BACKEND=reference|cpu|cuda|triton`` to force a backend;
 ``backend_report()`` prints which backends can run here and why not.
 """
-from . import ops  # noqa: F401  (registers the torch.library ops)
+from . import compat, ops  # noqa: F401  (ops registers the torch.library ops)
 from .backends import backend_report
 from .dca import deform_cross_attn, deform_cross_attn_reference
 from .merge import branch_merge, branch_merge_reference
@@ -19,4 +20,4 @@ from .msda import MSDeformAttn, ms_deform_attn, ms_deform_attn_reference
 
 __version__ = "0.1.0"
 __all__ = ["ms_deform_attn", "ms_deform_attn_reference", "deform_cross_attn", "deform_cross_attn_reference",
-           "branch_merge", "branch_merge_reference", "MSDeformAttn", "backend_report", "__version__"]
+           "branch_merge", "branch_merge_reference", "MSDeformAttn", "compat", "backend_report", "__version__"]

@@ -22,12 +22,21 @@ except Exception as exc:  # ImportError, or an OSError from a torch ABI mismatch
     log.warning("piip_kernels: %s. Falling back to the reference PyTorch backend.", EXT_ERROR)
 
 
-@torch.compiler.assume_constant_result  # fixed once the library is loaded; no graph break
+def _registered_kernels() -> frozenset[tuple[str, str]]:
+    """(private op name, dispatch key) for every kernel the extension registered."""
+    if EXT is None:
+        return frozenset()
+    names = [n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("piip_C::")]
+    return frozenset((n, key) for n in names for key in ("CPU", "CUDA")
+                     if torch._C._dispatch_has_kernel_for_dispatch_key(f"piip_C::{n}", key))
+
+
+# Fixed once the library is loaded. A set read under torch.compile is a constant with a
+# guard, no graph break, and this keeps `import piip_kernels` from importing
+# torch._dynamo (which a compile-time decorator here would do, at about 0.7 s).
+_KERNELS = _registered_kernels()
+
+
 def has_kernel(name: str, dispatch_key: str) -> bool:
     """True when the extension registered an implementation of piip_C::<name> for dispatch_key ("CPU" or "CUDA")."""
-    if EXT is None:
-        return False
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"piip_C::{name}", dispatch_key)
-    except RuntimeError:
-        return False
+    return (name, dispatch_key) in _KERNELS

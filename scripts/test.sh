@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The project's test command (README): builds the extension into the active
-# environment, then runs the test suite. Extra arguments go to pytest.
+# The project's test command (README, command two; what CI runs): creates or reuses the
+# virtual environment, installs, builds the extension, then runs the test suite.
+# Extra arguments go to pytest.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-python -m pip install -q --no-build-isolation --no-deps -e .
+. "$(dirname "$0")/env.sh"
 python -c "import piip_kernels; piip_kernels.backend_report()"
 # GPU tests (marker "gpu") run only where a GPU is: bench/gpu_check.sh runs them there.
 if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then MARK="gpu or not gpu"; else MARK="not gpu"; fi

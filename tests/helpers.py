@@ -62,38 +62,35 @@ def assert_derived_close(name, got, ref_lowp, ref64, factor=2.0, floor=1e-6):
     assert err <= bound, f"{name}: max error {err:.3e} > {bound:.3e} (reference in same dtype: {err_ref:.3e}, scale {scale:.3e})"
 
 
-def shared_path(rel: str):
-    """Path of ../shared/<rel> (fixtures, paper configs). Skips when absent (a plain clone
-    has no shared folder) unless PIIP_REQUIRE_FIXTURES=1, which CI sets so a missing file
-    fails loudly. $PIIP_FIXTURES overrides the fixtures folder."""
-    import os
+DATA = {
+    "official": "tests/data/official",     # outputs of the official PIIP code (tests/data/README.md)
+    "paper": "bench/data/paper",           # the papers' configs, costs and results
+}
+
+
+def data_path(kind: str, rel: str):
+    """Path of a data file carried by the repository (``kind``: "official" or "paper").
+    A missing file fails the test: the data is part of the repository, never optional."""
     from pathlib import Path
 
     import pytest
 
-    shared = Path(__file__).resolve().parents[2] / "shared"
-    if rel.startswith("fixtures/official/") and os.environ.get("PIIP_FIXTURES"):
-        path = Path(os.environ["PIIP_FIXTURES"]) / rel[len("fixtures/official/"):]
-    else:
-        path = shared / rel
+    path = Path(__file__).resolve().parents[1] / DATA[kind] / rel
     if not path.exists():
-        msg = f"shared file {path} not found"
-        if os.environ.get("PIIP_REQUIRE_FIXTURES") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
+        pytest.fail(f"data file {path} is missing (run scripts/sync_data.py and commit the copy)")
     return path
 
 
 def official_fixture(name: str) -> dict:
-    """Loads ../shared/fixtures/official/<name> (see shared_path)."""
-    return torch.load(shared_path("fixtures/official/" + name), weights_only=True)
+    """Loads tests/data/official/<name>."""
+    return torch.load(data_path("official", name), weights_only=True)
 
 
 def paper_configs() -> dict:
-    """../shared/paper/configs.json as {name: config}."""
+    """bench/data/paper/configs.json as {name: config}."""
     import json
 
-    with open(shared_path("paper/configs.json")) as f:
+    with open(data_path("paper", "configs.json")) as f:
         return {c["name"]: c for c in json.load(f)["configs"]}
 
 

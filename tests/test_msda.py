@@ -345,3 +345,19 @@ def test_compat_entry_points_match_the_op():
     torch.testing.assert_close(compat.MSDeformAttnFunction.apply(value, shapes, starts, loc, attn, 64), want)
     torch.testing.assert_close(compat.multi_scale_deformable_attn_pytorch(value, shapes, loc, attn), want)
     torch.testing.assert_close(compat.multi_scale_deformable_attn_pytorch(value, [(5, 6), (2, 3)], loc, attn), want)
+
+
+def test_package_attributes_after_a_plain_import():
+    """Code written against the Deformable DETR layout does `import piip_kernels as pk` and
+    then `pk.compat...`; a fresh interpreter must find compat and MSDeformAttn as attributes,
+    and the import must not pull in torch._dynamo (it stays cheap)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, piip_kernels as pk; "
+            "assert pk.compat.MSDeformAttnFunction.apply and pk.compat.multi_scale_deformable_attn_pytorch; "
+            "assert pk.MSDeformAttn is pk.compat.MSDeformAttn; "
+            "print('torch._dynamo' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False", "import piip_kernels imported torch._dynamo"

@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from helpers import official_fixture, paper_configs, shared_path, tiny_config
+from helpers import data_path, official_fixture, paper_configs, tiny_config
 
 import piip
 from piip.official import load_official_state_dict, official_config, to_official_state_dict
@@ -55,7 +55,7 @@ def test_fixture_semantics_matter():
 
 
 def _key_list(stem):
-    path = shared_path(f"fixtures/official/keys/{stem}.txt")
+    path = data_path("official", f"keys/{stem}.txt")
     header, keys = [], {}
     for line in path.read_text().splitlines():
         if line.startswith("#"):
