@@ -8,8 +8,11 @@ Prints a table (ms, achieved GB/s, ratio to the memory floor) and appends the
 numbers to bench/results/msda_<device>.jsonl with device, versions and commit.
 ``*_ms`` is one eager call (the CPU's launch overhead included); on a GPU our backends
 also get ``*_gpu_ms``, the same call replayed from a CUDA graph (the kernels alone).
-GB/s, the floor ratios and the speed-ups over the Deformable DETR kernel's published
-figures use ``*_gpu_ms`` where measured (``*_call_vs_detr_kernel``: the eager call).
+GB/s, the floor ratios and the speed-ups over the Deformable DETR kernel use ``*_gpu_ms``
+where measured. That kernel is timed live in the same run when its extension is importable
+(``*_vs_detr_live``; bench/gpu_check.sh builds it into $PIIP_ANCHOR_DIR from the anchor
+sources, fp32 only as the official wrappers run it); ``*_vs_detr_kernel`` compares with its
+published H100 figures instead (``*_call_vs_detr_kernel``: our eager call), for reference only.
 The memory floor is the bytes of value, locations, weights and output moved
 once, over the copy bandwidth measured in the same run.
 """
@@ -42,7 +45,8 @@ SHAPES = [
     ("DETR enc 4 levels D32", 20197, [(100, 152), (50, 76), (25, 38), (13, 19)], 8, 32, 4, 2, 0.664, 2.384),
 ]
 OURS = ("cuda", "triton", "cpu")
-BASELINES = ("reference", "compiled reference")
+ANCHOR = "detr kernel"
+BASELINES = ("reference", "compiled reference", ANCHOR)
 
 
 def make_inputs(batch, Lq, grids, M, D, P, dtype, device, seed, locations="grid"):
@@ -82,7 +86,42 @@ def runners(device):
             out[name] = (lambda n: lambda *a: piip_kernels.ms_deform_attn(*a, backend=n))(name)
     if device.type == "cuda":
         out["compiled reference"] = None  # compiled afresh for every case (see _compiled)
+        anchor = anchor_runner()
+        if anchor is not None:
+            out[ANCHOR] = anchor
+        else:
+            progress("no Deformable DETR kernel to time beside ours (set PIIP_ANCHOR_DIR to its build folder)")
     return out
+
+
+def anchor_runner():
+    """The Deformable DETR CUDA extension (``MultiScaleDeformableAttention``) as a runner
+    (value, shapes, starts, loc, attn) -> out with its own backward, or None when it is not
+    importable. bench/gpu_check.sh builds it from the anchor sources outside this project
+    into $PIIP_ANCHOR_DIR; it is timed beside our kernels in the same run, never copied in.
+    It takes fp32 only (the official wrappers cast to fp32 under autocast), so it always
+    gets fp32 inputs; im2col_step 64 as in the official module."""
+    folder = os.environ.get("PIIP_ANCHOR_DIR")
+    if folder and folder not in sys.path:
+        sys.path.insert(0, folder)
+    try:
+        import MultiScaleDeformableAttention as ext  # noqa: N813
+    except ImportError:
+        return None
+
+    class DetrKernel(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, value, shapes, starts, loc, attn):
+            ctx.save_for_backward(value, shapes, starts, loc, attn)
+            return ext.ms_deform_attn_forward(value, shapes, starts, loc, attn, 64)
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            value, shapes, starts, loc, attn = ctx.saved_tensors
+            gv, gl, ga = ext.ms_deform_attn_backward(value, shapes, starts, loc, attn, grad_out.contiguous(), 64)
+            return gv, None, None, gl, ga
+
+    return DetrKernel.apply
 
 
 def _compiled():
@@ -144,7 +183,9 @@ def main(argv=None):
             cases += [(shape, b, dtype) for b in dict.fromkeys(batches)]
     # Our backends on every case first, then the baselines: a budget cut drops baselines.
     order = [b for b in OURS + BASELINES if b in fns]
-    work = [(case, backend) for backend in order for case in cases]
+    # The DETR kernel runs fp32 only: one fp32 measurement per (shape, batch) serves every dtype.
+    anchor_cases = list(dict.fromkeys((shape, b, torch.float32) for shape, b, _ in cases))
+    work = [(case, backend) for backend in order for case in (anchor_cases if backend == ANCHOR else cases)]
     rows, inputs = [], {}
     for case, backend in budgeted(work, args.budget_s):
         rows.append(_measure(args, device, case, backend, fns[backend] or _compiled(), scale, bw, inputs))
@@ -172,7 +213,7 @@ def _measure(args, device, case, backend, fn, scale, bw, cache):
     row = {"case": name, "batch": batch, "queries": Lq, "dtype": str(dtype)[6:], "locations": args.locations, "backend": backend,
            "fwd_ms": median([bench_one(fn, s, device, False) for s in sets]),
            "fwd_bwd_ms": median([bench_one(fn, s, device, True) for s in sets]), "floor_ms": floor_ms}
-    if device.type == "cuda" and backend in OURS:
+    if device.type == "cuda" and backend in OURS + (ANCHOR,):
         row["fwd_gpu_ms"] = median([bench_one(fn, s, device, False, graph=True) for s in sets])
         row["fwd_bwd_gpu_ms"] = median([bench_one(fn, s, device, True, graph=True) for s in sets])
     # Kernel time where a CUDA graph measured it, else the eager call.
@@ -192,14 +233,22 @@ def _measure(args, device, case, backend, fn, scale, bw, cache):
 def _finish(args, device, bw, rows):
     # Speed-up of each backend over the reference, same case.
     ref = {(r["case"], r["batch"], r["dtype"]): r for r in rows if r["backend"] == "reference"}
+    # Speed-up over the DETR kernel timed in this run (fp32, same shape and batch): of the
+    # kernels where CUDA graphs timed both, else of the eager calls.
+    anchor = {(r["case"], r["batch"]): r for r in rows if r["backend"] == ANCHOR}
     for r in rows:
         base = ref.get((r["case"], r["batch"], r["dtype"]))
         if base:
             r["fwd_speedup"] = base["fwd_ms"] / r["fwd_ms"]
             r["fwd_bwd_speedup"] = base["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+        a = anchor.get((r["case"], r["batch"]))
+        if a and r["backend"] in OURS:
+            for k in ("fwd", "fwd_bwd"):
+                both = a.get(f"{k}_gpu_ms") and r.get(f"{k}_gpu_ms")
+                r[f"{k}_vs_detr_live"] = a[f"{k}_gpu_ms"] / r[f"{k}_gpu_ms"] if both else a[f"{k}_ms"] / r[f"{k}_ms"]
     rows.sort(key=lambda r: (r["dtype"], r["case"], r["batch"], r["backend"]))
     cols = ["case", "batch", "queries", "dtype", "locations", "backend", "fwd_ms", "fwd_bwd_ms", "fwd_gpu_ms", "fwd_bwd_gpu_ms", "fwd_GBps",
-            "fwd_x_floor", "fwd_bwd_x_floor", "fwd_speedup", "fwd_bwd_speedup", "fwd_vs_detr_kernel", "fwd_bwd_vs_detr_kernel",
+            "fwd_x_floor", "fwd_bwd_x_floor", "fwd_speedup", "fwd_bwd_speedup", "fwd_vs_detr_live", "fwd_bwd_vs_detr_live", "fwd_vs_detr_kernel", "fwd_bwd_vs_detr_kernel",
             "fwd_call_vs_detr_kernel", "fwd_bwd_call_vs_detr_kernel"]
     # Uniform locations are another experiment, kept in their own results file.
     report("msda" if args.locations == "grid" else f"msda_{args.locations}", device, rows, cols, not args.no_save, bw)

@@ -8,6 +8,12 @@
 # Full logs and result files go to $OUT (default ./out). Nothing is installed from the
 # network: the package builds with --no-deps against the image's torch. Where the tree
 # arrives without .git, pass the commit: PIIP_COMMIT=$(git rev-parse --short HEAD).
+#
+# The Deformable DETR kernel is timed beside ours when its sources are found: in
+# $PIIP_ANCHOR_SRC, ../shared/anchors/deformable_detr_ops, or .anchor/deformable_detr_ops
+# (an ignored folder: a session whose device machine has no ../shared copies the anchor
+# there and carries it along). It is built outside the tree, in parallel with our build,
+# and never becomes part of the project.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out}"
@@ -28,6 +34,21 @@ share() { local s=$(( $(left) - $2 )); (( s > $1 )) && s=$1; (( s < 10 )) && s=1
   echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo "${PIIP_COMMIT:-unknown} (PIIP_COMMIT; no .git here)")"
 } > "$OUT/device.txt" 2>&1
 cat "$OUT/device.txt"
+
+# The anchor kernel builds in the background while ours builds.
+ANCHOR_SRC=""
+for d in "${PIIP_ANCHOR_SRC:-}" ../shared/anchors/deformable_detr_ops .anchor/deformable_detr_ops; do
+  [ -n "$d" ] && [ -f "$d/setup.py" ] && { ANCHOR_SRC="$d"; break; }
+done
+anchor_pid=""
+if [ -n "$ANCHOR_SRC" ]; then
+  export PIIP_ANCHOR_DIR="${PIIP_ANCHOR_DIR:-/tmp/piip_anchor_ddetr}"
+  rm -rf "$PIIP_ANCHOR_DIR" && cp -r "$ANCHOR_SRC" "$PIIP_ANCHOR_DIR"
+  ( cd "$PIIP_ANCHOR_DIR" && MAX_JOBS=8 timeout 240 "$PY" setup.py build_ext --inplace ) > "$OUT/anchor_build.log" 2>&1 &
+  anchor_pid=$!
+else
+  echo "no Deformable DETR anchor sources found: the DETR-kernel targets will read MISSING"
+fi
 
 t0=$(date +%s)
 if ! "$PY" -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
@@ -79,6 +100,10 @@ print("memcheck cases done")
 PYEOF
 mem_rc=$?
 tail -2 "$OUT/memcheck.log"
+
+if [ -n "$anchor_pid" ]; then
+  if wait "$anchor_pid"; then echo "anchor kernel built from $ANCHOR_SRC"; else tail -5 "$OUT/anchor_build.log"; echo "ANCHOR BUILD FAILED"; fi
+fi
 
 # Benchmarks (our backends first in each; rows are kept when a budget or timeout cuts in).
 b=$(share 170 80); timeout -k 20 $(( b + 30 )) "$PY" bench/bench_msda.py --budget-s "$b" > "$OUT/bench_msda.md" 2> "$OUT/bench_msda.log"

@@ -3,7 +3,7 @@
     python bench/targets.py                  # latest *_cuda records in bench/results/
     python bench/targets.py --results DIR --device cuda
 
-Ratios to the memory floor and to the published kernel figures use the CUDA-graph
+Ratios to the memory floor and to the Deformable DETR kernel use the CUDA-graph
 (kernel-only) times where the benchmarks measured them. Reads the last record of
 msda_<device>.jsonl, interaction_<device>.jsonl and
 branch_merge_<device>.jsonl (written by the three benchmarks) and prints one line per
@@ -11,8 +11,10 @@ target and backend: PASS, FAIL or MISSING (not measured, for example cut by a ti
 budget), with the worst case and its value. The targets (H100 figures, same run):
 
   ms_deform_attn     bf16 forward >= 5x and forward+backward >= 4x faster than the Deformable
-                     DETR kernel's published figures (bench/data/shapes.md) on every PIIP shape;
-                     the 4-level encoder >= 3x forward+backward
+                     DETR kernel (fp32) timed in the same run on every PIIP shape; the 4-level
+                     encoder >= 3x forward+backward. Without a live measurement the target is
+                     MISSING, and the line quotes the ratio to the kernel's published H100
+                     figures (bench/data/shapes.md) for information only
                      batch 8: forward <= 2x its memory floor, forward+backward <= 3x its floor
                      Triton within 1.5x of CUDA on every shape
   deform_cross_attn  fused >= 2x faster than the unfused path, same backend, bf16 forward+backward
@@ -50,6 +52,16 @@ def verdict(target: str, rows: list[dict], key: str, limit: float, at_least: boo
     return ("PASS" if ok else "FAIL"), f"{target}: worst {worst:.2f} ({where}); need {sign} {limit:g}; {len(vals)} cases"
 
 
+def vs_detr(target: str, rows: list[dict], key: str, limit: float) -> tuple[str, str]:
+    """The live ratio `<key>_vs_detr_live` decides; other GPUs' published figures never do."""
+    status, line = verdict(target, rows, f"{key}_vs_detr_live", limit, True)
+    if status == "MISSING":
+        _, published = verdict(target, rows, f"{key}_vs_detr_kernel", limit, True)
+        if "no measurement" not in published:
+            line += " in this run (the DETR kernel was not built); against its published H100 figures," + published.split(":", 1)[1]
+    return status, line
+
+
 def msda_checks(rows: list[dict]) -> list[tuple[str, str]]:
     out = []
     for b in GPU_BACKENDS:
@@ -61,9 +73,9 @@ def msda_checks(rows: list[dict]) -> list[tuple[str, str]]:
         detr = [r for r in bf16 if r["case"].startswith("DETR")]
         b8 = [r for r in mine if r["batch"] == 8]
         out += [
-            verdict(f"ms_deform_attn [{b}] bf16 fwd vs DETR kernel, PIIP shapes", piip, "fwd_vs_detr_kernel", 5, True),
-            verdict(f"ms_deform_attn [{b}] bf16 fwd+bwd vs DETR kernel, PIIP shapes", piip, "fwd_bwd_vs_detr_kernel", 4, True),
-            verdict(f"ms_deform_attn [{b}] bf16 fwd+bwd vs DETR kernel, 4-level encoder", detr, "fwd_bwd_vs_detr_kernel", 3, True),
+            vs_detr(f"ms_deform_attn [{b}] bf16 fwd vs DETR kernel, PIIP shapes", piip, "fwd", 5),
+            vs_detr(f"ms_deform_attn [{b}] bf16 fwd+bwd vs DETR kernel, PIIP shapes", piip, "fwd_bwd", 4),
+            vs_detr(f"ms_deform_attn [{b}] bf16 fwd+bwd vs DETR kernel, 4-level encoder", detr, "fwd_bwd", 3),
             verdict(f"ms_deform_attn [{b}] batch 8 fwd x floor", b8, "fwd_x_floor", 2, False),
             verdict(f"ms_deform_attn [{b}] batch 8 fwd+bwd x floor", b8, "fwd_bwd_x_floor", 3, False),
         ]
