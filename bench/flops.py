@@ -2,7 +2,7 @@
 
     python bench/flops.py                          # every preset, grouped like the paper's tables
     python bench/flops.py --config tsb --config h6b   # presets whose name contains any of these
-    python bench/flops.py --json rows.json --markdown table.md --plot cost.png
+    python bench/flops.py --json rows.json --markdown table.md --plot docs/figures
 
 Columns (FLOPs are multiply-accumulates, as in the paper):
   #Param, #FLOPs   counted in the paper's convention (piip.flops.paper_cost): the model the
@@ -13,6 +13,9 @@ Columns (FLOPs are multiply-accumulates, as in the paper):
   full GFLOPs      the real model at that input (piip.flops.full_cost): every matmul
                    including attention, deformable sampling, merge, pyramid, norms, resizes
   breakdown        of the full cost: per branch, interactions, merge + pyramid
+  published        the released checkpoint's result from the official README (COCO box/mask
+                   mAP, ADE20K mIoU, ImageNet top-1; bench/data/paper/results.json), as
+                   ``metrics`` and ``metrics_source`` in the JSON rows
 Everything is counted on the meta device: no arithmetic runs, the table takes seconds.
 """
 from __future__ import annotations
@@ -28,6 +31,8 @@ from piip.flops import full_cost, paper_cost
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAPER = os.path.join(HERE, "paper_costs.json")
+RESULTS = os.path.join(HERE, "data", "paper", "results.json")
+METRIC_LABELS = {"box_ap": "box", "mask_ap": "mask", "miou": "mIoU", "top1": "top-1"}
 
 GROUPS = [
     ("COCO detection (PIIP)", lambda p: p["task"] == "detection" and p["kind"] == "PIIP"),
@@ -60,7 +65,28 @@ def pct(ours: float, theirs: float | None) -> float | None:
     return None if not theirs else 100.0 * (ours / theirs - 1.0)
 
 
-def build_rows(names: list[str], paper: dict, progress: bool = True) -> list[dict]:
+def published_results(path: str = RESULTS) -> dict[str, dict]:
+    """{config: {"metrics": {...}, "metrics_source": str}} for every released configuration
+    with a published result (metrics that the README leaves empty are dropped)."""
+    with open(path) as f:
+        data = json.load(f)
+    out = {}
+    for r in data["results"]:
+        if r.get("config"):
+            metrics = {k: v for k, v in r["metrics"].items() if v is not None}
+            table = f", table \"{r['table']}\"" if r.get("table") else ""
+            out[r["config"]] = {"metrics": metrics, "metrics_source": f"official README (OpenGVLab/PIIP @ 7a8eceb){table}"}
+    return out
+
+
+def format_metrics(metrics: dict | None) -> str:
+    """{"box_ap": 46.5, "mask_ap": 41.3} -> 'box 46.5 / mask 41.3'."""
+    if not metrics:
+        return "—"
+    return " / ".join(f"{METRIC_LABELS.get(k, k)} {v:g}" for k, v in metrics.items())
+
+
+def build_rows(names: list[str], paper: dict, progress: bool = True, results: dict | None = None) -> list[dict]:
     rows = []
     t0 = time.time()
     for i, name in enumerate(names):
@@ -93,6 +119,8 @@ def build_rows(names: list[str], paper: dict, progress: bool = True) -> list[dic
             "flops_g_full": round(fc["macs"] / 1e9, 1),
             "breakdown": {k: round(v / 1e9, 2) for k, v in fc["breakdown"].items()},
             "breakdown_paper": {k: round(v / 1e9, 2) for k, v in pc["breakdown"].items()},
+            "metrics": (results or {}).get(name, {}).get("metrics"),
+            "metrics_source": (results or {}).get(name, {}).get("metrics_source"),
         })
     if progress:
         sys.stderr.write(f"\r[{'#' * 30}] {len(names)}/{len(names)} done in {time.time() - t0:.1f} s{' ' * 50}\n")
@@ -105,7 +133,7 @@ def _fmt(v, spec=".1f", none="—"):
 
 def table_lines(rows: list[dict], markdown: bool) -> list[str]:
     head = ["config", "resolutions", "#Param (M)", "#FLOPs (G)", "paper #Param", "paper #FLOPs",
-            "dev Param %", "dev FLOPs %", "full GFLOPs", "full breakdown (G)"]
+            "dev Param %", "dev FLOPs %", "full GFLOPs", "full breakdown (G)", "published"]
     lines = []
     notes = []
     for title, pick in GROUPS:
@@ -117,7 +145,7 @@ def table_lines(rows: list[dict], markdown: bool) -> list[str]:
             body.append([r["config"], r["resolutions"], _fmt(r["params_m"]), _fmt(r["flops_g_paper"]),
                          _fmt(r["paper_params_m"]), _fmt(r["paper_flops_g"]),
                          _fmt(r["dev_params_pct"], "+.2f"), _fmt(r["dev_flops_pct"], "+.2f"),
-                         _fmt(r["flops_g_full"]), short_breakdown(r["breakdown"])])
+                         _fmt(r["flops_g_full"]), short_breakdown(r["breakdown"]), format_metrics(r.get("metrics"))])
             notes.extend(row_notes(r))
         if markdown:
             lines += [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -154,7 +182,62 @@ def row_notes(r: dict) -> list[str]:
     return out
 
 
-def plot(rows: list[dict], path: str, metrics: dict | None) -> None:
+HETERO = os.path.join(HERE, "data", "paper", "configs_hetero.json")
+TABLES = os.path.join(HERE, "data", "paper", "paper_tables.md")
+# (task, metric key, axis label) of the accuracy figures.
+FIGURES = [("detection", "box_ap", "COCO box AP (Mask R-CNN 1x)"), ("segmentation", "miou", "ADE20K mIoU (UperNet)"),
+           ("classification", "top1", "ImageNet-1K top-1 (%)")]
+FAMILY_STYLE = {"PIIP-TSB": ("o", "tab:blue"), "PIIP-SBL": ("s", "tab:orange"), "PIIP-TSBL": ("D", "tab:green"),
+                "PIIP-H6B": ("^", "tab:red"), "PIIP-SBL, other pre-training": ("v", "tab:brown"),
+                "PIIP with ConvNeXt branches": ("P", "tab:purple"), "single-branch baselines": ("x", "black")}
+# Series drawn as lines (one model family at growing resolutions); the others are points.
+LINE_FAMILIES = ("PIIP-TSB", "PIIP-SBL", "PIIP-TSBL", "PIIP-H6B")
+
+
+def family(name: str, n_branches: int) -> str:
+    """The series a configuration belongs to in the figures."""
+    if "convnext" in name:
+        return "single-branch baselines" if n_branches == 1 else "PIIP with ConvNeXt branches"
+    if n_branches == 1:
+        return "single-branch baselines"
+    for key, fam in (("tsbl", "PIIP-TSBL"), ("tsb", "PIIP-TSB"), ("sbl", "PIIP-SBL"), ("h6b", "PIIP-H6B")):
+        if f"_{key}_" in name or name.endswith(f"_{key}"):
+            # The SBL detectors initialised from other pre-trained weights (Table V) share
+            # the DeiT series' costs: points beside it, not part of its line.
+            if fam == "PIIP-SBL" and name.startswith("mask_rcnn_") and "_deit_" not in name:
+                return "PIIP-SBL, other pre-training"
+            return fam
+    return "PIIP-SBL" if "sbl" in name else "PIIP-H6B"
+
+
+def figure_points(rows: list[dict], results: dict) -> list[dict]:
+    """Points of the figures: our presets (our #FLOPs and #Param, published metrics), the
+    ConvNeXt detectors (README #FLOPs; we cannot build them yet), and the classification
+    baselines of Table VIII (paper-only presets, the paper's top-1)."""
+    pts = []
+    for r in rows:
+        if r["config"].startswith("dino_"):
+            continue  # another detector (DINO): not comparable with the Mask R-CNN figures
+        n = len(r["resolutions"].split("/"))
+        pts.append({"config": r["config"], "task": r["task"], "family": family(r["config"], n), "flops_g": r["flops_g_paper"],
+                    "params_m": r["params_m"], "metrics": r.get("metrics") or {}, "label": r["resolutions"]})
+    with open(HETERO) as f:
+        for c in json.load(f)["configs"]:
+            if c["task"] == "detection" and c["name"] in results:
+                pts.append({"config": c["name"], "task": "detection", "family": family(c["name"], len(c["resolutions"].split("/"))),
+                            "flops_g": c["readme"]["flops_G"], "params_m": None, "metrics": results[c["name"]]["metrics"],
+                            "label": c["resolutions"]})
+    for name, top1 in (("deit_b_224", 81.8), ("vit_l_224_augreg", 85.2)):  # Table VIII
+        if not any(p["config"] == name for p in pts):
+            pc = paper_cost(name)
+            pts.append({"config": name, "task": "classification", "family": "single-branch baselines",
+                        "flops_g": pc["macs"] / 1e9, "params_m": pc["params"] / 1e6, "metrics": {"top1": top1}, "label": "224"})
+    return pts
+
+
+def plot(rows: list[dict], outdir: str, results: dict) -> list[str]:
+    """Accuracy against #FLOPs per task (as in the paper's Figure 6) and #Param against #FLOPs,
+    one series per family; PNG files in outdir, their paths returned."""
     try:
         import matplotlib
 
@@ -162,23 +245,47 @@ def plot(rows: list[dict], path: str, metrics: dict | None) -> None:
         import matplotlib.pyplot as plt
     except ImportError as e:  # optional dependency
         raise SystemExit(f"--plot needs matplotlib ({e}); pip install matplotlib") from e
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for kind, marker in (("PIIP", "o"), ("baseline (single branch)", "s")):
-        pts = [r for r in rows if r["kind"] == kind]
-        if metrics:
-            pts = [r for r in pts if r["config"] in metrics]
-            ys = [metrics[r["config"]] for r in pts]
-        else:
-            ys = [r["params_m"] for r in pts]
-        ax.scatter([r["flops_g_paper"] for r in pts], ys, marker=marker, label=kind)
-        for r, y in zip(pts, ys):
-            ax.annotate(r["resolutions"], (r["flops_g_paper"], y), fontsize=6)
-    ax.set_xscale("log")
-    ax.set_xlabel("#FLOPs (G, paper convention)")
-    ax.set_ylabel("reported metric" if metrics else "#Param (M)")
-    ax.legend()
+    os.makedirs(outdir, exist_ok=True)
+    pts = figure_points(rows, results)
+    written = []
+
+    def draw(ax, sel, y_of):
+        for fam, (marker, color) in FAMILY_STYLE.items():
+            mine = sorted((p for p in sel if p["family"] == fam and y_of(p) is not None), key=lambda p: p["flops_g"])
+            if not mine:
+                continue
+            xs, ys = [p["flops_g"] for p in mine], [y_of(p) for p in mine]
+            ax.plot(xs, ys, marker=marker, color=color, linestyle="-" if fam in LINE_FAMILIES else "none", label=fam)
+            for p, x, y in zip(mine, xs, ys):
+                ax.annotate(p["label"], (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("#FLOPs (G, paper convention)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+
+    for task, key, label in FIGURES:
+        sel = [p for p in pts if p["task"] == task]
+        if not any(key in p["metrics"] for p in sel):
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        draw(ax, sel, lambda p, key=key: p["metrics"].get(key))
+        ax.set_ylabel(label)
+        ax.set_title(f"{task}: published results against our #FLOPs count")
+        fig.tight_layout()
+        path = os.path.join(outdir, f"accuracy_{task}.png")
+        fig.savefig(path, dpi=130)
+        plt.close(fig)
+        written.append(path)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    draw(ax, [p for p in pts if p["params_m"] is not None], lambda p: p["params_m"])
+    ax.set_yscale("log")
+    ax.set_ylabel("#Param (M)")
+    ax.set_title("#Param against #FLOPs, every preset")
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    path = os.path.join(outdir, "params_vs_flops.png")
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return written + [path]
 
 
 def main(argv=None) -> int:
@@ -186,9 +293,9 @@ def main(argv=None) -> int:
     ap.add_argument("--config", action="append", default=[], help="only presets whose name contains this (repeatable)")
     ap.add_argument("--json", metavar="PATH", help="write the rows as a JSON list")
     ap.add_argument("--markdown", metavar="PATH", help="write the tables as markdown")
-    ap.add_argument("--plot", metavar="PATH", help="draw #FLOPs against --metrics (or #Param) for PIIP and baselines")
-    ap.add_argument("--metrics", metavar="JSON", help="{config: box AP or top-1} to plot against (the paper's config list carries none)")
+    ap.add_argument("--plot", metavar="DIR", help="draw the published accuracy and #Param against #FLOPs per task (PNG files)")
     ap.add_argument("--paper", default=PAPER, help="the paper figures (default: bench/paper_costs.json)")
+    ap.add_argument("--results", default=RESULTS, help="the published results (default: bench/data/paper/results.json)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
 
@@ -199,7 +306,8 @@ def main(argv=None) -> int:
         names = [n for n in names if any(c in n for c in args.config)]
         if not names:
             ap.error(f"no preset matches {args.config}; see piip.list_models()")
-    rows = build_rows(names, paper, progress=not args.quiet)
+    results = published_results(args.results)
+    rows = build_rows(names, paper, progress=not args.quiet, results=results)
     print("\n".join(table_lines(rows, markdown=False)))
     if args.json:
         with open(args.json, "w") as f:
@@ -208,11 +316,8 @@ def main(argv=None) -> int:
         with open(args.markdown, "w") as f:
             f.write("\n".join(table_lines(rows, markdown=True)) + "\n")
     if args.plot:
-        metrics = None
-        if args.metrics:
-            with open(args.metrics) as f:
-                metrics = json.load(f)
-        plot(rows, args.plot, metrics)
+        for path in plot(rows, args.plot, results):
+            print(f"wrote {path}", file=sys.stderr)
     bad = [r["config"] for r in rows if any(d is not None and abs(d) > TOLERANCE_PCT for d in (r["dev_params_pct"], r["dev_flops_pct"]))]
     if bad:
         print(f"{len(bad)} row(s) outside the {TOLERANCE_PCT}% target: {', '.join(bad)}", file=sys.stderr)

@@ -117,8 +117,8 @@ def _prefix_group(name: str) -> str:
 
 def paper_cost(cfg_or_name, side: int | None = None) -> dict:
     """#Param and #FLOPs (MACs) as the paper counts them. Returns
-    ``{"params", "macs", "hooks", "analytic", "breakdown"}``; breakdown is per branch,
-    interactions and merge/head, analytic terms included."""
+    ``{"params", "macs", "hooks", "analytic", "breakdown", "params_breakdown"}``; the
+    breakdowns are per branch, interactions and merge/head (MACs with the analytic terms)."""
     cfg = get_config(cfg_or_name) if isinstance(cfg_or_name, str) else cfg_or_name
     ccfg = counting_config(cfg)
     side = side or ccfg.branches[-1].image_size
@@ -126,6 +126,11 @@ def paper_cost(cfg_or_name, side: int | None = None) -> dict:
         model = PIIP(ccfg).eval()
         img = torch.empty(1, 3, side, side)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    params_breakdown: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            group = _prefix_group(name)
+            params_breakdown[group] = params_breakdown.get(group, 0) + p.numel()
     totals: dict[str, int] = {}
     handles = []
     for name, m in model.named_modules():
@@ -148,7 +153,8 @@ def paper_cost(cfg_or_name, side: int | None = None) -> dict:
         breakdown[k] = breakdown.get(k, 0) + v
     breakdown["interactions"] = breakdown.get("interactions", 0) + terms["deform"]
     analytic = sum(terms["attention"].values()) + terms["deform"]
-    return {"params": params, "macs": hooks + analytic, "hooks": hooks, "analytic": analytic, "breakdown": breakdown}
+    return {"params": params, "macs": hooks + analytic, "hooks": hooks, "analytic": analytic, "breakdown": breakdown,
+            "params_breakdown": params_breakdown}
 
 
 # ------------------------------------------------------------------------------------------

@@ -116,11 +116,65 @@ _row("piip_3branch_sbl_384-192-128_cls_token_augreg", "classification", None, [(
 _row("piip_3branch_tsb_368-192-128_cls_token_deit1", "classification", None, [("deit", "B", 128, 0.2), ("deit", "S", 192, 0.05), ("deit", "T", 368, 0.05)])
 
 
-def list_models(pattern: str | None = None) -> list[str]:
-    """Preset names, optionally filtered by a substring or fnmatch pattern."""
+# ---------------------------------------------------------------------------------------
+# Paper-only rows: configurations the papers report (tables I, II, VIII, X) that have no
+# official config file. They are built from the same data and counted the same way;
+# ``list_models(paper_only=True)`` lists them. Where the paper leaves a detail open, the
+# choice is stated beside the row.
+PAPER_ONLY: set[str] = set()
+
+
+def _paper_row(name, output, branches, interactions=12, window=None, task=None, cls_token=None, windows=None, **kw):
+    """branches: (embed_dim, depth, heads, resolution, family) per branch, branch 1 first;
+    ``window`` applies to every branch, ``windows`` gives one spec per branch."""
+    bcs = []
+    for i, (C, depth, heads, res, fam) in enumerate(branches):
+        spec = windows[i] if windows is not None else window
+        f = dict(FAMILIES[fam])
+        pretrain = f.pop("pretrain")
+        family = f.pop("family")
+        layer_scale = f.pop("layer_scale")
+        cls = output != "detection"
+        grid = res // 16 if cls else pretrain // 16
+        bcs.append(BranchConfig(
+            name=f"branch{i + 1}", embed_dim=C, depth=depth, num_heads=heads, image_size=res,
+            interaction_indexes=split_stages(depth, interactions) if len(branches) > 1 else (),
+            window_sizes=_windows(spec, depth), layer_scale=None if cls else layer_scale,
+            pos_embed_grid=(grid, grid), pos_embed_cls_slot=family == "internvit",
+            cls_token=cls if cls_token is None else cls_token, family=family, pad_before_qkv=False, **f))
+    PRESETS[name] = PIIPConfig(branches=tuple(bcs), output=output, interaction_drop_path=0.4 if len(bcs) > 1 else 0.0,
+                               name=name, extra={"task": task or ("detection" if output == "detection" else "classification"),
+                                                 "paper_only": True}, **kw)
+    PAPER_ONLY.add(name)
+
+
+# Table X: PIIP-B trained from scratch, 512/256/128, widths 640/320/160 (12 layers; 8/4/2
+# heads), with the merged classification head that the paper's "Branch Merging" row counts
+# (no cls token). The paper does not give the attention layout; its branch-3 figure (4.9G)
+# is what window attention of side 16 gives (global attention would be 7.9G); a window of
+# 16 covers the whole 8x8 and 16x16 grids of branches 1 and 2, which are global. DeiT-style
+# blocks without layer scale (layer scale would add 2C parameters per block).
+_paper_row("piip_3branch_b_512-256-128_scratch", "classification_merged",
+           [(640, 12, 8, 128, "deit"), (320, 12, 4, 256, "deit"), (160, 12, 2, 512, "deit")],
+           windows=(None, None, ("W", 16)), cls_token=False)
+# Table X: the single-branch ViT-B trained the same way (224).
+_paper_row("vit_b_224_scratch", "classification", [(768, 12, 12, 224, "deit")])
+# Table VIII: DeiT-B (224) and ViT-L (224, AugReg) classification baselines.
+_paper_row("deit_b_224", "classification", [(768, 12, 12, 224, "deit")])
+_paper_row("vit_l_224_augreg", "classification", [(1024, 24, 16, 224, "augreg")])
+# Table II: the ViT/ViT/ViT row at 1024/672/448 (225G), a DeiT TSB with the TSB detectors'
+# window layout (window 14 in every block) and pretraining grids.
+_paper_row("mask_rcnn_deit_tsb_1024_672_448_paper", "detection",
+           [(768, 12, 12, 448, "deit3"), (384, 12, 6, 672, "deit3"), (192, 12, 3, 1024, "deit")],
+           window=("W", 14), task="detection")
+
+
+def list_models(pattern: str | None = None, paper_only: bool = False) -> list[str]:
+    """Preset names of the official configs, optionally filtered by a substring or fnmatch
+    pattern; ``paper_only=True`` adds the paper-only rows (no official config file)."""
     import fnmatch
 
-    names = sorted(PRESETS)
+    names = sorted(n for n in PRESETS if paper_only or n not in PAPER_ONLY)
     if pattern:
         names = [n for n in names if fnmatch.fnmatch(n, pattern) or pattern in n]
     return names
