@@ -1,4 +1,5 @@
 """piip: a lean N-branch Parameter-Inverted Image Pyramid model package."""
+from . import distributed, memory  # noqa: F401  (piip.distributed.apply_fsdp, piip.memory.plan_memory)
 from .models.config import BranchConfig, PIIPConfig
 from .models.piip import PIIP
 from .models.presets import create_model, get_config, list_models

@@ -6,8 +6,8 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
-from piip_kernels import MSDeformAttn
-from piip_kernels.dca.reference import grid_reference_points  # noqa: F401  (re-exported)
+from piip_kernels import MSDeformAttn, ms_deform_attn
+from piip_kernels.dca.reference import grid_reference_points
 
 from .block import DropPath
 from .norm import make_norm
@@ -59,19 +59,40 @@ class Injector(nn.Module):
             self.ffn_norm = make_norm(norm, dim)
             self.cffn_gamma = nn.Parameter(torch.full((dim,), float(gamma_init)))
             self.drop_path = DropPath(drop_path)
+        # None: the fused deform_cross_attn. A function (value, shapes, starts, loc, weights)
+        # -> out: the unfused form the official code runs (see PIIP.set_execution).
+        self.unfused_msda = None
 
     def forward(self, x: Tensor, hw: tuple[int, int], feat: Tensor, feat_hw: tuple[int, int]) -> Tensor:
         """x: [B, Hq*Wq, C_q]; feat: [B, Hv*Wv, feat_dim] -> [B, Hq*Wq, C_q]."""
         q, f = self.query_norm(x), self.feat_norm(feat)
-        # Sampling runs in fp32 under autocast, as the official interaction does. The
-        # reference points are the query grid's cell centres, so the fused op applies.
+        # Sampling runs outside autocast in the parameters' dtype: fp32, as the official
+        # interaction does, or the compute dtype FSDP gathers them in (piip.distributed).
+        # The reference points are the query grid's cell centres, so the fused op applies.
         no_autocast = torch.autocast(x.device.type, enabled=False) if x.device.type in ("cpu", "cuda") else contextlib.nullcontext()
+        dt = self.attn.value_proj.weight.dtype
         with no_autocast:
-            attn = self.attn.forward_grid(q.float(), hw, f.float(), feat_hw)
+            if self.unfused_msda is None:
+                attn = self.attn.forward_grid(q.to(dt), hw, f.to(dt), feat_hw)
+            else:
+                attn = self._unfused(q.to(dt), hw, f.to(dt), feat_hw)
         x = x + self.ca_gamma * attn.to(x.dtype)
         if self.with_cffn:
             x = x + self.drop_path(self.cffn_gamma * self.ffn(self.ffn_norm(x), hw))
         return x
+
+
+    def _unfused(self, q: Tensor, hw, f: Tensor, feat_hw) -> Tensor:
+        """The official computation, step by step: grid reference points, offsets scaled by
+        the value grid, a softmax, then multi-scale deformable attention on one level."""
+        a = self.attn
+        N, Lq, _ = q.shape
+        ref = grid_reference_points(hw, q.device, q.dtype)[None, :, None, :].expand(N, Lq, 1, 2)
+        shapes = torch.tensor([list(feat_hw)], device=q.device)
+        starts = torch.zeros(1, dtype=torch.long, device=q.device)
+        value = a.value_proj(f).view(N, f.shape[1], a.n_heads, a.value_dim // a.n_heads)
+        loc, weights = a.sampling(q, ref, shapes)
+        return a.output_proj(self.unfused_msda(value, shapes, starts, loc, weights))
 
 
 class InteractionUnit(nn.Module):

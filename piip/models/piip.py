@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from piip_kernels import branch_merge
+from piip_kernels import branch_merge, ms_deform_attn
 
 from ..layers import Block, InteractionUnit
 from .config import BranchConfig, PIIPConfig
@@ -157,8 +157,26 @@ class PIIP(nn.Module):
             for m in (self.merge, self.cls_norm, self.cls_head):
                 m.apply(_init_linear_and_norms)
         self.grad_checkpointing = False
+        self.eager_merge = False
 
     # ----------------------------------------------------------------- helpers
+    def set_execution(self, path: str = "ours", msda=None) -> None:
+        """Which computation runs, with the same weights:
+          - "ours": the fused deform_cross_attn in every injector and the fused branch_merge;
+          - "official": what the official code runs: grid reference points, offsets and a
+            softmax, then ``msda(value, shapes, starts, loc, weights)`` (default: our
+            ms_deform_attn on the reference backend, grid_sample), and the eager
+            interpolate-and-sum merge. Both compute the same function (the tests check it).
+        """
+        if path not in ("ours", "official"):
+            raise ValueError(f"set_execution: path must be 'ours' or 'official', got {path!r}")
+        official = path == "official"
+        fn = (msda or (lambda *a: ms_deform_attn(*a, backend="reference"))) if official else None
+        for m in self.modules():
+            if hasattr(m, "unfused_msda"):
+                m.unfused_msda = fn
+        self.eager_merge = official
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute every block and every interaction unit in the backward pass."""
         self.grad_checkpointing = enable
@@ -251,6 +269,9 @@ class PIIP(nn.Module):
         weighted sum: [B, C_1, *out_hw] in fp32 (the weights are fp32)."""
         ys = [m(x) for m, x in zip(self.merge, maps)]
         dtype = torch.promote_types(ys[0].dtype, ys[-1].dtype)
+        if self.eager_merge:  # the official form: one interpolate per branch, then multiply-adds
+            return sum(w * F.interpolate(y.float(), size=tuple(out_hw), mode="bilinear", align_corners=False)
+                       for w, y in zip(self.merge_weights.float().unbind(0), ys))
         return branch_merge([y.to(dtype) for y in ys], self.merge_weights, out_hw)
 
     def forward(self, img: Tensor):

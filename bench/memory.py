@@ -1,0 +1,97 @@
+"""Training-memory planner: peak memory per GPU of one training step of any preset.
+
+    python bench/memory.py                                   # every preset: batch 1, bf16, one GPU
+    python bench/memory.py --config h6b_1024_512 --batch 1 2 --checkpointing both --world-size 1 8
+    python bench/memory.py --config tsb_1568 --side 1024 --dtype float32 --json plan.json --markdown plan.md
+
+For each case it prints parameters, gradients, AdamW states, activations (everything else
+alive at the backward's peak), FSDP2's unsharded working set, and the total per rank in GiB,
+computed on fake tensors (piip.memory.plan_memory): nothing is allocated, a full-size preset
+takes seconds. FSDP sharding (world size > 1) follows piip.distributed.apply_fsdp: fp32
+shards of parameters, gradients and optimizer states, units of one transformer block or one
+interaction unit gathered in the compute dtype.
+
+Not modelled (see piip.memory): allocator fragmentation and cached-but-free blocks,
+cuBLAS/cuDNN workspaces beyond one convolution's copies, NCCL buffers, the CUDA context
+(about 0.5 GiB), and the detector's neck and heads, which this package does not include.
+``--gpu-gib`` (default 80) marks the cases that fit with 10 % of headroom.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import piip  # noqa: E402
+from piip.memory import plan_memory  # noqa: E402
+
+GIB = 2 ** 30
+COLUMNS = ["config", "batch", "side", "dtype", "ckpt", "world", "params", "grads", "optim", "activations", "fsdp", "total", "peak in", "fits"]
+
+
+def rows_for(names, batches, sides, dtypes, ckpts, worlds, gpu_gib, progress=True):
+    cases = [(n, b, s, d, c) for n in names for b in batches for s in sides for d in dtypes for c in ckpts]
+    rows, t0 = [], time.time()
+    for i, (name, batch, side, dtype, ckpt) in enumerate(cases):
+        if progress:
+            print(f"[{i + 1}/{len(cases)}] {name} batch {batch} {dtype}{' checkpointing' if ckpt else ''} "
+                  f"({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+        for w in worlds:
+            p = plan_memory(name, batch=batch, side=side, dtype=dtype, checkpointing=ckpt, world_size=w)
+            p["fits"] = p["total"] * 1.1 <= gpu_gib * GIB
+            rows.append(p)
+    return rows
+
+
+def table(rows, markdown=False, gpu_gib=80):
+    def cells(r):
+        g = lambda k: f"{r[k] / GIB:.2f}"  # noqa: E731
+        return [r["config"], str(r["batch"]), str(r["side"]), r["dtype"], "yes" if r["checkpointing"] else "no", str(r["world_size"]),
+                g("parameters"), g("gradients"), g("optimizer_states"), g("activations"), g("fsdp_unsharded"), g("total"),
+                r["peak_phase"], "yes" if r["fits"] else "no"]
+    body = [cells(r) for r in rows]
+    head = [c if c != "fits" else f"fits {gpu_gib} GiB" for c in COLUMNS]
+    if markdown:
+        return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(b) + " |" for b in body])
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths)) for line in [head] + body)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", action="append", default=[], help="presets whose name contains this (repeatable; default all)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1], help="images per GPU")
+    ap.add_argument("--side", type=int, nargs="+", default=[None], help="input side (default: the preset's largest resolution)")
+    ap.add_argument("--dtype", nargs="+", default=["bfloat16"], choices=["float32", "bfloat16", "float16"], help="autocast dtype")
+    ap.add_argument("--checkpointing", choices=["no", "yes", "both"], default="no")
+    ap.add_argument("--world-size", type=int, nargs="+", default=[1], help="FSDP world sizes (1: no sharding)")
+    ap.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory for the 'fits' column")
+    ap.add_argument("--json", metavar="PATH")
+    ap.add_argument("--markdown", metavar="PATH")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    names = piip.list_models(paper_only=True) if args.config else piip.list_models()
+    if args.config:
+        names = [n for n in names if any(c in n for c in args.config)]
+        if not names:
+            ap.error(f"no preset matches {args.config}; see piip.list_models()")
+    ckpts = {"no": [False], "yes": [True], "both": [False, True]}[args.checkpointing]
+    rows = rows_for(names, args.batch, args.side, args.dtype, ckpts, args.world_size, args.gpu_gib, not args.quiet)
+    print(table(rows, gpu_gib=args.gpu_gib))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([{k: v for k, v in r.items()} for r in rows], f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table(rows, markdown=True, gpu_gib=args.gpu_gib) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
