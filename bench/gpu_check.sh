@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU check, meant to run in a single call on a lent GPU machine
 # (H100, torch with CUDA, no internet):
-#   build for sm_90 only -> backend table -> GPU tests -> memcheck -> benchmarks -> targets.
+#   build for sm_90 only -> backend table -> GPU tests -> memcheck -> kernel benchmarks ->
+#   model step benchmark -> memory-planner check -> targets.
 # Everything fits GPU_CHECK_BUDGET_S seconds (default 560, under a 10-minute call): each
 # stage gets a share of what is left, and the benchmarks measure our backends first and
 # stop starting new cases when their share is spent, keeping every row measured.
@@ -106,10 +107,16 @@ if [ -n "$anchor_pid" ]; then
 fi
 
 # Benchmarks (our backends first in each; rows are kept when a budget or timeout cuts in).
-b=$(share 170 80); timeout -k 20 $(( b + 30 )) "$PY" bench/bench_msda.py --budget-s "$b" > "$OUT/bench_msda.md" 2> "$OUT/bench_msda.log"
+b=$(share 150 190); timeout -k 20 $(( b + 30 )) "$PY" bench/bench_msda.py --budget-s "$b" > "$OUT/bench_msda.md" 2> "$OUT/bench_msda.log"
 bench_rc=$?
-b=$(share 45 35); timeout -k 10 $(( b + 20 )) "$PY" bench/bench_interaction.py --budget-s "$b" > "$OUT/bench_interaction.md" 2> "$OUT/bench_interaction.log"
-b=$(share 30 5); timeout -k 10 $(( b + 15 )) "$PY" bench/bench_branch_merge.py --budget-s "$b" > "$OUT/bench_branch_merge.md" 2> "$OUT/bench_branch_merge.log"
+b=$(share 40 145); timeout -k 10 $(( b + 20 )) "$PY" bench/bench_interaction.py --budget-s "$b" > "$OUT/bench_interaction.md" 2> "$OUT/bench_interaction.log"
+b=$(share 30 110); timeout -k 10 $(( b + 15 )) "$PY" bench/bench_branch_merge.py --budget-s "$b" > "$OUT/bench_branch_merge.md" 2> "$OUT/bench_branch_merge.log"
+# Model level: an SBL detection training step at full resolution, batch 2, bf16, ours against the
+# official path (the DETR kernel when built), then the memory planner against
+# torch.cuda.max_memory_allocated on one full-size preset.
+b=$(share 80 30); timeout -k 10 "$b" "$PY" bench/bench_model.py --steps 6 > "$OUT/bench_model.md" 2> "$OUT/bench_model.log"
+b=$(share 30 5); timeout -k 10 "$b" "$PY" bench/memory.py --config deit_tsb_1568_1120_672 --batch 1 --dtype bfloat16 --validate --quiet \
+  > "$OUT/memory_validation.md" 2> "$OUT/memory_validation.log"
 cp -r bench/results "$OUT/results"
 grep -h "left out" "$OUT"/bench_*.log
 

@@ -15,6 +15,11 @@ Not modelled (see piip.memory): allocator fragmentation and cached-but-free bloc
 cuBLAS/cuDNN workspaces beyond one convolution's copies, NCCL buffers, the CUDA context
 (about 0.5 GiB), and the detector's neck and heads, which this package does not include.
 ``--gpu-gib`` (default 80) marks the cases that fit with 10 % of headroom.
+
+``--validate`` also runs each case for real on ``--device`` (one warm-up step, then one
+measured step of forward, backward and AdamW) and prints the measured peak beside the plan:
+torch.cuda.max_memory_allocated on a GPU, the profiler's allocation events on the CPU
+(piip.memory.measure_cpu_step). Results go to bench/results/memory_validation_<device>.
 """
 from __future__ import annotations
 
@@ -63,6 +68,48 @@ def table(rows, markdown=False, gpu_gib=80):
     return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths)) for line in [head] + body)
 
 
+def measure(name: str, batch: int, side: int, dtype: torch.dtype, checkpointing: bool, device: torch.device) -> int:
+    """Measured peak bytes of one real training step after a warm-up step."""
+    from piip.memory import _autocast, _loss, measure_cpu_step
+
+    torch.manual_seed(0)
+    model = piip.create_model(name).to(device)
+    model.set_grad_checkpointing(checkpointing)
+    img = torch.randn(batch, 3, side, side, device=device)
+    if device.type == "cpu":
+        return measure_cpu_step(model, img, dtype)["total"]
+    opt = torch.optim.AdamW(model.parameters(), foreach=False)
+
+    def step():
+        with _autocast(dtype, device.type):
+            loss = _loss(model(img))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
+def validate(rows, device: torch.device) -> list[dict]:
+    from common import report
+
+    out = []
+    for r in rows:
+        dtype = getattr(torch, r["dtype"])
+        got = measure(r["config"], r["batch"], r["side"], dtype, r["checkpointing"], device)
+        out.append({"config": r["config"], "batch": r["batch"], "side": r["side"], "dtype": r["dtype"],
+                    "checkpointing": r["checkpointing"], "planned_gib": r["total"] / GIB, "measured_gib": got / GIB,
+                    "plan_over_measured": r["total"] / got,
+                    "measured_with": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "profiler allocation events"})
+    report("memory_validation", device, out, list(out[0]) if out else [])
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", action="append", default=[], help="presets whose name contains this (repeatable; default all)")
@@ -75,6 +122,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--markdown", metavar="PATH")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--validate", action="store_true", help="measure each case for real and compare (world size 1)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for --validate")
     args = ap.parse_args(argv)
     names = piip.list_models(paper_only=True) if args.config else piip.list_models()
     if args.config:
@@ -84,6 +133,8 @@ def main(argv=None) -> int:
     ckpts = {"no": [False], "yes": [True], "both": [False, True]}[args.checkpointing]
     rows = rows_for(names, args.batch, args.side, args.dtype, ckpts, args.world_size, args.gpu_gib, not args.quiet)
     print(table(rows, gpu_gib=args.gpu_gib))
+    if args.validate:
+        validate([r for r in rows if r["world_size"] == 1], torch.device(args.device))
     if args.json:
         with open(args.json, "w") as f:
             json.dump([{k: v for k, v in r.items()} for r in rows], f, indent=1)

@@ -20,6 +20,9 @@ budget), with the worst case and its value. The targets (H100 figures, same run)
   deform_cross_attn  fused >= 2x faster than the unfused path, same backend, bf16 forward+backward
   branch_merge       bf16: >= 15x faster than eager forward, forward <= 1.5x its floor,
                      forward+backward >= 8x faster than eager
+  model step         SBL detection, full resolution, batch 2, bf16: our path >= 1.3x faster
+                     than the official path (bench_model.py)
+  memory planner     within 10 % of torch.cuda.max_memory_allocated on the checked preset
 """
 from __future__ import annotations
 
@@ -113,12 +116,22 @@ def merge_checks(rows: list[dict]) -> list[tuple[str, str]]:
     return out or [("MISSING", "branch_merge: no bf16 GPU rows")]
 
 
+def model_checks(rows: list[dict], memory: list[dict]) -> list[tuple[str, str]]:
+    sbl = [r for r in rows if r["path"] == "ours" and "sbl_1568_1120_672" in r["config"] and r["dtype"] == "bfloat16"
+           and r.get("scale") == 1.0]
+    out = [verdict("model step SBL det bf16 ours vs official", sbl, "speedup", 1.3, True)]
+    out.append(verdict("memory planner / measured (above)", memory, "plan_over_measured", 1.1, False))
+    out.append(verdict("memory planner / measured (below)", memory, "plan_over_measured", 0.9, True))
+    return out
+
+
 def check(results: Path = RESULTS, device: str = "cuda") -> list[tuple[str, str]]:
     """(status, line) for every target, from the latest records of `device`."""
     msda = latest(results, f"msda_{device}")
     return ((msda_checks(msda) if msda else [("MISSING", "ms_deform_attn: no record")])
             + interaction_checks(latest(results, f"interaction_{device}"))
-            + merge_checks(latest(results, f"branch_merge_{device}")))
+            + merge_checks(latest(results, f"branch_merge_{device}"))
+            + model_checks(latest(results, f"model_{device}"), latest(results, f"memory_validation_{device}")))
 
 
 def main(argv=None) -> int:

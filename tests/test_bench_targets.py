@@ -126,3 +126,34 @@ def test_live_detr_kernel_runner_and_ratios(tmp_path, monkeypatch):
     ours = next(r for r in rows if r["backend"] == "cuda")
     assert ours["fwd_vs_detr_live"] == 0.6 / 0.1          # kernels: both captured
     assert ours["fwd_bwd_vs_detr_live"] == 3.0 / 1.0      # eager calls: the DETR graph was not
+
+
+def test_model_and_memory_targets(tmp_path):
+    write(tmp_path, "model_cuda", [
+        {"config": "mask_rcnn_deit_sbl_1568_1120_672_fpn_1x_coco_bs16", "path": "ours", "dtype": "bfloat16", "scale": 1.0,
+         "speedup": 1.25, "batch": 2},
+        {"config": "mask_rcnn_deit_sbl_1568_1120_672_fpn_1x_coco_bs16", "path": "official", "dtype": "bfloat16", "scale": 1.0, "batch": 2},
+    ])
+    write(tmp_path, "memory_validation_cuda", [{"config": "x", "batch": 1, "dtype": "bfloat16", "plan_over_measured": 0.95}])
+    got = by_target(targets.check(tmp_path, "cuda"))
+    assert got["model step SBL det bf16 ours vs official"] == "FAIL"  # 1.25 < 1.3
+    assert got["memory planner / measured (above)"] == "PASS" and got["memory planner / measured (below)"] == "PASS"
+
+
+def test_bench_model_one_case_on_the_cpu():
+    """bench_model's case runner on a full-size classification preset at a small input:
+    both paths, the speed-up, the time share of sampling and merging, the peak memory."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import torch
+
+    import bench_model
+
+    rows = bench_model.run_case("piip_3branch_tsb_368-192-128_cls_token_deit1", 1, 0.35, torch.float32, torch.device("cpu"),
+                                False, steps=1, warmup=0, paths=["ours", "official"])
+    assert [r["path"] for r in rows] == ["ours", "official"]
+    for r in rows:
+        assert r["side"] == 128 and r["step_ms"] > 0 and 0 < r["msda_share"] < 1
+        assert r["peak_mem_mb"] > 144e6 * 16 / 2 ** 20 * 0.9  # parameters, AdamW states and gradients at least
+    assert rows[0]["speedup"] == rows[1]["step_ms"] / rows[0]["step_ms"]

@@ -71,7 +71,8 @@ class Injector(nn.Module):
         # The reference points are the query grid's cell centres, so the fused op applies.
         no_autocast = torch.autocast(x.device.type, enabled=False) if x.device.type in ("cpu", "cuda") else contextlib.nullcontext()
         dt = self.attn.value_proj.weight.dtype
-        with no_autocast:
+        # The named range lets profilers (bench/bench_model.py) compare the two paths.
+        with no_autocast, torch.profiler.record_function("piip.interaction_attention"):
             if self.unfused_msda is None:
                 attn = self.attn.forward_grid(q.to(dt), hw, f.to(dt), feat_hw)
             else:
