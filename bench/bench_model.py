@@ -125,55 +125,71 @@ def profile_step(step, device, baseline_bytes: int, path: str):
 
 def run_case(name: str, batch: int, scale: float, dtype: torch.dtype, device, checkpointing: bool, steps: int,
              warmup: int, paths) -> list[dict]:
+    """Both paths on copies of one model (same weights), each with its own AdamW. The timed
+    steps alternate between the paths, so a drift of the machine (clocks, other load) falls
+    on both alike; the median per path is reported."""
+    import copy
+
     cfg = piip.get_config(name)
     side = input_side(cfg, scale)
     torch.manual_seed(0)
-    model = piip.create_model(name).to(device)
-    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    base_model = piip.create_model(name)
     g = torch.Generator().manual_seed(1)
     img = torch.randn(batch, 3, side, side, generator=g).to(device)
     labels = torch.randint(0, cfg.num_classes, (batch,), generator=g).to(device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    rows = []
-    for path in paths:
+    runs = {}
+    for i, path in enumerate(paths):
+        model = (base_model if i == len(paths) - 1 else copy.deepcopy(base_model)).to(device)
         msda, msda_name = official_msda(device) if path == "official" else (None, "")
-        model.load_state_dict(start)
         model.set_execution(path, msda=msda)
         model.set_grad_checkpointing(checkpointing)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
-        def step():
+        def step(model=model, opt=opt):
             with autocast:
                 loss = loss_of(model(img), labels)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
+        runs[path] = (model, opt, step, msda_name)
         progress(f"  {name} [{path}{': ' + msda_name if msda_name else ''}] batch {batch} side {side} {str(dtype)[6:]}"
                  f"{' checkpointing' if checkpointing else ''}")
         for _ in range(warmup):
             step()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        times = []
-        for _ in range(steps):
+    times = {p: [] for p in paths}
+    peak_gpu = {}
+    for _ in range(steps):
+        for path in paths:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             _sync(device)
             t0 = time.perf_counter()
-            step()
+            runs[path][2]()
             _sync(device)
-            times.append((time.perf_counter() - t0) * 1e3)
-        peak_gpu = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+            times[path].append((time.perf_counter() - t0) * 1e3)
+            if device.type == "cuda":
+                peak_gpu[path] = max(peak_gpu.get(path, 0), torch.cuda.max_memory_allocated(device))
+    rows = []
+    for path in paths:
+        model, opt, step, msda_name = runs[path]
         base = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
         base += sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
         base += img.numel() * img.element_size()
         share, peak_cpu = profile_step(step, device, base, path)
+        # On a GPU the other path's copy is resident too: its parameters and states are
+        # subtracted so the figure is one path's own.
+        other = sum(sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
+                    + sum(t.numel() * t.element_size() for s in o.state.values() for t in s.values() if torch.is_tensor(t))
+                    for p2, (m, o, _, _) in runs.items() if p2 != path)
+        peak = peak_gpu[path] - other if device.type == "cuda" else peak_cpu
         rows.append({"config": name, "path": path, "device": device_name(device), "dtype": str(dtype)[6:], "batch": batch,
-                     "scale": scale, "side": side, "checkpointing": checkpointing, "step_ms": statistics.median(times),
-                     "msda_share": share, "peak_mem_mb": (peak_gpu if peak_gpu is not None else peak_cpu) / 2 ** 20,
-                     "peak_mem_source": "torch.cuda.max_memory_allocated" if peak_gpu is not None
-                     else "tensors before the step + profiler allocation events (CPU)",
+                     "scale": scale, "side": side, "checkpointing": checkpointing, "step_ms": statistics.median(times[path]),
+                     "step_ms_all": times[path], "msda_share": share, "peak_mem_mb": peak / 2 ** 20,
+                     "peak_mem_source": "torch.cuda.max_memory_allocated (less the other path's model copy)"
+                     if device.type == "cuda" else "tensors before the step + profiler allocation events (CPU)",
                      "official_attention": msda_name if path == "official" else None})
-    model.set_execution("ours")
     by_path = {r["path"]: r for r in rows}
     if "ours" in by_path and "official" in by_path:
         by_path["ours"]["speedup"] = by_path["official"]["step_ms"] / by_path["ours"]["step_ms"]
