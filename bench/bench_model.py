@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import budgeted, device_name, progress, report  # noqa: E402
 
 import piip  # noqa: E402
+from piip.memory import allocation_peak, resident_bytes  # noqa: E402
 
 # What counts as deformable attention and merging: in the forward, the model's named ranges
 # around each injector's attention (projections, offsets, softmax, sampling) and around the
@@ -103,23 +104,7 @@ def profile_step(step, device, baseline_bytes: int, path: str):
     for evt in prof.key_averages():
         if evt.key in names:
             spent += (getattr(evt, "device_time_total", 0) or 0) if device.type == "cuda" else evt.cpu_time_total
-    peak = None
-    if device.type == "cpu":
-        allocs = []
-
-        def walk(node):
-            if type(node.extra_fields).__name__ == "_ExtraFields_Allocation":
-                allocs.append((node.start_time_ns, node.extra_fields.alloc_size))
-            for child in node.children:
-                walk(child)
-
-        for root in prof.profiler.kineto_results.experimental_event_tree():
-            walk(root)
-        live = top = 0
-        for _, size in sorted(allocs):
-            live += size
-            top = max(top, live)
-        peak = baseline_bytes + top
+    peak = baseline_bytes + allocation_peak(prof) if device.type == "cpu" else None
     return spent / wall_us, peak
 
 
@@ -174,15 +159,11 @@ def run_case(name: str, batch: int, scale: float, dtype: torch.dtype, device, ch
     rows = []
     for path in paths:
         model, opt, step, msda_name = runs[path]
-        base = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-        base += sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
-        base += img.numel() * img.element_size()
+        base = resident_bytes(model, opt) + img.numel() * img.element_size()
         share, peak_cpu = profile_step(step, device, base, path)
         # On a GPU the other path's copy is resident too: its parameters and states are
         # subtracted so the figure is one path's own.
-        other = sum(sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
-                    + sum(t.numel() * t.element_size() for s in o.state.values() for t in s.values() if torch.is_tensor(t))
-                    for p2, (m, o, _, _) in runs.items() if p2 != path)
+        other = sum(resident_bytes(m, o) for p2, (m, o, _, _) in runs.items() if p2 != path)
         peak = peak_gpu[path] - other if device.type == "cuda" else peak_cpu
         rows.append({"config": name, "path": path, "device": device_name(device), "dtype": str(dtype)[6:], "batch": batch,
                      "scale": scale, "side": side, "checkpointing": checkpointing, "step_ms": statistics.median(times[path]),

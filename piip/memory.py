@@ -229,11 +229,24 @@ def measure_cpu_step(model: nn.Module, img: torch.Tensor, dtype: torch.dtype = t
         opt.zero_grad(set_to_none=True)
 
     step()
-    base = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    base += sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
-    base += img.numel() * img.element_size()
+    base = resident_bytes(model, opt) + img.numel() * img.element_size()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
+    peak = allocation_peak(prof)
+    return {"before_step": base, "step_peak_over_base": peak, "total": base + peak}
+
+
+def resident_bytes(model: nn.Module, opt=None) -> int:
+    """Bytes of a model's parameters and buffers and of an optimizer's state tensors."""
+    total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    if opt is not None:
+        total += sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+    return total
+
+
+def allocation_peak(prof) -> int:
+    """The highest running total of the allocation events a ``profile(profile_memory=True)``
+    recorded (bytes above what was allocated when it started)."""
     allocs = []
 
     def walk(node):
@@ -248,4 +261,4 @@ def measure_cpu_step(model: nn.Module, img: torch.Tensor, dtype: torch.dtype = t
     for _, size in sorted(allocs):
         live += size
         peak = max(peak, live)
-    return {"before_step": base, "step_peak_over_base": peak, "total": base + peak}
+    return peak

@@ -221,3 +221,22 @@ def check_levels_outside_value(forward, backward, device) -> None:
         assert torch.isnan(gl[:, :, :, 1]).all() and torch.isnan(ga[:, :, :, 1]).all()
         assert torch.isfinite(gl[:, :, :, 0]).all() and torch.isfinite(ga[:, :, :, 0]).all()
         assert torch.isfinite(gv).all()
+
+
+def run_two_gloo_ranks(worker, tmp_path, *args, timeout_s: float = 240, what: str = "workers"):
+    """Spawns worker(rank, 2, init_file, result_file, *args) twice and returns what rank 0
+    saved to result_file; fails the test if the ranks do not finish within timeout_s."""
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    init, result = str(tmp_path / "init"), str(tmp_path / "result.pt")
+    ctx = mp.spawn(worker, args=(2, init, result, *args), nprocs=2, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.terminate()
+            pytest.fail(f"the two {what} did not finish within {timeout_s:.0f} s")
+    return torch.load(result)

@@ -2,13 +2,11 @@
 losses and parameters as single-process training of the same model on the same data."""
 import datetime
 import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from helpers import tiny_config
+from helpers import run_two_gloo_ranks, tiny_config
 
 import piip
 from piip.models.piip import PIIP
@@ -73,15 +71,7 @@ def _worker(rank, world, init_file, result_file, output, param_dtype, checkpoint
 
 
 def _run_two_ranks(tmp_path, *args):
-    init, result = str(tmp_path / "init"), str(tmp_path / "result.pt")
-    ctx = mp.spawn(_worker, args=(2, init, result, *args), nprocs=2, join=False)
-    deadline = time.monotonic() + 240
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.terminate()
-            pytest.fail("the two FSDP workers did not finish within 240 s")
-    return torch.load(result)
+    return run_two_gloo_ranks(_worker, tmp_path, *args, what="FSDP workers")
 
 
 @pytest.mark.parametrize("output,checkpointing", [("detection", False), ("classification_merged", True)])

@@ -1,13 +1,11 @@
 """Tiny PIIP models on the CPU: every task, gradients, checkpointing, autocast, compile, DDP."""
 import datetime
 import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from helpers import tiny_config
+from helpers import run_two_gloo_ranks, tiny_config
 
 import piip
 
@@ -160,15 +158,7 @@ def _ddp_worker(rank, world, init_file, result_file):
 
 
 def test_ddp_two_ranks_stay_identical(tmp_path):
-    init, result = str(tmp_path / "init"), str(tmp_path / "result.pt")
-    ctx = mp.spawn(_ddp_worker, args=(2, init, result), nprocs=2, join=False)
-    deadline = time.monotonic() + 180
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.terminate()
-            pytest.fail("the two DDP workers did not finish within 180 s")
-    a, b = torch.load(result)
+    a, b = run_two_gloo_ranks(_ddp_worker, tmp_path, timeout_s=180, what="DDP workers")
     torch.manual_seed(0)
     start = torch.cat([p.detach().flatten() for p in piip.PIIP(tiny_config(2)).parameters()])
     assert torch.equal(a, b)
