@@ -54,27 +54,29 @@ def _windows(spec, depth):
 PRESETS: dict[str, PIIPConfig] = {}
 
 
+def _branch(i, n, fam, dims, res, window, interactions, run_grid, cls_token, drop_layer_scale=False, **kw):
+    """Branch i of n: the family's defaults (FAMILIES), widths ``dims`` = (C, depth, heads), its
+    resolution and window spec. ``run_grid``: the position table is stored at the run grid
+    (classification and segmentation configs) instead of the pretraining grid (detection)."""
+    f = dict(FAMILIES[fam])
+    pretrain, family, layer_scale = f.pop("pretrain"), f.pop("family"), f.pop("layer_scale")
+    C, depth, heads = dims
+    grid = res // 16 if run_grid else pretrain // 16
+    return BranchConfig(
+        name=f"branch{i + 1}", embed_dim=C, depth=depth, num_heads=heads, image_size=res,
+        interaction_indexes=split_stages(depth, interactions) if n > 1 else (),
+        window_sizes=_windows(window, depth), layer_scale=None if drop_layer_scale else layer_scale,
+        pos_embed_grid=(grid, grid), pos_embed_cls_slot=family == "internvit", cls_token=cls_token, family=family,
+        pad_before_qkv=False, **f, **kw)
+
+
 def _row(name, task, window, branches, interactions=12, speedup=False, fused_mlp=False, dino=False, official_all_fpn=False):
     cls = task == "classification"
-    bcs = []
-    for i, (fam, size, res, dpr) in enumerate(branches):
-        f = dict(FAMILIES[fam])
-        C, depth, heads = SIZES[size]
-        # Detection backbones store the position embedding at the pretraining grid;
-        # classification and segmentation configs store it at the run grid.
-        grid = res // 16 if task in ("classification", "segmentation") else f.pop("pretrain") // 16
-        f.pop("pretrain", None)
-        family = f.pop("family")
-        layer_scale = f.pop("layer_scale")
-        if cls and family == "internvit":
-            layer_scale = None  # the AugReg classification branches have no layer scale
-        bcs.append(BranchConfig(
-            name=f"branch{i + 1}", embed_dim=C, depth=depth, num_heads=heads, image_size=res,
-            interaction_indexes=split_stages(depth, interactions) if len(branches) > 1 else (),
-            window_sizes=_windows(window, depth), layer_scale=layer_scale,
-            mlp_act="gelu_tanh" if fused_mlp else "gelu", pos_embed_grid=(grid, grid),
-            pos_embed_cls_slot=family == "internvit", cls_token=cls, family=family,
-            pad_before_qkv=False, drop_path_rate=dpr, **f))
+    # The AugReg (InternViT-class) classification branches have no layer scale.
+    bcs = [_branch(i, len(branches), fam, SIZES[size], res, window, interactions, task in ("classification", "segmentation"),
+                   cls, drop_layer_scale=cls and FAMILIES[fam]["family"] == "internvit",
+                   mlp_act="gelu_tanh" if fused_mlp else "gelu", drop_path_rate=dpr)
+           for i, (fam, size, res, dpr) in enumerate(branches)]
     PRESETS[name] = PIIPConfig(
         branches=tuple(bcs),
         output="classification" if cls else "detection",
@@ -127,21 +129,10 @@ PAPER_ONLY: set[str] = set()
 def _paper_row(name, output, branches, interactions=12, window=None, task=None, cls_token=None, windows=None, **kw):
     """branches: (embed_dim, depth, heads, resolution, family) per branch, branch 1 first;
     ``window`` applies to every branch, ``windows`` gives one spec per branch."""
-    bcs = []
-    for i, (C, depth, heads, res, fam) in enumerate(branches):
-        spec = windows[i] if windows is not None else window
-        f = dict(FAMILIES[fam])
-        pretrain = f.pop("pretrain")
-        family = f.pop("family")
-        layer_scale = f.pop("layer_scale")
-        cls = output != "detection"
-        grid = res // 16 if cls else pretrain // 16
-        bcs.append(BranchConfig(
-            name=f"branch{i + 1}", embed_dim=C, depth=depth, num_heads=heads, image_size=res,
-            interaction_indexes=split_stages(depth, interactions) if len(branches) > 1 else (),
-            window_sizes=_windows(spec, depth), layer_scale=None if cls else layer_scale,
-            pos_embed_grid=(grid, grid), pos_embed_cls_slot=family == "internvit",
-            cls_token=cls if cls_token is None else cls_token, family=family, pad_before_qkv=False, **f))
+    cls = output != "detection"
+    bcs = [_branch(i, len(branches), fam, (C, depth, heads), res, windows[i] if windows is not None else window,
+                   interactions, cls, cls if cls_token is None else cls_token, drop_layer_scale=cls)
+           for i, (C, depth, heads, res, fam) in enumerate(branches)]
     PRESETS[name] = PIIPConfig(branches=tuple(bcs), output=output, interaction_drop_path=0.4 if len(bcs) > 1 else 0.0,
                                name=name, extra={"task": task or ("detection" if output == "detection" else "classification"),
                                                  "paper_only": True}, **kw)
