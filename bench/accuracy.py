@@ -159,17 +159,10 @@ def _progress(done: int, total: int, start: float, counts: Tensor) -> None:
     sys.stderr.flush()
 
 
-def published_top1(config: str) -> float | None:
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "paper", "results.json")) as f:
-        for r in json.load(f)["results"]:
-            if r.get("config") == config:
-                return r["metrics"].get("top1")
-    return None
-
-
 def main(argv=None) -> int:
     import piip
     from common import environment
+    from flops import published_results
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="a classification preset (piip.list_models('cls'))")
@@ -213,7 +206,7 @@ def main(argv=None) -> int:
         torch.distributed.destroy_process_group()
     if rank != 0:
         return 0
-    pub = published_top1(args.config)
+    pub = published_results().get(args.config, {}).get("metrics", {}).get("top1")
     record = {"config": args.config, "checkpoint": os.path.abspath(args.checkpoint), "data": os.path.abspath(args.data),
               "top1": res["top1"], "top5": res["top5"], "images": res["images"], "classes": len(classes),
               "dtype": args.dtype, "device": device, "world_size": world, "published_top1": pub,

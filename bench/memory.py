@@ -70,7 +70,7 @@ def table(rows, markdown=False, gpu_gib=80):
 
 def measure(name: str, batch: int, side: int, dtype: torch.dtype, checkpointing: bool, device: torch.device) -> int:
     """Measured peak bytes of one real training step after a warm-up step."""
-    from piip.memory import _autocast, _loss, measure_cpu_step
+    from piip.memory import measure_cpu_step, train_step
 
     torch.manual_seed(0)
     model = piip.create_model(name).to(device)
@@ -79,18 +79,10 @@ def measure(name: str, batch: int, side: int, dtype: torch.dtype, checkpointing:
     if device.type == "cpu":
         return measure_cpu_step(model, img, dtype)["total"]
     opt = torch.optim.AdamW(model.parameters(), foreach=False)
-
-    def step():
-        with _autocast(dtype, device.type):
-            loss = _loss(model(img))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step()
+    train_step(model, img, opt, dtype)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
-    step()
+    train_step(model, img, opt, dtype)
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device)
 

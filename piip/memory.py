@@ -20,7 +20,8 @@ and AdamW states from the model. It reports per rank:
 
 What it does not model: the caching allocator's fragmentation and reserved-but-free
 blocks, cuBLAS/cuDNN workspaces and other memory that kernels allocate inside themselves
-(on the CPU: buffers of convolution backward), NCCL buffers, the CUDA context (about
+beyond one convolution's working copies (on the CPU, for example, the contiguous copy of
+its input that a transposed convolution keeps for the backward), NCCL buffers, the CUDA context (about
 0.5 GB per GPU), and the activations of the detector head or neck, which are not part of
 this package. :func:`measure_cpu_step` measures a real CPU step with the profiler's
 allocation events, which the tests compare with the plan.
@@ -66,7 +67,6 @@ def fsdp_units(model: PIIP) -> list[nn.Module]:
     from .layers import Block, InteractionUnit
 
     return [m for m in model.modules() if isinstance(m, (Block, InteractionUnit))]
-
 
 
 class LiveBytes(TorchDispatchMode):
@@ -212,6 +212,16 @@ def plan_memory(cfg_or_name, batch: int = 1, side: int | None = None, dtype: tor
             "peak_phase": "backward" if bwd_peak >= opt_peak else "optimizer step"}
 
 
+def train_step(model: nn.Module, img: torch.Tensor, opt, dtype: torch.dtype = torch.float32) -> None:
+    """One step as the plans assume it: forward under autocast (unless fp32), the loss over
+    every output, backward, the optimizer step, gradients set to None."""
+    with _autocast(dtype, img.device.type):
+        loss = _loss(model(img))
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def measure_cpu_step(model: nn.Module, img: torch.Tensor, dtype: torch.dtype = torch.float32, opt=None) -> dict:
     """Measured peak memory of one real CPU training step (bytes), for checking plans:
     the tensors alive before the step (parameters, buffers, optimizer states, after one warm-up
@@ -220,18 +230,10 @@ def measure_cpu_step(model: nn.Module, img: torch.Tensor, dtype: torch.dtype = t
     from torch.profiler import ProfilerActivity, profile
 
     opt = opt or torch.optim.AdamW(model.parameters(), foreach=False)
-
-    def step():
-        with _autocast(dtype):
-            loss = _loss(model(img))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step()
+    train_step(model, img, opt, dtype)
     base = resident_bytes(model, opt) + img.numel() * img.element_size()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
+        train_step(model, img, opt, dtype)
     peak = allocation_peak(prof)
     return {"before_step": base, "step_peak_over_base": peak, "total": base + peak}
 

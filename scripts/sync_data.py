@@ -72,10 +72,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     old = read_manifest()
     todo = pairs(args.src)
-    changed = []
+    changed, digests = [], []
     for s, d in todo:
         rel = d.relative_to(ROOT).as_posix()
         digest = sha256(s)
+        digests.append(digest)
         if old.get(rel) != digest or not d.exists():
             changed.append((s, d, rel, digest, "new" if rel not in old else "changed"))
     for _, _, rel, _, what in changed:
@@ -87,7 +88,8 @@ def main(argv=None) -> int:
     for s, d, *_ in changed:
         d.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(s, d)
-    lines = [f"{sha256(d)}  {d.relative_to(ROOT).as_posix()}" for _, d in todo]
+    # The copies are byte for byte their sources: the digests computed above are theirs.
+    lines = [f"{digest}  {d.relative_to(ROOT).as_posix()}" for (_, d), digest in zip(todo, digests)]
     MANIFEST.parent.mkdir(parents=True, exist_ok=True)
     MANIFEST.write_text("\n".join(sorted(lines, key=lambda l: l.split(None, 1)[1])) + "\n")
     print(f"sync_data: {len(changed)} copied, manifest lists {len(lines)} files")

@@ -82,7 +82,6 @@ class Injector(nn.Module):
             x = x + self.drop_path(self.cffn_gamma * self.ffn(self.ffn_norm(x), hw))
         return x
 
-
     def _unfused(self, q: Tensor, hw, f: Tensor, feat_hw) -> Tensor:
         """The official computation, step by step: grid reference points, offsets scaled by
         the value grid, a softmax, then multi-scale deformable attention on one level."""

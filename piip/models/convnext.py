@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers.convnext import ConvNeXtBlock, ConvNeXtDownsample, ConvNeXtStem
+from .piip import _linspace
 
 # depths, widths of the four stages
 CONVNEXT_SIZES = {
@@ -44,8 +45,7 @@ class ConvNeXt(nn.Module):
             raise ValueError(f"ConvNeXt: {len(depths)} depths for {len(dims)} widths")
         self.depths, self.dims = tuple(depths), tuple(dims)
         self.stem = ConvNeXtStem(dims[0], in_chans)
-        total = sum(depths)
-        rates = [drop_path_rate * i / (total - 1) if total > 1 else 0.0 for i in range(total)]
+        rates = _linspace(drop_path_rate, sum(depths))
         self.stages = nn.ModuleList()
         k = 0
         for s, (depth, dim) in enumerate(zip(depths, dims)):
