@@ -145,9 +145,22 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
     def fmt(v):
         return f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))
 
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
+    return "\n".join(render_grid(columns, [[fmt(r.get(c, "")) for c in columns] for r in rows], markdown=True))
+
+
+def render_grid(head: list[str], body: list[list[str]], markdown: bool, free_last: bool = False) -> list[str]:
+    """Lines of a table of strings: markdown, or columns padded to a common width and joined
+    by two spaces. ``free_last``: the last column (a note) is neither padded nor widens the
+    others."""
+    if markdown:
+        return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(b) + " |" for b in body]
+    n = len(head) - 1 if free_last else len(head)
+    widths = [max(len(str(x)) for x in col) for col in zip(*(row[:n] for row in [head] + body))]
+    out = []
+    for row in [head] + body:
+        line = "  ".join(str(x).ljust(w) for x, w in zip(row[:n], widths))
+        out.append(line + ("  " + str(row[-1]) if free_last and row[-1] else ""))
+    return out
 
 
 def progress(msg: str) -> None:

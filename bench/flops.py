@@ -30,6 +30,8 @@ import piip
 from piip.flops import full_cost, paper_cost
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from common import render_grid  # noqa: E402
 PAPER = os.path.join(HERE, "paper_costs.json")
 RESULTS = os.path.join(HERE, "data", "paper", "results.json")
 METRIC_LABELS = {"box_ap": "box", "mask_ap": "mask", "miou": "mIoU", "top1": "top-1"}
@@ -147,15 +149,7 @@ def table_lines(rows: list[dict], markdown: bool) -> list[str]:
                          _fmt(r["dev_params_pct"], "+.2f"), _fmt(r["dev_flops_pct"], "+.2f"),
                          _fmt(r["flops_g_full"]), short_breakdown(r["breakdown"]), format_metrics(r.get("metrics"))])
             notes.extend(row_notes(r))
-        if markdown:
-            lines += [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-            lines += ["| " + " | ".join(b) + " |" for b in body]
-            lines.append("")
-        else:
-            widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-            lines += [title, "  ".join(h.ljust(w) for h, w in zip(head, widths))]
-            lines += ["  ".join(str(x).ljust(w) for x, w in zip(b, widths)) for b in body]
-            lines.append("")
+        lines += ([f"### {title}", ""] if markdown else [title]) + render_grid(head, body, markdown) + [""]
     if notes:
         lines.append("Notes:" if not markdown else "**Notes**")
         lines += [("- " if markdown else "  * ") + n for n in notes]
@@ -183,7 +177,6 @@ def row_notes(r: dict) -> list[str]:
 
 
 HETERO = os.path.join(HERE, "data", "paper", "configs_hetero.json")
-TABLES = os.path.join(HERE, "data", "paper", "paper_tables.md")
 # (task, metric key, axis label) of the accuracy figures.
 FIGURES = [("detection", "box_ap", "COCO box AP (Mask R-CNN 1x)"), ("segmentation", "miou", "ADE20K mIoU (UperNet)"),
            ("classification", "top1", "ImageNet-1K top-1 (%)")]

@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import piip  # noqa: E402
+from common import render_grid  # noqa: E402
 from piip.memory import plan_memory  # noqa: E402
 
 GIB = 2 ** 30
@@ -62,10 +63,7 @@ def table(rows, markdown=False, gpu_gib=80):
                 r["peak_phase"], "yes" if r["fits"] else "no"]
     body = [cells(r) for r in rows]
     head = [c if c != "fits" else f"fits {gpu_gib} GiB" for c in COLUMNS]
-    if markdown:
-        return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(b) + " |" for b in body])
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths)) for line in [head] + body)
+    return "\n".join(render_grid(head, body, markdown))
 
 
 def measure(name: str, batch: int, side: int, dtype: torch.dtype, checkpointing: bool, device: torch.device) -> int:

@@ -23,6 +23,9 @@ import re
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from common import render_grid  # noqa: E402
+
 TABLES_MD = os.path.join(HERE, "data", "paper", "paper_tables.md")
 
 CONVNEXT = "ConvNeXt branches are not part of the model package yet"
@@ -295,13 +298,8 @@ def render(blocks: list[tuple[str, list[str], list[dict]]], breakdown: list[dict
 
 
 def _table(title: str, head: list[str], body: list[list[str]], markdown: bool) -> list[str]:
-    if markdown:
-        return [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + \
-               ["| " + " | ".join(b) + " |" for b in body] + [""]
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *(b[:-1] + [""] for b in body))]
-    out = [title, "  ".join(h.ljust(w) for h, w in zip(head, widths))]
-    out += ["  ".join(str(x).ljust(w) for x, w in zip(b[:-1], widths)) + ("  " + b[-1] if b[-1] else "") for b in body]
-    return out + [""]
+    """A titled table whose last column is the note."""
+    return ([f"### {title}", ""] if markdown else [title]) + render_grid(head, body, markdown, free_last=True) + [""]
 
 
 def load_measured(path: str | None) -> dict[str, float]:
