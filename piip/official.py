@@ -25,60 +25,98 @@ import torch
 from torch import Tensor
 
 from .models.config import BranchConfig, PIIPConfig
+from .models.convnext import convnext_official_key
 from .models.piip import PIIP
 
 _UNIT_RE = re.compile(r"^interactions\.(\d+)\.(\d+)\.(to_a_proj|to_b_proj|to_a|to_b)\.(.*)$")
 _BRANCH_RE = re.compile(r"^branches\.(\d+)\.(.*)$")
 _INJ = {"to_a_proj": "branch2to1_proj", "to_b_proj": "branch1to2_proj",
         "to_a": "branch2to1_injector", "to_b": "branch1to2_injector"}
+# PIIP-LLaVA checkpoints: where the encoder and the projector sit in the whole LLaVA model.
+LLAVA_ENCODER_PREFIX = "model.vision_tower.vision_tower."
+LLAVA_PROJECTOR_PREFIX = "model.mm_projector."
+
+
+def _branch_key(i: int, rest: str, cfg: PIIPConfig) -> str:
+    b = cfg.branches[i]
+    # The single-branch ConvNeXt baseline is the wrapper itself: no "branch1." level.
+    head = "" if cfg.output == "stages" else f"branch{i + 1}."
+    if b.kind == "convnext":
+        name = convnext_official_key(rest[len("convnext."):], b.family)
+        if b.family == "timm":  # PIIP-LLaVA's patched timm block stores the layer scale as "weight"
+            name = re.sub(r"^(stages\.\d+\.blocks\.\d+)\.gamma$", r"\1.weight", name)
+        return head + "convnext_model." + name
+    if b.kind == "clip":
+        return head + "clip_model." + rest[len("clip."):]
+    if rest.startswith("patch_embed."):
+        rest = "patch_embed.proj." + rest[len("patch_embed."):]
+    rest = re.sub(r"^(blocks\.\d+\.)ls([12])$", (r"\1gamma_\2" if b.family == "deit" else r"\1ls\2.gamma"), rest)
+    return head + rest
 
 
 def official_key(key: str, cfg: PIIPConfig) -> str:
-    """Our parameter name -> the official one (``merge_weights`` maps to ``w1``..``wN`` separately)."""
+    """Our parameter name -> the official one (the merge weights map to one scalar each, see
+    :func:`official_names`). PIIP-LLaVA names carry the LLaVA model's module paths."""
+    llava = cfg.output == "llava"
     m = _BRANCH_RE.match(key)
     if m:
-        i, rest = int(m.group(1)), m.group(2)
-        fam = cfg.branches[i].family
-        if rest.startswith("patch_embed."):
-            rest = "patch_embed.proj." + rest[len("patch_embed."):]
-        rest = re.sub(r"^(blocks\.\d+\.)ls([12])$", (r"\1gamma_\2" if fam == "deit" else r"\1ls\2.gamma"), rest)
-        return f"branch{i + 1}.{rest}"
+        name = _branch_key(int(m.group(1)), m.group(2), cfg)
+        return LLAVA_ENCODER_PREFIX + name if llava else name
     m = _UNIT_RE.match(key)
     if m:
         s, u, part, rest = int(m.group(1)), int(m.group(2)), m.group(3), m.group(4)
         rest = rest.replace("ffn.dwconv.", "ffn.dwconv.dwconv.")
-        return f"interactions.{s}.interaction_units_{u + 1}{u + 2}.{_INJ[part]}.{rest}"
+        if llava:  # the LLaVA code names the injector gains *_weight
+            rest = re.sub(r"^(ca|cffn)_gamma$", r"\1_weight", rest)
+        name = f"interactions.{s}.interaction_units_{u + 1}{u + 2}.{_INJ[part]}.{rest}"
+        return LLAVA_ENCODER_PREFIX + name if llava else name
     m = re.match(r"^merge\.(\d+)\.(.*)$", key)
     if m:
         return f"merge_branch{int(m.group(1)) + 1}.{m.group(2)}"
+    m = re.match(r"^inter_merge\.(\d+)\.(\d+)\.(.*)$", key)
+    if m:
+        return f"intermediate_merging_{cfg.out_indexes[int(m.group(1))]}_branch{int(m.group(2)) + 1}.{m.group(3)}"
+    m = re.match(r"^projector\.branches\.(\d+)\.(fc1|norm|fc2)\.(.*)$", key)
+    if m:
+        gn = cfg.projector_norm == "gn"
+        index = {"fc1": 1, "norm": 3, "fc2": 6 if gn else 5}[m.group(2)]
+        return f"{LLAVA_PROJECTOR_PREFIX}branch{int(m.group(1)) + 1}.{index}.{m.group(3)}"
     if key.startswith(("fpn1.", "fpn2.", "cls_norm.", "cls_head.")):
         return key
     raise KeyError(f"no official name for parameter {key!r}")
 
 
-def to_official_state_dict(model: PIIP) -> dict[str, Tensor]:
-    """Our state dict under the official names (what an official checkpoint holds)."""
+def official_names(model: PIIP) -> dict[str, tuple[str, tuple[int, ...] | None]]:
+    """Official name -> (our state-dict key, index into it or None). Our merge-weight vectors
+    are one official scalar per branch: ``w1..wN`` and ``intermediate_merging_{s}_w{j}``."""
     out = {}
     for k, v in model.state_dict().items():
         if k == "merge_weights":
-            for i in range(v.shape[0]):
-                out[f"w{i + 1}"] = v[i]
+            out.update({f"w{i + 1}": (k, (i,)) for i in range(v.shape[0])})
+        elif k == "inter_merge_weights":
+            for r, s in enumerate(model.cfg.out_indexes):
+                out.update({f"intermediate_merging_{s}_w{j + 1}": (k, (r, j)) for j in range(v.shape[1])})
         else:
-            out[official_key(k, model.cfg)] = v
+            out[official_key(k, model.cfg)] = (k, None)
     return out
+
+
+def to_official_state_dict(model: PIIP) -> dict[str, Tensor]:
+    """Our state dict under the official names (what an official checkpoint holds)."""
+    sd = model.state_dict()
+    return {ok: (sd[k] if i is None else sd[k][i]) for ok, (k, i) in official_names(model).items()}
 
 
 def load_official_state_dict(model: PIIP, state_dict: dict[str, Tensor]) -> None:
     """Fill ``model`` from an official state dict; raise listing every unused, missing or
-    mis-shaped key."""
+    mis-shaped key. A whole PIIP-LLaVA checkpoint may be given: only its encoder and
+    projector keys are taken."""
     ours = model.state_dict()
-    target: dict[str, tuple[str, int | None]] = {}
-    for k, v in ours.items():
-        if k == "merge_weights":
-            for i in range(v.shape[0]):
-                target[f"w{i + 1}"] = (k, i)
-        else:
-            target[official_key(k, model.cfg)] = (k, None)
+    target = official_names(model)
+    if model.cfg.output == "llava":
+        # Stock timm names the ConvNeXt layer scale "gamma"; the official checkpoints "weight".
+        state_dict = {re.sub(r"(convnext_model\.stages\.\d+\.blocks\.\d+)\.gamma$", r"\1.weight", k): v
+                      for k, v in state_dict.items() if k.startswith((LLAVA_ENCODER_PREFIX, LLAVA_PROJECTOR_PREFIX))}
     unused = sorted(set(state_dict) - set(target))
     missing = sorted(set(target) - set(state_dict))
     wrong = []
@@ -93,14 +131,12 @@ def load_official_state_dict(model: PIIP, state_dict: dict[str, Tensor]) -> None
             if items:
                 lines.append(f"  {title}: " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
         raise ValueError("\n".join(lines))
-    new = {}
+    new = {k: v.clone() if k in ("merge_weights", "inter_merge_weights") else None for k, v in ours.items()}
     for ok, (k, i) in target.items():
         if i is None:
             new[k] = state_dict[ok]
-    new["merge_weights"] = torch.stack([state_dict[f"w{i + 1}"] for i in range(len(model.cfg.branches))]) \
-        if "merge_weights" in ours else None
-    if new["merge_weights"] is None:
-        del new["merge_weights"]
+        else:
+            new[k][i] = state_dict[ok]
     model.load_state_dict(new, strict=True)
 
 
@@ -138,19 +174,85 @@ def _branch_from_neutral(b: dict, i: int) -> BranchConfig:
         family=fam, pad_before_qkv=True)
 
 
+def _convnext_from_neutral(name: str, image_size: int, groups, depths, widths, layout: str, *,
+                           layer_scale: float | None = 1e-6, patch: int = 4, head_hidden: int | None = None,
+                           ratios=None) -> BranchConfig:
+    b = BranchConfig(name=name, kind="convnext", family=layout, embed_dim=widths[-1],
+                     depth=sum(depths) + len(depths) - 1, num_heads=1, image_size=image_size,
+                     interaction_indexes=tuple(tuple(g) for g in groups), stage_depths=tuple(depths),
+                     stage_widths=tuple(widths), layer_scale=layer_scale, patch_size=patch, head_hidden=head_hidden)
+    if ratios is not None and tuple(ratios) != b.layer_strides:
+        raise ValueError(f"{name}: official downsample_ratios {list(ratios)} differ from the layer strides {list(b.layer_strides)}")
+    return b
+
+
+def _interaction_kw(it: dict) -> dict:
+    return dict(deform_num_heads=it["deform_num_heads"], n_points=it["n_points"], deform_ratio=it["deform_ratio"],
+                with_cffn=it["with_cffn"], cffn_ratio=it["cffn_ratio"], interaction_proj=it.get("interaction_proj", True),
+                interaction_norm=_norm_kind(it.get("interaction_norm", "layernorm")))
+
+
+def _llava_from_neutral(config: dict) -> PIIPConfig:
+    kw = config["official_kwargs"]
+    bb, pre = kw["backbone"], config["from_pretrained_configs"]
+    branches = []
+    for i in (1, 2):
+        b = bb[f"branch{i}"]
+        groups = tuple(tuple(g) for g in b["interaction_indexes"])
+        if b.get("model_type", "clip_hf") == "clip_hf":
+            c = pre["clip"][b["pretrained"]]
+            if c.get("hidden_act", "quick_gelu") != "quick_gelu":
+                raise ValueError(f"branch{i}: only quick-GELU CLIP towers are supported, got {c['hidden_act']}")
+            g = c["image_size"] // b.get("pretrain_patch_size", c["patch_size"])
+            branches.append(BranchConfig(
+                name=f"branch{i}", kind="clip", family="hf", embed_dim=c["hidden_size"], depth=c["num_hidden_layers"],
+                num_heads=c["num_attention_heads"], mlp_ratio=c["intermediate_size"] / c["hidden_size"],
+                image_size=b["img_size"], interaction_indexes=groups, patch_size=b.get("patch_size", c["patch_size"]),
+                pos_embed_grid=(g, g), cls_token=bool(b.get("use_cls_token", False))))
+        else:
+            t = pre["timm"][b["pretrained"]]
+            branches.append(_convnext_from_neutral(f"branch{i}", b["img_size"], groups, t["depths"], t["dims"], "timm",
+                                                   head_hidden=t.get("head_hidden_size"), ratios=b.get("downsample_ratios")))
+    proj = kw["projector"]
+    if proj.get("type", "separate_2branch_v1") != "separate_2branch_v1" or proj.get("out_shape"):
+        raise ValueError(f"unsupported projector {proj}")
+    return PIIPConfig(branches=tuple(branches), output="llava", projector_dim=kw["llm_hidden_size"],
+                      projector_norm=proj["norm"], interaction_drop_path=bb.get("interaction_drop_path_rate", 0.0),
+                      name=config.get("model", ""), **_interaction_kw(config["interaction"]))
+
+
 def config_from_neutral(config: dict) -> PIIPConfig:
     """The neutral config dict stored with the official fixtures -> PIIPConfig (official quirks on)."""
-    branches = tuple(_branch_from_neutral(b, i) for i, b in enumerate(config["branches"]))
-    it = config["interaction"]
-    classification = config["model"] == "piip_classification"
+    model = config["model"]
+    if model == "piip_llava_vision_encoder_and_projector":
+        return _llava_from_neutral(config)
+    kw = config.get("official_kwargs", {})
+    if model == "convnext_single_branch_detection_backbone":
+        h = config["hf_config"]
+        d = h["depths"]
+        ends = [sum(d[:s + 1]) + s - 1 for s in range(len(d))]  # last flattened layer of each stage
+        groups = [(0 if s == 0 else ends[s - 1] + 1, e) for s, e in enumerate(ends)]
+        b = _convnext_from_neutral("backbone", kw.get("real_size", config["input_shape"][-1]), groups, d,
+                                   h["hidden_sizes"], "hf", layer_scale=h["layer_scale_init_value"], patch=h["patch_size"])
+        return PIIPConfig(branches=(b,), output="stages", out_indexes=tuple(range(len(d))), name=model)
+    branches = []
+    for i, b in enumerate(config["branches"]):
+        if b["family"] == "convnext":
+            h, ok = b["hf_config"], kw[f"branch{i + 1}"]
+            branches.append(_convnext_from_neutral(
+                b["name"], b["nominal_image_size"], ok["interaction_indexes"], h["depths"], h["hidden_sizes"], "hf",
+                layer_scale=h["layer_scale_init_value"], patch=h["patch_size"], ratios=ok.get("downsample_ratios")))
+        else:
+            branches.append(_branch_from_neutral(b, i))
+    classification = model == "piip_classification"
+    regular = kw.get("with_simple_fpn", True) is False
     return PIIPConfig(
-        branches=branches,
+        branches=tuple(branches),
         output="classification" if classification else "detection",
         num_classes=config.get("num_classes", 1000),
-        deform_num_heads=it["deform_num_heads"], n_points=it["n_points"], deform_ratio=it["deform_ratio"],
-        with_cffn=it["with_cffn"], cffn_ratio=it["cffn_ratio"], interaction_proj=it["interaction_proj"],
-        interaction_norm=_norm_kind(it["interaction_norm"]),
-        head_reads_first_patch=classification, name=config.get("model", ""))
+        fpn="regular" if regular else "simple",
+        out_indexes=tuple(kw["out_interaction_indexes"]) if regular else (),
+        head_reads_first_patch=classification, name=model, **_interaction_kw(config["interaction"]))
 
 
 def official_config(cfg: PIIPConfig, official_branch4_from_branch3: bool = True) -> PIIPConfig:
@@ -170,8 +272,10 @@ def official_config(cfg: PIIPConfig, official_branch4_from_branch3: bool = True)
 def from_official(config, state_dict: dict[str, Tensor], backend: str | None = None) -> PIIP:
     """Build a model from a neutral config dict (as stored with the official fixtures) or a
     PIIPConfig, and load an official state dict into it (checked: see load_official_state_dict)."""
+    from .models.presets import build_model
+
     cfg = config if isinstance(config, PIIPConfig) else config_from_neutral(config)
-    model = PIIP(cfg, backend=backend)
+    model = build_model(cfg, backend=backend)
     load_official_state_dict(model, state_dict)
     return model
 

@@ -1,10 +1,10 @@
 """Building blocks of PIIP models, one idea per file."""
 from .attention import Attention
-from .block import Block, DropPath, Mlp
+from .block import Block, DropPath, Mlp, linspace_rates
 from .interaction import ConvFFN, Injector, InteractionUnit, grid_reference_points
 from .norm import RMSNorm, make_norm
 
 __all__ = [
-    "Attention", "Block", "DropPath", "Mlp", "ConvFFN", "Injector", "InteractionUnit",
+    "Attention", "Block", "DropPath", "Mlp", "linspace_rates", "ConvFFN", "Injector", "InteractionUnit",
     "grid_reference_points", "RMSNorm", "make_norm",
 ]

@@ -8,6 +8,11 @@ from .attention import Attention
 from .norm import make_norm
 
 
+def linspace_rates(end: float, n: int) -> list[float]:
+    """Stochastic-depth rates 0..end over n layers (plain floats: also works under a meta device context)."""
+    return [end * i / (n - 1) for i in range(n)] if n > 1 else [end] * n
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drops the whole residual branch per sample while training."""
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers.convnext import ConvNeXtBlock, ConvNeXtDownsample, ConvNeXtStem
-from .piip import _linspace
+from ..layers.block import linspace_rates
 
 # depths, widths of the four stages
 CONVNEXT_SIZES = {
@@ -30,22 +30,23 @@ CONVNEXT_SIZES = {
 
 
 class ConvNeXt(nn.Module):
-    """Stem, four stages (a downsampling layer before stages 1-3), and the final norm that the
-    official detection code builds but never applies (kept so checkpoints load and parameter
-    counts match; it receives no gradient).
+    """Stem, four stages (a downsampling layer before stages 1-3), and the final norm (plus,
+    with ``head_hidden``, timm's pre-logits Linear) that the official code builds but never
+    applies (kept so checkpoints load and parameter counts match; they receive no gradient).
 
     ``forward(img)`` with img [B, 3, H, W] returns the four stage outputs [B, C_s, H/4/2^s, W/4/2^s]
     (strides 4, 8, 16, 32; odd sides floor), with no norm, in fp32, as the official baseline does.
     """
 
     def __init__(self, depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024), layer_scale_init: float | None = 1e-6,
-                 drop_path_rate: float = 0.0, in_chans: int = 3, final_norm_eps: float = 1e-12):
+                 drop_path_rate: float = 0.0, in_chans: int = 3, final_norm_eps: float = 1e-12,
+                 head_hidden: int | None = None):
         super().__init__()
         if len(depths) != len(dims):
             raise ValueError(f"ConvNeXt: {len(depths)} depths for {len(dims)} widths")
         self.depths, self.dims = tuple(depths), tuple(dims)
         self.stem = ConvNeXtStem(dims[0], in_chans)
-        rates = _linspace(drop_path_rate, sum(depths))
+        rates = linspace_rates(drop_path_rate, sum(depths))
         self.stages = nn.ModuleList()
         k = 0
         for s, (depth, dim) in enumerate(zip(depths, dims)):
@@ -55,6 +56,9 @@ class ConvNeXt(nn.Module):
             k += depth
             self.stages.append(stage)
         self.norm = nn.LayerNorm(dims[-1], eps=final_norm_eps)
+        # timm's MLP-head variants (convnext_large_mlp) store a pre-logits Linear; PIIP-LLaVA
+        # keeps it in its checkpoints but never runs the head.
+        self.head_fc = nn.Linear(dims[-1], head_hidden) if head_hidden else None
 
     @classmethod
     def from_size(cls, size: str, **kw) -> "ConvNeXt":
@@ -110,6 +114,7 @@ _TIMM = [
     (r"^stages\.(\d+)\.blocks\.(\d+)\.pwconv1\.", r"stages.\1.blocks.\2.mlp.fc1."),
     (r"^stages\.(\d+)\.blocks\.(\d+)\.pwconv2\.", r"stages.\1.blocks.\2.mlp.fc2."),
     (r"^norm\.", "head.norm."),
+    (r"^head_fc\.", "head.pre_logits.fc."),
 ]
 
 
@@ -164,6 +169,8 @@ def convnext_from_official(state_dict: dict[str, Tensor], prefix: str = "convnex
     for s in range(1, len(depth)):
         w = sd[f"encoder.stages.{s}.downsampling_layer.1.weight" if hf else f"stages.{s}.downsample.1.weight"]
         dims.append(w.shape[0])
-    model = ConvNeXt([depth[s] for s in range(len(depth))], dims, in_chans=stem.shape[1], **kw)
+    fc = sd.get("head.pre_logits.fc.weight")
+    model = ConvNeXt([depth[s] for s in range(len(depth))], dims, in_chans=stem.shape[1],
+                     head_hidden=None if fc is None else fc.shape[0], **kw)
     load_convnext_state_dict(model, state_dict, "hf" if hf else "timm", prefix)
     return model

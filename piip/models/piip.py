@@ -15,88 +15,31 @@ from torch.utils.checkpoint import checkpoint
 
 from piip_kernels import branch_merge, ms_deform_attn
 
-from ..layers import Block, InteractionUnit
-from .config import BranchConfig, PIIPConfig
-
-
-def _init_linear_and_norms(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-
-
-def _linspace(end: float, n: int) -> list[float]:
-    """Stochastic-depth rates 0..end over n layers (plain floats: also works under a meta device context)."""
-    return [end * i / (n - 1) for i in range(n)] if n > 1 else [end] * n
-
-
-class ViTBranch(nn.Module):
-    """Patch embedding, position embedding, blocks and (for classification) norm and head."""
-
-    def __init__(self, cfg: BranchConfig, head_classes: int | None = None):
-        super().__init__()
-        self.cfg = cfg
-        C, p = cfg.embed_dim, cfg.patch_size
-        self.patch_embed = nn.Conv2d(3, C, p, p)
-        gh, gw = cfg.pos_embed_grid
-        self.pos_embed = nn.Parameter(torch.zeros(1, gh * gw + int(cfg.pos_embed_cls_slot), C))
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, C)) if cfg.cls_token else None
-        dpr = _linspace(cfg.drop_path_rate, cfg.depth)
-        self.blocks = nn.ModuleList(
-            Block(C, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.norm, cfg.qk_norm, cfg.layer_scale,
-                  cfg.window_sizes[i], cfg.pad_before_qkv, cfg.mlp_act, dpr[i])
-            for i in range(cfg.depth)
-        )
-        self.norm = self.head = None
-        if head_classes is not None:
-            from ..layers import make_norm
-            self.norm = make_norm(cfg.norm, C)
-            self.head = nn.Linear(C, head_classes)
-        self.apply(_init_linear_and_norms)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        if self.cls_token is not None:
-            nn.init.trunc_normal_(self.cls_token, std=0.02)
-        self.grad_checkpointing = False
-
-    def embed(self, img: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        """img [B, 3, h, w] -> tokens [B, H*W, C] with position embedding, and (H, W) = (h//p, w//p)."""
-        x = self.patch_embed(img)
-        H, W = x.shape[-2:]
-        x = x.flatten(2).transpose(1, 2)
-        return x + self.resized_pos_embed((H, W)).to(x.dtype), (H, W)
-
-    def resized_pos_embed(self, hw: tuple[int, int]) -> Tensor:
-        """The stored embedding (leading cls slot dropped), bicubically resized in fp32 to hw: [1, H*W, C]."""
-        pe = self.pos_embed[:, 1:] if self.cfg.pos_embed_cls_slot else self.pos_embed
-        gh, gw = self.cfg.pos_embed_grid
-        if (gh, gw) == tuple(hw):
-            return pe
-        pe = pe.float().reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
-        pe = F.interpolate(pe, size=hw, mode="bicubic", align_corners=False)
-        return pe.flatten(2).transpose(1, 2)
-
-    def run_blocks(self, x: Tensor, hw: tuple[int, int], start: int, end: int) -> Tensor:
-        for blk in self.blocks[start:end + 1]:
-            if self.grad_checkpointing and x.requires_grad:
-                x = checkpoint(blk, x, hw, use_reentrant=False)
-            else:
-                x = blk(x, hw)
-        return x
+from ..layers import InteractionUnit, linspace_rates
+from .branches import init_linear_and_norms as _init_linear_and_norms
+from .branches import make_branch
+from .config import PIIPConfig
 
 
 class PIIP(nn.Module):
     """N-branch PIIP. Build it from a :class:`PIIPConfig` (see ``piip.create_model`` for presets).
 
-    ``forward(img)`` with img [B, 3, H, W] (H, W multiples of the patch size) returns
-      - detection: a list of feature maps [B, C_1, ...] at 4x, 2x, 1x, 0.5x of the finest token grid
-        (the levels in ``cfg.fpn_levels``);
+    Branches are ViT, ConvNeXt or CLIP models behind one protocol (``piip.models.branches``);
+    the interaction units of stage s are sized by each branch's width after its stage-s
+    layers and sample on the live grids, so a CNN branch may change width and stride
+    inside a stage.
+
+    ``forward(img)`` with img [B, 3, H, W] (H, W multiples of branch N's patch / stem size) returns
+      - detection, simple FPN: a list of feature maps [B, C_1, ...] at 4x, 2x, 1x, 0.5x of
+        branch N's final grid (the levels in ``cfg.fpn_levels``);
+      - detection, regular FPN: four maps, the merges after the stages in ``cfg.out_indexes``
+        and after the last stage, at branch N's strides (CNN branch N: 4/8/16/32 of the
+        image) or deconvolved / pooled from its stride-16 grid (ViT branch N);
       - classification / classification_merged: logits [B, num_classes] (with cls-token heads
         the units after the last stage cannot reach the logits: they update patch tokens
         only; the official heads read patch token 0 instead, see ``head_reads_first_patch``);
+      - stages: the single branch's map after each stage in ``cfg.out_indexes``, fp32;
+      - llava: the projector's tokens (see :class:`piip.models.llava.PIIPLLaVA`);
       - features: ``forward_features`` output.
     """
 
@@ -105,14 +48,16 @@ class PIIP(nn.Module):
         self.cfg = cfg
         n = len(cfg.branches)
         separate = cfg.output == "classification"
-        self.branches = nn.ModuleList(ViTBranch(b, cfg.num_classes if separate else None) for b in cfg.branches)
+        self.branches = nn.ModuleList(make_branch(b, cfg.num_classes if separate else None) for b in cfg.branches)
+        S = cfg.num_stages
+        # widths[i][s]: branch i's width after its stage-s layers (constant for ViT/CLIP).
+        widths = [[b.layer_widths[e] for e in b.stage_ends()] for b in cfg.branches]
         self.interactions = nn.ModuleList()
         if n > 1:
-            S = cfg.num_stages
-            dpr = _linspace(cfg.interaction_drop_path, S)
+            dpr = linspace_rates(cfg.interaction_drop_path, S)
             for s in range(S):
                 self.interactions.append(nn.ModuleList(
-                    InteractionUnit(cfg.branches[u].embed_dim, cfg.branches[u + 1].embed_dim, cfg.interaction_proj,
+                    InteractionUnit(widths[u][s], widths[u + 1][s], cfg.interaction_proj,
                                     num_heads=cfg.deform_num_heads, n_points=cfg.n_points,
                                     deform_ratio=cfg.deform_ratio, with_cffn=cfg.with_cffn,
                                     cffn_ratio=cfg.cffn_ratio, norm=cfg.interaction_norm,
@@ -127,21 +72,39 @@ class PIIP(nn.Module):
                         if inj.with_cffn:
                             inj.ffn.apply(_init_linear_and_norms)
         C1 = cfg.branches[0].embed_dim
-        if cfg.output == "detection":
+        self.fpn1 = self.fpn2 = self.fpn4 = None
+        self.pyramid_native = False
+        if cfg.output == "detection" and cfg.fpn == "simple":
             if C1 % 32:
                 raise ValueError(f"detection output: branch 1 width {C1} must be a multiple of 32 (GroupNorm(32))")
-            self.merge = nn.ModuleList(
-                nn.Sequential(nn.Conv2d(b.embed_dim, C1, 3, padding=1, bias=False), nn.GroupNorm(32, C1), nn.ReLU(inplace=True),
-                              nn.Conv2d(C1, C1, 3, padding=1, bias=False), nn.GroupNorm(32, C1), nn.ReLU(inplace=True))
-                for b in cfg.branches)
+            self.merge = nn.ModuleList(_merge_layers(b.embed_dim, C1, convs=2) for b in cfg.branches)
             self.merge_weights = nn.Parameter(torch.ones(n))
             # Only the pyramid levels that are returned get layers, unless the config asks
             # for all of them (two official DINO configs build the unused 4x level).
             build = set(cfg.fpn_levels) | ({0, 1} if cfg.extra.get("build_all_fpn") else set())
-            self.fpn1 = nn.Sequential(nn.ConvTranspose2d(C1, C1, 2, 2), nn.GroupNorm(32, C1), nn.GELU(),
-                                      nn.ConvTranspose2d(C1, C1, 2, 2)) if 0 in build else None
+            self.fpn1 = _fpn_up4(C1) if 0 in build else None
             self.fpn2 = nn.Sequential(nn.ConvTranspose2d(C1, C1, 2, 2)) if 1 in build else None
             self.fpn4 = nn.MaxPool2d(2, 2)
+        elif cfg.output == "detection":  # regular FPN
+            d1 = [widths[0][s] for s in cfg.out_indexes]
+            if any(d % 32 for d in d1 + [C1]):
+                raise ValueError(f"regular FPN: branch 1 widths {d1 + [C1]} at the merges must be multiples of 32 (GroupNorm(32))")
+            # Branch 1 is only normalised; the others are projected to branch 1's current width.
+            self.inter_merge = nn.ModuleList(
+                nn.ModuleList(_merge_layers(widths[j][s], d, convs=int(j > 0)) for j in range(n))
+                for s, d in zip(cfg.out_indexes, d1))
+            self.inter_merge_weights = nn.Parameter(torch.ones(len(d1), n))
+            self.merge = nn.ModuleList(_merge_layers(b.embed_dim, C1, convs=int(j > 0)) for j, b in enumerate(cfg.branches))
+            self.merge_weights = nn.Parameter(torch.ones(n))
+            last = cfg.branches[-1]
+            strides = [last.layer_strides[last.stage_ends()[s]] for s in (*cfg.out_indexes, cfg.num_stages - 1)]
+            # A branch N whose strides already differ between the four merges (a CNN) gives
+            # the pyramid as it is; one on a single grid (a ViT) is deconvolved and pooled.
+            self.pyramid_native = len(set(strides)) == 4
+            if not self.pyramid_native:
+                self.fpn1 = _fpn_up4(d1[0])
+                self.fpn2 = nn.Sequential(nn.ConvTranspose2d(d1[1], d1[1], 2, 2))
+                self.fpn4 = nn.MaxPool2d(2, 2)
         elif cfg.output == "classification_merged":
             if C1 % 32:
                 raise ValueError(f"classification_merged output: branch 1 width {C1} must be a multiple of 32")
@@ -156,6 +119,9 @@ class PIIP(nn.Module):
             self.cls_head = nn.Linear(C1, cfg.num_classes)
             for m in (self.merge, self.cls_norm, self.cls_head):
                 m.apply(_init_linear_and_norms)
+        elif cfg.output == "llava":
+            from .llava import BranchMLPProjector
+            self.projector = BranchMLPProjector([b.embed_dim for b in cfg.branches], cfg.projector_dim, cfg.projector_norm)
         self.grad_checkpointing = False
         self.eager_merge = False
 
@@ -185,7 +151,8 @@ class PIIP(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names that conventionally get no weight decay."""
-        keys = {"pos_embed", "cls_token", "ls1", "ls2", "ca_gamma", "cffn_gamma", "merge_weights"}
+        keys = {"pos_embed", "cls_token", "ls1", "ls2", "ca_gamma", "cffn_gamma", "merge_weights", "inter_merge_weights",
+                "gamma", "class_embedding"}
         return {n for n, _ in self.named_parameters() if n.rsplit(".", 1)[-1] in keys}
 
     def freeze_branches(self, indices) -> None:
@@ -197,11 +164,20 @@ class PIIP(nn.Module):
                 p.requires_grad_(False)
 
     def _check_input(self, img: Tensor) -> None:
-        p = self.cfg.branches[-1].patch_size
+        last = self.cfg.branches[-1]
         if img.dim() != 4 or img.shape[1] != 3:
             raise ValueError(f"PIIP expects images [B, 3, H, W], got shape {tuple(img.shape)}")
+        p = last.patch_size
         if img.shape[-2] % p or img.shape[-1] % p:
-            raise ValueError(f"PIIP: image size {tuple(img.shape[-2:])} is not a multiple of the patch size {p}")
+            kind = " (stem stride)" if last.kind == "convnext" else ""
+            raise ValueError(f"PIIP: image size {tuple(img.shape[-2:])} is not a multiple of the patch size {p}{kind} "
+                             f"of branch {len(self.cfg.branches)}")
+        for i, b in enumerate(self.cfg.branches):
+            # Every branch must keep a non-empty grid through its last (coarsest) layer.
+            side = min(math.floor(s * b.image_size / last.image_size) for s in img.shape[-2:])
+            if side // max(b.layer_strides) < 1:
+                raise ValueError(f"PIIP: image size {tuple(img.shape[-2:])} gives branch {i + 1} a {side}-pixel side, "
+                                 f"below its total stride {max(b.layer_strides)}")
 
     def branch_images(self, img: Tensor) -> list[Tensor]:
         """Branch i sees img resized by image_size_i / image_size_N (bilinear, by scale factor,
@@ -220,27 +196,32 @@ class PIIP(nn.Module):
     # ----------------------------------------------------------------- forward
     def forward_features(self, img: Tensor) -> dict:
         """img [B, 3, H, W] -> {"tokens": [B, N_i, C_i] per branch, "hw": grid per branch,
-        "cls": [B, 1, C_i] or None per branch}."""
+        "cls": [B, 1, C_i] or None per branch, "taps": (tokens, hw) of every branch after
+        each stage in ``cfg.out_indexes``}."""
         self._check_input(img)
-        xs, hws = [], []
+        xs, hws, cls = [], [], []
         for branch, im in zip(self.branches, self.branch_images(img)):
-            x, hw = branch.embed(im)
+            x, hw, c = branch.embed(im)
             xs.append(x)
             hws.append(hw)
-        cls = [b.cls_token.expand(img.shape[0], -1, -1) if b.cls_token is not None else None for b in self.branches]
+            cls.append(c)
         n = len(self.branches)
+        taps = []
         for s in range(self.cfg.num_stages):
             for i, branch in enumerate(self.branches):
                 start, end = branch.cfg.interaction_indexes[s] if branch.cfg.interaction_indexes else (0, branch.cfg.depth - 1)
-                if cls[i] is None:
-                    xs[i] = branch.run_blocks(xs[i], hws[i], start, end)
-                else:
-                    y = branch.run_blocks(torch.cat([cls[i], xs[i]], 1), hws[i], start, end)
-                    cls[i], xs[i] = y[:, :1], y[:, 1:]
+                xs[i], hws[i], cls[i] = branch.run_layers(xs[i], hws[i], start, end, cls[i])
             if n > 1:
                 for u in reversed(range(n - 1)):
                     xs[u], xs[u + 1] = self._unit(self.interactions[s][u], xs[u], hws[u], xs[u + 1], hws[u + 1])
-        return {"tokens": xs, "hw": hws, "cls": cls}
+            if s in self.cfg.out_indexes:
+                taps.append((list(xs), list(hws)))
+        return {"tokens": xs, "hw": hws, "cls": cls, "taps": taps}
+
+    @staticmethod
+    def maps(tokens: list[Tensor], hws: list[tuple[int, int]]) -> list[Tensor]:
+        """Tokens [B, H*W, C] per branch -> maps [B, C, H, W]."""
+        return [x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *hw) for x, hw in zip(tokens, hws)]
 
     def forward_head(self, feats: dict):
         out = self.cfg.output
@@ -256,27 +237,50 @@ class PIIP(nn.Module):
                     t = b.norm(c)[:, 0]
                 logits.append(b.head(t))
             return torch.stack(logits, 0).mean(0)
-        maps = [x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *hw) for x, hw in zip(xs, hws)]
-        merged = self._merge(maps, hws[-1])
+        if out == "stages":
+            return [self.maps(t[:1], h[:1])[0].float() for t, h in feats["taps"]]
+        if out == "llava":
+            return self.projector(self.maps(xs, hws))
+        merged = self._merge(self.maps(xs, hws), hws[-1], self.merge, self.merge_weights)
         if out == "classification_merged":
             t = self.cls_norm(merged.flatten(2).transpose(1, 2))
             return self.cls_head(t.mean(1))
+        if self.cfg.fpn == "regular":
+            outs = [self._merge(self.maps(t, h), h[-1], mods, w)
+                    for (t, h), mods, w in zip(feats["taps"], self.inter_merge, self.inter_merge_weights)] + [merged]
+            if self.pyramid_native:
+                return outs
+            return [self.fpn1(outs[0]), self.fpn2(outs[1]), outs[2], self.fpn4(outs[3])]
         level = {0: self.fpn1, 1: self.fpn2, 2: nn.Identity(), 3: self.fpn4}
         return [level[i](merged) for i in self.cfg.fpn_levels]
 
-    def _merge(self, maps: list[Tensor], out_hw: tuple[int, int]) -> Tensor:
+    def _merge(self, maps: list[Tensor], out_hw: tuple[int, int], layers: nn.ModuleList, weights: Tensor) -> Tensor:
         """Per-branch merge layers, then one fused bilinear upsampling (fp32) to out_hw and
         weighted sum: [B, C_1, *out_hw] in fp32 (the weights are fp32)."""
-        ys = [m(x) for m, x in zip(self.merge, maps)]
+        ys = [m(x) for m, x in zip(layers, maps)]
         dtype = torch.promote_types(ys[0].dtype, ys[-1].dtype)
         with torch.profiler.record_function("piip.branch_merge"):  # a named range for profilers
             if self.eager_merge:  # the official form: one interpolate per branch, then multiply-adds
                 return sum(w * F.interpolate(y.float(), size=tuple(out_hw), mode="bilinear", align_corners=False)
-                           for w, y in zip(self.merge_weights.float().unbind(0), ys))
-            return branch_merge([y.to(dtype) for y in ys], self.merge_weights, out_hw)
+                           for w, y in zip(weights.float().unbind(0), ys))
+            return branch_merge([y.to(dtype) for y in ys], weights, out_hw)
 
     def forward(self, img: Tensor):
         return self.forward_head(self.forward_features(img))
+
+
+def _merge_layers(cin: int, cout: int, convs: int) -> nn.Sequential:
+    """``convs`` x (conv 3x3 without bias -> GroupNorm(32) -> ReLU); convs=0: GroupNorm(32) -> ReLU
+    on the map as it is (branch 1 of the regular-FPN merges)."""
+    layers = []
+    for k in range(convs):
+        layers += [nn.Conv2d(cin if k == 0 else cout, cout, 3, padding=1, bias=False), nn.GroupNorm(32, cout), nn.ReLU(inplace=True)]
+    return nn.Sequential(*(layers or [nn.GroupNorm(32, cout), nn.ReLU(inplace=True)]))
+
+
+def _fpn_up4(c: int) -> nn.Sequential:
+    """4x up: ConvT 2x2/2 -> GroupNorm(32) -> GELU -> ConvT 2x2/2."""
+    return nn.Sequential(nn.ConvTranspose2d(c, c, 2, 2), nn.GroupNorm(32, c), nn.GELU(), nn.ConvTranspose2d(c, c, 2, 2))
 
 
 class _TokenLinear(nn.Linear):

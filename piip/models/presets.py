@@ -191,6 +191,13 @@ def create_model(name: str, backend: str | None = None, **overrides):
 
     Build on the meta device (``with torch.device("meta"):``) to count parameters without memory.
     """
+    return build_model(get_config(name, **overrides), backend=backend)
+
+
+def build_model(cfg: PIIPConfig, backend: str | None = None):
+    """The model class a config needs: :class:`~piip.models.llava.PIIPLLaVA` for
+    ``output="llava"``, :class:`~piip.models.piip.PIIP` otherwise."""
+    from .llava import PIIPLLaVA
     from .piip import PIIP
 
-    return PIIP(get_config(name, **overrides), backend=backend)
+    return (PIIPLLaVA if cfg.output == "llava" else PIIP)(cfg, backend=backend)
