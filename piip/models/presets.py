@@ -160,6 +160,116 @@ _paper_row("mask_rcnn_deit_tsb_1024_672_448_paper", "detection",
            window=("W", 14), task="detection")
 
 
+# ---------------------------------------------------------------------------------------
+# ConvNeXt, hybrid and PIIP-LLaVA rows (the papers' Table II and Tables XI-XIII). A
+# ConvNeXt branch's layers are the official flattened list (stage-0 blocks, stage-1
+# downsampling layer, stage-1 blocks, ...); its groups are given as in the official configs.
+
+def _groups(start: int, n: int, k: int) -> list[tuple[int, int]]:
+    """n layers from ``start`` in k groups as even as possible, the longer groups first."""
+    base, extra = divmod(n, k)
+    out = []
+    for g in range(k):
+        size = base + (1 if g < extra else 0)
+        out.append((start, start + size - 1))
+        start += size
+    return out
+
+
+# The 24-group split of the 13B PIIP-LLaVA configs, as the official files list it (it halves
+# the 12 groups, but not by one rule: [3, 6] becomes 2 + 2 layers, [7, 10] 3 + 1).
+_CONVNEXT_24 = ((0, 1), (2, 2), (3, 4), (5, 6), (7, 9), (10, 10), (11, 12), (13, 13), (14, 15), (16, 16), (17, 18),
+                (19, 19), (20, 21), (22, 22), (23, 24), (25, 25), (26, 27), (28, 28), (29, 30), (31, 31), (32, 33),
+                (34, 34), (35, 36), (37, 38))
+
+
+def _convnext_groups(depths, k: int) -> tuple[tuple[int, int], ...]:
+    """The official ConvNeXt splits: 12 groups = stages 0, 1 and 3 whole and stage 2 in 9
+    (longer first); 24 (depths 3/3/27/3 only) and 2 (layers 0-19, 20-38) as listed."""
+    if k == 2:
+        return ((0, 19), (20, sum(depths) + 2))
+    if k == 24 and tuple(depths) == (3, 3, 27, 3):
+        return _CONVNEXT_24
+    if k != 12:
+        raise ValueError(f"no official ConvNeXt split into {k} groups for depths {depths}")
+    ends = [sum(depths[:s + 1]) + s - 1 for s in range(4)]
+    starts = [0] + [e + 1 for e in ends[:3]]
+    return tuple([(starts[0], ends[0]), (starts[1], ends[1])] + _groups(starts[2], ends[2] - starts[2] + 1, 9)
+                 + [(starts[3], ends[3])])
+
+
+def _convnext(i: int, size: str, res: int, groups, layout: str, dpr: float = 0.0, head_hidden=None) -> BranchConfig:
+    from .convnext import CONVNEXT_SIZES
+
+    depths, widths = CONVNEXT_SIZES[size]
+    return BranchConfig(name=f"branch{i + 1}", kind="convnext", family=layout, embed_dim=widths[-1],
+                        depth=sum(depths) + 3, num_heads=1, image_size=res, interaction_indexes=groups,
+                        stage_depths=depths, stage_widths=widths, layer_scale=1e-6, patch_size=4,
+                        drop_path_rate=dpr, head_hidden=head_hidden)
+
+
+def _clip(i: int, size: str, res: int, stages: int, pretrain: int) -> BranchConfig:
+    """CLIP-L/16 (CLIP ViT-L/14 converted to patch 16) or CLIP-B/16; the position table is
+    stored for the pretraining side (224 or 336)."""
+    C, depth, heads = {"L": (1024, 24, 16), "B": (768, 12, 12)}[size]
+    g = pretrain // 16
+    return BranchConfig(name=f"branch{i + 1}", kind="clip", family="hf", embed_dim=C, depth=depth, num_heads=heads,
+                        image_size=res, interaction_indexes=split_stages(depth, stages), pos_embed_grid=(g, g),
+                        cls_token=True)
+
+
+_DET_CNX = {"T": 0.3, "S": 0.3, "B": 0.4}              # drop-path rates of the ConvNeXt detection branches
+_DET_VIT = {"B": ("deit3", 0.15), "S": ("deit3", 0.05), "T": ("deit", 0.05)}
+
+
+def _hetero_det(name: str, kinds: str):
+    """kinds: branch 3, 2, 1 as in the official names, e.g. "CVV" = convnext-t_vit-s_vit-b."""
+    bcs = []
+    for i, (kind, size, res) in enumerate(zip(reversed(kinds), "BST", (448, 672, 1024))):
+        if kind == "C":
+            bcs.append(_convnext(i, size, res, _convnext_groups(CONVNEXT_DEPTHS[size], 12), "hf", _DET_CNX[size]))
+        else:
+            fam, dpr = _DET_VIT[size]
+            bcs.append(_branch(i, 3, fam, SIZES[size], res, ("W", 14), 12, False, False, drop_path_rate=dpr))
+    PRESETS[name] = PIIPConfig(branches=tuple(bcs), output="detection", fpn="regular", out_indexes=(0, 1, 10),
+                               interaction_drop_path=0.4, name=name, extra={"task": "detection", "counting": "det"})
+
+
+def _llava(name: str, large: str, small_res: int, large_res: int, stages: int, llm_dim: int):
+    """PIIP-LLaVA: branch 1 CLIP-L on the small image, branch 2 CLIP-B ("clip-b") or a timm
+    ConvNeXt ("convnext-b", "convnext-l" with the MLP head) on the input image."""
+    pretrain = 336 if small_res > 256 else 224
+    b1 = _clip(0, "L", small_res, stages, pretrain)
+    if large == "clip-b":
+        b2 = _clip(1, "B", large_res, stages, 224)
+    else:
+        size = large[-1].upper()
+        b2 = _convnext(1, size, large_res, _convnext_groups(CONVNEXT_DEPTHS[size], stages), "timm",
+                       head_hidden=1536 if size == "L" else None)
+    PRESETS[name] = PIIPConfig(branches=(b1, b2), output="llava", projector_dim=llm_dim, projector_norm="gn",
+                               interaction_drop_path=0.4, name=name, extra={"task": "multimodal", "counting": "llava"})
+
+
+CONVNEXT_DEPTHS = {"T": (3, 3, 9, 3), "S": (3, 3, 27, 3), "B": (3, 3, 27, 3), "L": (3, 3, 27, 3)}
+
+PRESETS["mask_rcnn_convnext-base_1024_regular-fpn"] = PIIPConfig(
+    branches=(replace(_convnext(0, "B", 1024, _convnext_groups(CONVNEXT_DEPTHS["B"], 12), "hf"),
+                      name="backbone", interaction_indexes=((0, 2), (3, 6), (7, 34), (35, 38))),),
+    output="stages", out_indexes=(0, 1, 2, 3), name="mask_rcnn_convnext-base_1024_regular-fpn",
+    extra={"task": "detection", "counting": "det"})
+for _kinds, _name in (("CCC", "convnext-tsb"), ("CVV", "convnext-t_vit-s_vit-b"), ("CCV", "convnext-t_convnext-s_vit-b"),
+                      ("CVC", "convnext-t_vit-s_convnext-b"), ("VCV", "vit-t_convnext-s_vit-b"),
+                      ("VCC", "vit-t_convnext-s_convnext-b"), ("VVC", "vit-t_vit-s_convnext-b")):
+    _hetero_det(f"mask_rcnn_{_name}_1024_672_448_regular-fpn", _kinds)
+_llava("piip-llava_clip-bl_512-256_7B", "clip-b", 256, 512, 2, 4096)
+_llava("piip-llava_clip-bl_512-448_7B", "clip-b", 448, 512, 12, 4096)
+_llava("piip-llava_convnext-b_clip-l_640-224_7B", "convnext-b", 224, 640, 2, 4096)
+_llava("piip-llava_convnext-b_clip-l_1024-336_7B", "convnext-b", 336, 1024, 12, 4096)
+_llava("piip-llava_convnext-b_clip-l_1024-336_13B", "convnext-b", 336, 1024, 24, 5120)
+_llava("piip-llava_convnext-l_clip-l_1024-336_7B", "convnext-l", 336, 1024, 12, 4096)
+_llava("piip-llava_convnext-l_clip-l_1024-336_13B", "convnext-l", 336, 1024, 24, 5120)
+
+
 def list_models(pattern: str | None = None, paper_only: bool = False) -> list[str]:
     """Preset names of the official configs, optionally filtered by a substring or fnmatch
     pattern; ``paper_only=True`` adds the paper-only rows (no official config file)."""
