@@ -2,9 +2,10 @@
 from . import distributed, memory  # noqa: F401  (piip.distributed.apply_fsdp, piip.memory.plan_memory)
 from .models.config import BranchConfig, PIIPConfig
 from .models.piip import PIIP
-from .models.presets import create_model, get_config, list_models
+from .models.llava import PIIPLLaVA, preprocess as llava_preprocess
+from .models.presets import build_model, create_model, get_config, list_models
 from .pretrained import load_pretrained_branch
 from .official import from_official, load_official_checkpoint, official_config, to_official_state_dict
 
-__all__ = ["BranchConfig", "PIIPConfig", "PIIP", "from_official", "load_official_checkpoint",
+__all__ = ["BranchConfig", "PIIPConfig", "PIIP", "PIIPLLaVA", "build_model", "llava_preprocess", "from_official", "load_official_checkpoint",
            "official_config", "to_official_state_dict", "create_model", "get_config", "list_models", "load_pretrained_branch"]

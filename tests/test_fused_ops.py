@@ -24,7 +24,11 @@ def _dca(backend):
 
 
 DCA_CASES = [((5, 7), (3, 4), 4, 6, 4), ((1, 1), (2, 3), 2, 12, 2), ((13, 11), (7, 9), 16, 24, 4),
-             ((9, 9), (4, 4), 3, 100, 3), ((6, 5), (6, 5), 1, 32, 1)]
+             ((9, 9), (4, 4), 3, 100, 3), ((6, 5), (6, 5), 1, 32, 1),
+             # What CNN branches bring (16 heads, value width C/2): a stride-4 ConvNeXt map of
+             # width 96 read by ViT queries, width 384 at stride 16, width 1536 at stride 32
+             # read by a finer grid; non-square grids throughout.
+             ((64, 48), (7, 5), 16, 3, 4), ((24, 32), (9, 12), 16, 12, 4), ((4, 6), (14, 10), 16, 48, 4)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
