@@ -115,26 +115,13 @@ def _prefix_group(name: str) -> str:
     return "merge_and_head"
 
 
-def paper_cost(cfg_or_name, side: int | None = None) -> dict:
-    """#Param and #FLOPs (MACs) as the paper counts them. Returns
-    ``{"params", "macs", "hooks", "analytic", "breakdown", "params_breakdown"}``; the
-    breakdowns are per branch, interactions and merge/head (MACs with the analytic terms)."""
-    cfg = get_config(cfg_or_name) if isinstance(cfg_or_name, str) else cfg_or_name
-    ccfg = counting_config(cfg)
-    side = side or ccfg.branches[-1].image_size
-    with torch.device("meta"):
-        model = PIIP(ccfg).eval()
-        img = torch.empty(1, 3, side, side)
-    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    params_breakdown: dict[str, int] = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            group = _prefix_group(name)
-            params_breakdown[group] = params_breakdown.get(group, 0) + p.numel()
+def _hooked_forward(model: nn.Module, run, skip=lambda name: False) -> dict[str, int]:
+    """MACs of the exact-type hooks (section 2 of docs/flops.md) while ``run()`` executes, per
+    group of :func:`_prefix_group`; modules whose name ``skip`` accepts are not hooked."""
     totals: dict[str, int] = {}
     handles = []
     for name, m in model.named_modules():
-        if type(m) in _HOOKED:
+        if type(m) in _HOOKED and not skip(name):
             group = _prefix_group(name)
 
             def hook(mod, inp, out, group=group):
@@ -142,10 +129,40 @@ def paper_cost(cfg_or_name, side: int | None = None) -> dict:
             handles.append(m.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            model(img)
+            run()
     finally:
         for h in handles:
             h.remove()
+    return totals
+
+
+def _params_by_group(model: nn.Module, skip=lambda name: False) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad and not skip(name):
+            group = _prefix_group(name)
+            out[group] = out.get(group, 0) + p.numel()
+    return out
+
+
+def paper_cost(cfg_or_name, side: int | None = None) -> dict:
+    """#Param and #FLOPs (MACs) as the paper counts them. Returns
+    ``{"params", "macs", "hooks", "analytic", "breakdown", "params_breakdown"}``; the
+    breakdowns are per branch, interactions and merge/head (MACs with the analytic terms).
+
+    Presets whose published figures come from another official script (``cfg.extra["counting"]``:
+    "det" for the ConvNeXt/hybrid detectors, "llava" for the PIIP-LLaVA encoders) are counted
+    the way that script counts them: :func:`script_cost`."""
+    cfg = get_config(cfg_or_name) if isinstance(cfg_or_name, str) else cfg_or_name
+    if cfg.extra.get("counting") in ("det", "llava"):
+        return script_cost(cfg, side)
+    ccfg = counting_config(cfg)
+    side = side or ccfg.branches[-1].image_size
+    with torch.device("meta"):
+        model = PIIP(ccfg).eval()
+        img = torch.empty(1, 3, side, side)
+    params_breakdown = _params_by_group(model)
+    totals = _hooked_forward(model, lambda: model(img))
     hooks = sum(totals.values())
     terms = _analytic_terms(ccfg)
     breakdown = dict(totals)
@@ -153,8 +170,86 @@ def paper_cost(cfg_or_name, side: int | None = None) -> dict:
         breakdown[k] = breakdown.get(k, 0) + v
     breakdown["interactions"] = breakdown.get("interactions", 0) + terms["deform"]
     analytic = sum(terms["attention"].values()) + terms["deform"]
-    return {"params": params, "macs": hooks + analytic, "hooks": hooks, "analytic": analytic, "breakdown": breakdown,
-            "params_breakdown": params_breakdown}
+    return {"params": sum(params_breakdown.values()), "macs": hooks + analytic, "hooks": hooks, "analytic": analytic,
+            "breakdown": breakdown, "params_breakdown": params_breakdown}
+
+
+def _script_terms(cfg: PIIPConfig) -> dict[str, int]:
+    """The analytic terms of mmdetection/get_flops_det.py ("det") and llava/get_flops_llava.py
+    ("llava"), docs/flops.md section 8:
+      - ViT branches: 2*n*w^2*C per window block, 2*n^2*C per global one (n = (s // 16)^2);
+        CLIP branches 2*n^2*C per layer (class token excluded); ConvNeXt branches none;
+      - deformable: 5*f^2*4*C_q per injector with f = s_q // stride_q. The detection script
+        takes each branch's stride and width at the end of the interaction; the LLaVA script
+        the width there but the stride of the *first* interaction for every unit."""
+    terms: dict[str, int] = {}
+    for i, b in enumerate(cfg.branches):
+        if b.kind == "convnext":
+            continue
+        n = (b.image_size // 16) ** 2
+        if b.kind == "clip":
+            terms[f"branch{i + 1}"] = b.depth * 2 * n * n * b.embed_dim
+        else:
+            terms[f"branch{i + 1}"] = sum(2 * n * n * b.embed_dim if w is None else 2 * n * w * w * b.embed_dim
+                                          for w in b.window_sizes)
+    deform = 0
+    if len(cfg.branches) > 1:
+        first_stride = [b.layer_strides[b.stage_ends()[0]] for b in cfg.branches]
+        for s in range(cfg.num_stages):
+            for u in range(len(cfg.branches) - 1):
+                for q in (u, u + 1):
+                    b = cfg.branches[q]
+                    end = b.stage_ends()[s]
+                    stride = first_stride[q] if cfg.extra["counting"] == "llava" else b.layer_strides[end]
+                    deform += 5 * (b.image_size // stride) ** 2 * 4 * b.layer_widths[end]
+    terms["interactions"] = deform
+    return terms
+
+
+def script_cost(cfg: PIIPConfig, side: int | None = None) -> dict:
+    """#Param and #FLOPs (MACs) of a ConvNeXt/hybrid detector or a PIIP-LLaVA encoder, as the
+    official script that produced its README figure counts them (docs/flops.md section 8):
+
+      - the model as the official code builds it, batch 1 at branch N's resolution;
+      - detection (``get_flops_det.py``): the backbone up to the last merge (the pyramid
+        layers are not run; their parameters count);
+      - LLaVA (``get_flops_llava.py``): the encoder only (the projector is neither run nor counted);
+      - exact-type hooks, except ConvNeXt's LayerNorms: the official ConvNeXts use their own
+        LayerNorm classes, which the counter does not see;
+      - plus :func:`_script_terms`.
+    Same return value as :func:`paper_cost`."""
+    from .models.presets import build_model
+    from .official import official_config
+
+    ocfg = official_config(cfg)
+    side = side or ocfg.branches[-1].image_size
+    convnext = {f"branches.{i}." for i, b in enumerate(ocfg.branches) if b.kind == "convnext"}
+
+    def skip(name: str) -> bool:
+        return name.startswith("projector") or (name.startswith(tuple(convnext)) and name.rsplit(".", 1)[-1] == "norm")
+
+    with torch.device("meta"):
+        model = build_model(ocfg).eval()
+        img = torch.empty(1, 3, side, side)
+
+    def run():
+        if ocfg.output == "llava":
+            model.forward_features(img)
+        elif ocfg.output == "stages":
+            model(img)
+        else:
+            model.merged_maps(model.forward_features(img))
+
+    params_breakdown = _params_by_group(model, lambda n: n.startswith("projector."))
+    totals = _hooked_forward(model, run, skip)
+    hooks = sum(totals.values())
+    terms = _script_terms(ocfg)
+    breakdown = dict(totals)
+    for k, v in terms.items():
+        breakdown[k] = breakdown.get(k, 0) + v
+    analytic = sum(terms.values())
+    return {"params": sum(params_breakdown.values()), "macs": hooks + analytic, "hooks": hooks, "analytic": analytic,
+            "breakdown": breakdown, "params_breakdown": params_breakdown}
 
 
 # ------------------------------------------------------------------------------------------

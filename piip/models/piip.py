@@ -241,18 +241,28 @@ class PIIP(nn.Module):
             return [self.maps(t[:1], h[:1])[0].float() for t, h in feats["taps"]]
         if out == "llava":
             return self.projector(self.maps(xs, hws))
-        merged = self._merge(self.maps(xs, hws), hws[-1], self.merge, self.merge_weights)
         if out == "classification_merged":
+            merged = self._merge(self.maps(xs, hws), hws[-1], self.merge, self.merge_weights)
             t = self.cls_norm(merged.flatten(2).transpose(1, 2))
             return self.cls_head(t.mean(1))
+        merged = self.merged_maps(feats)
         if self.cfg.fpn == "regular":
-            outs = [self._merge(self.maps(t, h), h[-1], mods, w)
-                    for (t, h), mods, w in zip(feats["taps"], self.inter_merge, self.inter_merge_weights)] + [merged]
             if self.pyramid_native:
-                return outs
-            return [self.fpn1(outs[0]), self.fpn2(outs[1]), outs[2], self.fpn4(outs[3])]
+                return merged
+            return [self.fpn1(merged[0]), self.fpn2(merged[1]), merged[2], self.fpn4(merged[3])]
         level = {0: self.fpn1, 1: self.fpn2, 2: nn.Identity(), 3: self.fpn4}
-        return [level[i](merged) for i in self.cfg.fpn_levels]
+        return [level[i](merged[0]) for i in self.cfg.fpn_levels]
+
+    def merged_maps(self, feats: dict) -> list[Tensor]:
+        """Detection: the merged maps before the pyramid layers, fp32 [B, C_1(s), H_N, W_N] on
+        branch N's grid: the final merge (simple FPN), or the merges after the stages in
+        ``cfg.out_indexes`` followed by the final one (regular FPN)."""
+        xs, hws = feats["tokens"], feats["hw"]
+        final = self._merge(self.maps(xs, hws), hws[-1], self.merge, self.merge_weights)
+        if self.cfg.fpn != "regular":
+            return [final]
+        return [self._merge(self.maps(t, h), h[-1], mods, w)
+                for (t, h), mods, w in zip(feats["taps"], self.inter_merge, self.inter_merge_weights)] + [final]
 
     def _merge(self, maps: list[Tensor], out_hw: tuple[int, int], layers: nn.ModuleList, weights: Tensor) -> Tensor:
         """Per-branch merge layers, then one fused bilinear upsampling (fp32) to out_hw and
