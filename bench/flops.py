@@ -38,10 +38,15 @@ METRIC_LABELS = {"box_ap": "box", "mask_ap": "mask", "miou": "mIoU", "top1": "to
 
 GROUPS = [
     ("COCO detection (PIIP)", lambda p: p["task"] == "detection" and p["kind"] == "PIIP"),
+    ("COCO detection with ConvNeXt branches (Table II; counted as mmdetection/get_flops_det.py counts them)",
+     lambda p: p["kind"] == HETERO_KIND),
     ("ADE20K segmentation (PIIP)", lambda p: p["task"] == "segmentation" and p["kind"] == "PIIP"),
     ("ImageNet-1K classification (PIIP)", lambda p: p["task"] == "classification"),
-    ("Single-branch baselines", lambda p: p["kind"] != "PIIP"),
+    ("PIIP-LLaVA vision encoders (counted as llava/get_flops_llava.py counts them: encoder only, no projector)",
+     lambda p: p["kind"] == LLAVA_KIND),
+    ("Single-branch baselines", lambda p: p["kind"] not in ("PIIP", HETERO_KIND, LLAVA_KIND)),
 ]
+HETERO_KIND, LLAVA_KIND = "PIIP, ConvNeXt/hybrid branches", "PIIP-LLaVA encoder"
 TOLERANCE_PCT = 0.5
 
 
@@ -121,6 +126,8 @@ def build_rows(names: list[str], paper: dict, progress: bool = True, results: di
             "flops_g_full": round(fc["macs"] / 1e9, 1),
             "breakdown": {k: round(v / 1e9, 2) for k, v in fc["breakdown"].items()},
             "breakdown_paper": {k: round(v / 1e9, 2) for k, v in pc["breakdown"].items()},
+            "paper_note": entry.get("paper_note"),
+            "readme_truncates": entry.get("readme_truncates", False),
             "metrics": (results or {}).get(name, {}).get("metrics"),
             "metrics_source": (results or {}).get(name, {}).get("metrics_source"),
         })
@@ -165,18 +172,50 @@ def row_notes(r: dict) -> list[str]:
                                           ("#FLOPs", r["dev_flops_pct"], r["flops_g_paper"], r["paper_flops_g"], r["measured_flops_g"])):
         if dev is None or abs(dev) < 0.05:
             continue
-        why = "the README rounds to the digits it prints"
+        why = ("the README truncates the official script's one-decimal figure" if r.get("readme_truncates")
+               else "the README rounds to the digits it prints")
         if meas is not None and abs(ours - meas) < 0.051:
             why += f"; the official script itself gives {meas}"
         if abs(dev) > TOLERANCE_PCT:
             why = "OUTSIDE the 0.5% target; " + why
         out.append(f"{r['config']}: {what} {ours} vs {theirs} ({dev:+.2f}%): {why}.")
-    if r["paper_source"] == "official script":
+    if r.get("paper_note"):
+        out.append(f"{r['config']}: {r['paper_note']}.")
+    elif r["paper_source"] == "official script":
         out.append(f"{r['config']}: the README has no figure; compared with the official script's measurement.")
     return out
 
 
 HETERO = os.path.join(HERE, "data", "paper", "configs_hetero.json")
+
+
+def hetero_entries(path: str = HETERO) -> dict[str, dict]:
+    """The paper figures of the ConvNeXt/hybrid detectors and PIIP-LLaVA encoders
+    (configs_hetero.json), in the form of bench/paper_costs.json.
+
+    The README prints the official script's one-decimal total truncated to an integer and no
+    #Param; for two 13B LLaVA rows it repeats the 7B configuration's figure instead, so those
+    are compared with the official script's own measurement (``paper_note`` says so)."""
+    with open(path) as f:
+        configs = json.load(f)["configs"]
+    out = {}
+    for c in configs:
+        measured = c.get("measured_get_flops_det") or c["measured_get_flops_llava"]
+        flops_g = round(measured["flops_exact"] / 1e9, 1)
+        readme = c["readme"]["flops_G"]
+        entry = {"task": "multimodal" if "measured_get_flops_llava" in c else "detection",
+                 "kind": LLAVA_KIND if "measured_get_flops_llava" in c else
+                 (HETERO_KIND if c.get("num_branches", 1) > 1 else "baseline (single branch)"),
+                 "readme_params_m": None, "readme_flops_g": readme,
+                 "measured_params_m": round(measured["params_exact"] / 1e6, 1), "measured_flops_g": flops_g,
+                 "readme_truncates": True}
+        if readme is not None and int(flops_g) != int(readme):
+            entry["readme_flops_g"] = None
+            entry["paper_note"] = (f"the README prints {readme:g}G, the figure of the 7B configuration with 12 "
+                                   f"interactions; this one has {len(c['branches'][0]['interaction_indexes'])}, so "
+                                   f"ours is compared with the official script's own measurement ({flops_g}G)")
+        out[c["name"]] = entry
+    return out
 # (task, metric key, axis label) of the accuracy figures.
 FIGURES = [("detection", "box_ap", "COCO box AP (Mask R-CNN 1x)"), ("segmentation", "miou", "ADE20K mIoU (UperNet)"),
            ("classification", "top1", "ImageNet-1K top-1 (%)")]
@@ -294,6 +333,7 @@ def main(argv=None) -> int:
 
     with open(args.paper) as f:
         paper = json.load(f)["configs"]
+    paper.update(hetero_entries())
     names = piip.list_models()
     if args.config:
         names = [n for n in names if any(c in n for c in args.config)]

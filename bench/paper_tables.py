@@ -28,7 +28,7 @@ from common import render_grid  # noqa: E402
 
 TABLES_MD = os.path.join(HERE, "data", "paper", "paper_tables.md")
 
-CONVNEXT = "ConvNeXt branches are not part of the model package yet"
+CONVNEXT = "counted as mmdetection/get_flops_det.py counts it (flop_convention.md section 8.1)"
 SEG_DEIT = "no released config: the ADE20K DeiT models' window layout and head are not published"
 LH6B_WINDOW = ("no released config: the paper's 6B runs use window attention with an unpublished layout "
                "(the released LH6B detector is 1536/1024/512 with global attention)")
@@ -36,8 +36,8 @@ DEIT_B = ("the printed 17.2G is below every count of DeiT-B at 224 we know: 197 
           "(fvcore and timm count 17.6G as well)")
 WINDOW_6B = ("the paper counts its 6B runs with window attention; the released config (our preset) "
              "uses global attention, so the FLOPs differ")
-TABLE2_VIT = ("Table II is counted the detection way (flop_convention.md section 8.1): the real backbone "
-              "with four merges, the branch-3 qkv on tokens padded to the window; see the breakdown")
+TABLE2_VIT = ("no official config: a DeiT TSB built like the table's hybrids (merges after interactions 0, 1, 10 "
+              "and at the end, ViT regular FPN) and counted the same way (flop_convention.md section 8.1)")
 
 # Per table: the printed rows in order, each (expected resolution, preset or None, note).
 # The resolution guards against the data file changing under the mapping. A row whose model
@@ -57,9 +57,12 @@ ROWS = {
         ("1568/1120/672/448", "mask_rcnn_deit_tsbl_1568_1120_672_448_fpn_1x_coco_bs16", ""),
         ("1792/1568/1120/448", "mask_rcnn_deit_tsbl_1792_1568_1120_448_fpn_1x_coco_bs16", ""),
     ],
-    "II": [("1024", "mask_rcnn_deit_vit_b_fpn_1x_coco_bs16", ""), ("1024", None, CONVNEXT),
+    "II": [("1024", "mask_rcnn_deit_vit_b_fpn_1x_coco_bs16", ""),
+           ("1024", "mask_rcnn_convnext-base_1024_regular-fpn", CONVNEXT),
            ("1024/672/448", "mask_rcnn_deit_tsb_1024_672_448_paper", TABLE2_VIT)]
-    + [("1024/672/448", None, CONVNEXT)] * 7,
+    + [("1024/672/448", f"mask_rcnn_{n}_1024_672_448_regular-fpn", CONVNEXT)
+       for n in ("convnext-tsb", "convnext-t_vit-s_vit-b", "convnext-t_convnext-s_vit-b", "convnext-t_vit-s_convnext-b",
+                 "vit-t_convnext-s_vit-b", "vit-t_convnext-s_convnext-b", "vit-t_vit-s_convnext-b")],
     "IV": [("1024", "mask_rcnn_internvit_6b_fpn_1x_coco_bs16_ms", WINDOW_6B)] + [(r, None, LH6B_WINDOW) for r in
                                                                                  ("1280/1024/256", "1280/1024/512", "1280/1024/640")],
     "VI": [("640", None, SEG_DEIT), ("896/448/336", None, SEG_DEIT), ("640", None, SEG_DEIT), ("1120/448/336", None, SEG_DEIT)],
@@ -175,10 +178,11 @@ def table_rows(key: str, tables: dict, measured: dict, cache: dict) -> tuple[str
             row["params_m"], row["flops_g"] = c["params"] / 1e6, c["macs"] / 1e9
             row["dev_params_pct"] = _dev(row["params_m"], row["printed_params_m"])
             row["dev_flops_pct"] = _dev(row["flops_g"], row["printed_flops_g"])
-            if preset == "mask_rcnn_deit_tsb_1024_672_448_paper":
-                row.update(detection_script_flops(preset))
             row["params_match_print"] = rounds_to(row["params_m"], row["printed_params"])
-            row["flops_match_print"] = rounds_to(row.get("flops_g_detection_script", row["flops_g"]), row["printed_flops"])
+            # The README truncates the script's one-decimal print of these rows (326.7G -> 326G).
+            truncated = int(round(c["macs"] / 1e9, 1)) if piip.get_config(preset).extra.get("counting") else None
+            row["flops_match_print"] = rounds_to(truncated or row["flops_g"], row["printed_flops"]) or \
+                rounds_to(row["flops_g"], row["printed_flops"])
             if preset in measured:
                 row["measured"] = measured[preset]
         if key == "IV" and i in SEG_PRESETS:
@@ -208,30 +212,6 @@ def rounds_to(ours: float | None, printed: str) -> bool | None:
         return None
     decimals = len(m.group(2) or "")
     return round(ours, decimals) == float(printed.strip().rstrip("MG"))
-
-
-def detection_script_flops(name: str) -> dict:
-    """Table II's ViT rows counted as mmdetection/get_flops_det.py counts the hybrid detectors
-    (flop_convention.md section 8.1): the paper-convention count without the classifier head,
-    plus the four merges (after interactions 0, 1 and 10 and at the end: GN + ReLU on branch 1,
-    3x3 conv + GN + ReLU on the others), plus the qkv Linears on tokens padded to the window."""
-    import piip
-    from piip.flops import paper_cost
-
-    cfg = piip.get_config(name)
-    pc = paper_cost(name)
-    d1 = cfg.branches[0].embed_dim
-    grids = [b.image_size // b.patch_size for b in cfg.branches]
-    merge = 3 * grids[0] ** 2 * d1 + sum(g * g * (9 * b.embed_dim * d1 + 3 * d1) for g, b in zip(grids[1:], cfg.branches[1:]))
-    pad = 0
-    for g, b in zip(grids, cfg.branches):
-        w = b.window_sizes[0]
-        padded = -(-g // w) * w if w else g
-        pad += b.depth * 3 * b.embed_dim * b.embed_dim * (padded * padded - g * g)
-    total = pc["macs"] - pc["breakdown"].get("merge_and_head", 0) + 4 * merge + pad
-    return {"flops_g_detection_script": total / 1e9,
-            "detection_script_terms_g": {"paper convention without head": (pc["macs"] - pc["breakdown"].get("merge_and_head", 0)) / 1e9,
-                                         "4 merges": 4 * merge / 1e9, "qkv padding": pad / 1e9}}
 
 
 def breakdown_rows(tables: dict, cache: dict) -> list[dict]:
@@ -272,13 +252,8 @@ def render(blocks: list[tuple[str, list[str], list[dict]]], breakdown: list[dict
         body = []
         for r in rows:
             flops_ours = r.get("flops_g")
-            if "flops_g_detection_script" in r:
-                flops_ours = r["flops_g_detection_script"]
             dev_f = _dev(flops_ours, r["printed_flops_g"]) if r["preset"] else None
             note = r["note"]
-            if "detection_script_terms_g" in r:
-                t = r["detection_script_terms_g"]
-                note += f" ({', '.join(f'{k} {v:.1f}G' for k, v in t.items())}; paper convention alone {r['flops_g']:.1f}G)"
             cells = [r["model"] + (f" [{r['branches']}]" if r.get("branches") else ""), r["resolution"], r["preset"] or "—",
                      _f(r["printed_params_m"]), _f(r.get("params_m")), _f(r.get("dev_params_pct"), "+.2f"),
                      _match(r.get("params_match_print")), _f(r["printed_flops_g"]), _f(flops_ours), _f(dev_f, "+.2f"),

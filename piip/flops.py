@@ -304,8 +304,10 @@ def full_cost(model_or_name, side: int | tuple[int, int] | None = None) -> dict:
         cfg = model.cfg
     else:
         cfg = get_config(model_or_name) if isinstance(model_or_name, str) else model_or_name
+        from .models.presets import build_model
+
         with torch.device("meta"):
-            model = PIIP(cfg)
+            model = build_model(cfg)
     model.eval()
     side = side or cfg.branches[-1].image_size
     hw = (side, side) if isinstance(side, int) else tuple(side)
@@ -327,8 +329,8 @@ def full_cost(model_or_name, side: int | tuple[int, int] | None = None) -> dict:
     macs = sum(counts["Global"].values()) // 2
     breakdown = {f"branch{i + 1}": total(f"{root}.branches.{i}") for i in range(len(cfg.branches))}
     breakdown["interactions"] = total(f"{root}.interactions")
-    breakdown["merge"] = total(f"{root}.merge")
-    breakdown["pyramid_and_head"] = sum(total(f"{root}.{k}") for k in ("fpn1", "fpn2", "fpn4", "cls_norm", "cls_head"))
+    breakdown["merge"] = total(f"{root}.merge") + total(f"{root}.inter_merge")
+    breakdown["pyramid_and_head"] = sum(total(f"{root}.{k}") for k in ("fpn1", "fpn2", "fpn4", "cls_norm", "cls_head", "projector"))
     breakdown["resize_and_upsample"] = macs - sum(breakdown.values())
     by_op = {str(k): v // 2 for k, v in counts["Global"].items()}
     return {"params": sum(p.numel() for p in model.parameters()), "macs": macs, "by_op": by_op, "breakdown": breakdown}

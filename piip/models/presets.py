@@ -126,7 +126,8 @@ _row("piip_3branch_tsb_368-192-128_cls_token_deit1", "classification", None, [("
 PAPER_ONLY: set[str] = set()
 
 
-def _paper_row(name, output, branches, interactions=12, window=None, task=None, cls_token=None, windows=None, **kw):
+def _paper_row(name, output, branches, interactions=12, window=None, task=None, cls_token=None, windows=None,
+               counting=None, **kw):
     """branches: (embed_dim, depth, heads, resolution, family) per branch, branch 1 first;
     ``window`` applies to every branch, ``windows`` gives one spec per branch."""
     cls = output != "detection"
@@ -135,7 +136,7 @@ def _paper_row(name, output, branches, interactions=12, window=None, task=None, 
            for i, (C, depth, heads, res, fam) in enumerate(branches)]
     PRESETS[name] = PIIPConfig(branches=tuple(bcs), output=output, interaction_drop_path=0.4 if len(bcs) > 1 else 0.0,
                                name=name, extra={"task": task or ("detection" if output == "detection" else "classification"),
-                                                 "paper_only": True}, **kw)
+                                                 "paper_only": True, **({"counting": counting} if counting else {})}, **kw)
     PAPER_ONLY.add(name)
 
 
@@ -153,11 +154,12 @@ _paper_row("vit_b_224_scratch", "classification", [(768, 12, 12, 224, "deit")])
 # Table VIII: DeiT-B (224) and ViT-L (224, AugReg) classification baselines.
 _paper_row("deit_b_224", "classification", [(768, 12, 12, 224, "deit")])
 _paper_row("vit_l_224_augreg", "classification", [(1024, 24, 16, 224, "augreg")])
-# Table II: the ViT/ViT/ViT row at 1024/672/448 (225G), a DeiT TSB with the TSB detectors'
-# window layout (window 14 in every block) and pretraining grids.
+# Table II: the ViT/ViT/ViT row at 1024/672/448 (225G), a DeiT TSB built like the table's
+# hybrid detectors (window 14 in every block, pretraining grids, merges after interactions 0,
+# 1 and 10 and the ViT regular FPN) and counted as their script counts them.
 _paper_row("mask_rcnn_deit_tsb_1024_672_448_paper", "detection",
            [(768, 12, 12, 448, "deit3"), (384, 12, 6, 672, "deit3"), (192, 12, 3, 1024, "deit")],
-           window=("W", 14), task="detection")
+           window=("W", 14), task="detection", counting="det", fpn="regular", out_indexes=(0, 1, 10))
 
 
 # ---------------------------------------------------------------------------------------
