@@ -1,7 +1,9 @@
 """Every preset against the paper's configuration list, and its parameter count."""
+import json
+
 import pytest
 import torch
-from helpers import paper_configs
+from helpers import data_path, paper_configs
 
 import piip
 from piip.flops import counting_config
@@ -14,15 +16,18 @@ def vit_configs():
             if all(b.get("implementation_class") in ("deit", "internvit") for b in c["branches"])}
 
 
-def test_every_vit_config_has_a_preset():
-    assert sorted(vit_configs()) == piip.list_models()
+def test_every_config_has_a_preset():
+    """The ViT configs (configs.json) and the ConvNeXt/hybrid/LLaVA ones (configs_hetero.json,
+    checked in test_hetero.py) are exactly the listed presets."""
+    hetero = json.loads(data_path("paper", "configs_hetero.json").read_text())["configs"]
+    assert sorted(list(vit_configs()) + [c["name"] for c in hetero]) == piip.list_models()
 
 
 def _window_pattern(b):
     return "".join("G" if w is None else "W" for w in b.window_sizes)
 
 
-@pytest.mark.parametrize("name", piip.list_models())
+@pytest.mark.parametrize("name", sorted(vit_configs()))
 def test_preset_matches_paper_config(name):
     paper = vit_configs()[name]
     cfg = piip.get_config(name)
@@ -50,7 +55,7 @@ def test_preset_matches_paper_config(name):
         assert cfg.interaction_norm == it["interaction_norm"].split("(")[0]
 
 
-@pytest.mark.parametrize("name", piip.list_models())
+@pytest.mark.parametrize("name", sorted(vit_configs()))
 def test_parameter_counts_match_official(name):
     """Official detection backbone form: the exact count of the official code; the counting
     form (what the paper's #Param column counts): the official script's figure."""

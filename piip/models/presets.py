@@ -271,6 +271,14 @@ _llava("piip-llava_convnext-b_clip-l_1024-336_13B", "convnext-b", 336, 1024, 24,
 _llava("piip-llava_convnext-l_clip-l_1024-336_7B", "convnext-l", 336, 1024, 12, 4096)
 _llava("piip-llava_convnext-l_clip-l_1024-336_13B", "convnext-l", 336, 1024, 24, 5120)
 
+# Official names that share another config file: get_config / create_model accept them,
+# list_models lists the file once. (name -> (preset, PIIPConfig overrides))
+ALIASES = {
+    "piip-llava-plus_convnext-l_clip-l_1024-336_7B": ("piip-llava_convnext-l_clip-l_1024-336_7B", {}),
+    # the 13B model uses the 7B config file; only the projector follows the LLM's width
+    "piip-llava_clip-bl_512-448_13B": ("piip-llava_clip-bl_512-448_7B", {"projector_dim": 5120}),
+}
+
 
 def list_models(pattern: str | None = None, paper_only: bool = False) -> list[str]:
     """Preset names of the official configs, optionally filtered by a substring or fnmatch
@@ -286,6 +294,9 @@ def list_models(pattern: str | None = None, paper_only: bool = False) -> list[st
 def get_config(name: str, **overrides) -> PIIPConfig:
     """The PIIPConfig of a preset; keyword overrides replace PIIPConfig fields, and the
     branch fields ``drop_path_rate``, ``pad_before_qkv``, ``mlp_act`` apply to every branch."""
+    if name in ALIASES:
+        base, alias_kw = ALIASES[name]
+        return replace(get_config(base, **{**alias_kw, **overrides}), name=name)
     if name not in PRESETS:
         import difflib
 
