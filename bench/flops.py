@@ -221,13 +221,16 @@ FIGURES = [("detection", "box_ap", "COCO box AP (Mask R-CNN 1x)"), ("segmentatio
            ("classification", "top1", "ImageNet-1K top-1 (%)")]
 FAMILY_STYLE = {"PIIP-TSB": ("o", "tab:blue"), "PIIP-SBL": ("s", "tab:orange"), "PIIP-TSBL": ("D", "tab:green"),
                 "PIIP-H6B": ("^", "tab:red"), "PIIP-SBL, other pre-training": ("v", "tab:brown"),
-                "PIIP with ConvNeXt branches": ("P", "tab:purple"), "single-branch baselines": ("x", "black")}
+                "PIIP with ConvNeXt branches": ("P", "tab:purple"), "PIIP-LLaVA encoders": ("*", "tab:olive"),
+                "single-branch baselines": ("x", "black")}
 # Series drawn as lines (one model family at growing resolutions); the others are points.
 LINE_FAMILIES = ("PIIP-TSB", "PIIP-SBL", "PIIP-TSBL", "PIIP-H6B")
 
 
 def family(name: str, n_branches: int) -> str:
     """The series a configuration belongs to in the figures."""
+    if "llava" in name:
+        return "PIIP-LLaVA encoders"
     if "convnext" in name:
         return "single-branch baselines" if n_branches == 1 else "PIIP with ConvNeXt branches"
     if n_branches == 1:
@@ -243,9 +246,8 @@ def family(name: str, n_branches: int) -> str:
 
 
 def figure_points(rows: list[dict], results: dict) -> list[dict]:
-    """Points of the figures: our presets (our #FLOPs and #Param, published metrics), the
-    ConvNeXt detectors (README #FLOPs; we cannot build them yet), and the classification
-    baselines of Table VIII (paper-only presets, the paper's top-1)."""
+    """Points of the figures: our presets (our #FLOPs and #Param, published metrics) and the
+    classification baselines of Table VIII (paper-only presets, the paper's top-1)."""
     pts = []
     for r in rows:
         if r["config"].startswith("dino_"):
@@ -253,12 +255,6 @@ def figure_points(rows: list[dict], results: dict) -> list[dict]:
         n = len(r["resolutions"].split("/"))
         pts.append({"config": r["config"], "task": r["task"], "family": family(r["config"], n), "flops_g": r["flops_g_paper"],
                     "params_m": r["params_m"], "metrics": r.get("metrics") or {}, "label": r["resolutions"]})
-    with open(HETERO) as f:
-        for c in json.load(f)["configs"]:
-            if c["task"] == "detection" and c["name"] in results:
-                pts.append({"config": c["name"], "task": "detection", "family": family(c["name"], len(c["resolutions"].split("/"))),
-                            "flops_g": c["readme"]["flops_G"], "params_m": None, "metrics": results[c["name"]]["metrics"],
-                            "label": c["resolutions"]})
     for name, top1 in (("deit_b_224", 81.8), ("vit_l_224_augreg", 85.2)):  # Table VIII
         if not any(p["config"] == name for p in pts):
             pc = paper_cost(name)

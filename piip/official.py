@@ -294,15 +294,18 @@ def _unwrap_checkpoint(obj) -> dict[str, Tensor]:
 def load_official_checkpoint(name_or_model, path: str, backend: str | None = None) -> PIIP:
     """Build the official form of a preset (or take a model) and load an official checkpoint file.
 
-    Handles files that store the model under ``state_dict`` or ``model`` and mmdet
-    checkpoints whose backbone keys start with ``backbone.`` (the neck and heads are ignored).
+    Handles files that store the model under ``state_dict`` or ``model``, mmdet checkpoints
+    whose backbone keys start with ``backbone.`` (the neck and heads are ignored), and whole
+    PIIP-LLaVA checkpoints (only the vision tower and projector keys are taken).
     """
     from .models.presets import get_config
+
+    from .models.presets import build_model
 
     if isinstance(name_or_model, PIIP):
         model = name_or_model
     else:
-        model = PIIP(official_config(get_config(name_or_model)), backend=backend)
+        model = build_model(official_config(get_config(name_or_model)), backend=backend)
     sd = _unwrap_checkpoint(torch.load(path, map_location="cpu", weights_only=True))
     load_official_state_dict(model, sd)
     return model
