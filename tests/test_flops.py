@@ -206,8 +206,8 @@ def test_flops_script_plot(tmp_path):
 
 
 def test_figure_series():
-    """Series of the figures: families by name, DINO left out, the ConvNeXt detectors from the
-    README's #FLOPs, the Table VIII classification baselines."""
+    """Series of the figures: families by name, DINO left out, the ConvNeXt detectors and LLaVA
+    encoders as rows of their own series, the Table VIII classification baselines."""
     spec = importlib.util.spec_from_file_location("bench_flops", ROOT / "bench" / "flops.py")
     flops = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(flops)
@@ -216,12 +216,15 @@ def test_figure_series():
     assert flops.family("mask_rcnn_internvit_h6b_1024_512_fpn_1x_coco_bs16_ms", 2) == "PIIP-H6B"
     assert flops.family("mask_rcnn_convnext-t_vit-s_vit-b_1024_672_448_regular-fpn", 3) == "PIIP with ConvNeXt branches"
     assert flops.family("mask_rcnn_convnext-base_1024_regular-fpn", 1) == "single-branch baselines"
+    assert flops.family("piip-llava_convnext-b_clip-l_1024-336_7B", 2) == "PIIP-LLaVA encoders"
     rows = [{"config": "dino_4scale_internvit_h6b_1024_768_fpn_1x_coco_bs32_ms", "task": "detection", "resolutions": "1024/768",
-             "flops_g_paper": 1.0, "params_m": 1.0, "metrics": {"box_ap": 60.0}}]
+             "flops_g_paper": 1.0, "params_m": 1.0, "metrics": {"box_ap": 60.0}},
+            {"config": "mask_rcnn_convnext-t_vit-s_vit-b_1024_672_448_regular-fpn", "task": "detection",
+             "resolutions": "1024/672/448", "flops_g_paper": 373.3, "params_m": 190.1, "metrics": {"box_ap": 47.1}}]
     pts = flops.figure_points(rows, flops.published_results())
     assert not any(p["config"].startswith("dino_") for p in pts)
     hybrids = [p for p in pts if p["family"] == "PIIP with ConvNeXt branches"]
-    assert len(hybrids) == 7 and all(p["metrics"]["box_ap"] > 40 for p in hybrids)
+    assert [(p["flops_g"], p["metrics"]["box_ap"]) for p in hybrids] == [(373.3, 47.1)]
     assert {p["config"] for p in pts if p["task"] == "classification"} == {"deit_b_224", "vit_l_224_augreg"}
 
 
