@@ -282,3 +282,11 @@ def test_official_execution_path_equals_ours(name):
         theirs = model(img)
     for a, b in zip(ours if isinstance(ours, list) else [ours], theirs if isinstance(theirs, list) else [theirs]):
         assert rel_err(a, b) < 1e-5
+
+
+def test_every_injector_gets_the_official_constant_drop_path_rate():
+    """The official code passes interaction_drop_path_rate unchanged to every unit."""
+    with torch.device("meta"):
+        model = piip.build_model(piip.get_config("piip-llava_convnext-b_clip-l_1024-336_7B"))
+    rates = {m.drop_path.p for m in model.modules() if hasattr(m, "drop_path") and hasattr(m, "ffn")}
+    assert rates == {0.4}

@@ -140,7 +140,7 @@ class PIIPConfig:
     cffn_ratio: float = 0.25
     interaction_proj: bool = True
     interaction_norm: str = "layernorm"   # "layernorm" | "none"
-    interaction_drop_path: float = 0.0
+    interaction_drop_path: float = 0.0    # the CFFN drop-path rate of every injector (constant, as officially)
     fpn_levels: tuple[int, ...] = (0, 1, 2, 3)
     head_reads_first_patch: bool = False  # official classification quirk: heads read patch token 0
     fpn: str = "simple"                   # "simple" | "regular" (see above)

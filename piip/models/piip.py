@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from piip_kernels import branch_merge, ms_deform_attn
 
-from ..layers import InteractionUnit, linspace_rates
+from ..layers import InteractionUnit
 from .branches import init_linear_and_norms as _init_linear_and_norms
 from .branches import make_branch
 from .config import PIIPConfig
@@ -54,14 +54,14 @@ class PIIP(nn.Module):
         widths = [[b.layer_widths[e] for e in b.stage_ends()] for b in cfg.branches]
         self.interactions = nn.ModuleList()
         if n > 1:
-            dpr = linspace_rates(cfg.interaction_drop_path, S)
+            # Every unit gets the same rate, as in the official code (no depth schedule).
             for s in range(S):
                 self.interactions.append(nn.ModuleList(
                     InteractionUnit(widths[u][s], widths[u + 1][s], cfg.interaction_proj,
                                     num_heads=cfg.deform_num_heads, n_points=cfg.n_points,
                                     deform_ratio=cfg.deform_ratio, with_cffn=cfg.with_cffn,
                                     cffn_ratio=cfg.cffn_ratio, norm=cfg.interaction_norm,
-                                    drop_path=dpr[s], backend=backend)
+                                    drop_path=cfg.interaction_drop_path, backend=backend)
                     for u in range(n - 1)))
             for m in self.interactions.modules():
                 if isinstance(m, InteractionUnit):
