@@ -63,10 +63,12 @@ def _autocast(dtype: torch.dtype, device_type: str = "cpu"):
 
 def fsdp_units(model: PIIP) -> list[nn.Module]:
     """The modules FSDP2 shards as units (piip.distributed.apply_fsdp uses the same list):
-    every transformer block and every interaction unit; the root holds the rest."""
+    every transformer block (ViT, CLIP), ConvNeXt block and interaction unit; the root holds the rest."""
     from .layers import Block, InteractionUnit
+    from .layers.convnext import ConvNeXtBlock
+    from .models.clip import CLIPLayer
 
-    return [m for m in model.modules() if isinstance(m, (Block, InteractionUnit))]
+    return [m for m in model.modules() if isinstance(m, (Block, CLIPLayer, ConvNeXtBlock, InteractionUnit))]
 
 
 class LiveBytes(TorchDispatchMode):
@@ -143,8 +145,10 @@ def _track(cfg: PIIPConfig, spec: StepSpec):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     side = spec.side or cfg.branches[-1].image_size
+    from .models.presets import build_model
+
     with torch.device("meta"):
-        meta = PIIP(cfg)
+        meta = build_model(cfg)
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = meta.to_empty(device="cpu")
         model.set_grad_checkpointing(spec.checkpointing)

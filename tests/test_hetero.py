@@ -290,3 +290,18 @@ def test_every_injector_gets_the_official_constant_drop_path_rate():
         model = piip.build_model(piip.get_config("piip-llava_convnext-b_clip-l_1024-336_7B"))
     rates = {m.drop_path.p for m in model.modules() if hasattr(m, "drop_path") and hasattr(m, "ffn")}
     assert rates == {0.4}
+
+
+def test_memory_planner_and_fsdp_units_cover_cnn_and_clip_branches():
+    from piip.layers.convnext import ConvNeXtBlock
+    from piip.memory import fsdp_units, plan_memory
+    from piip.models.clip import CLIPLayer
+
+    cfg, img = _tiny("llava_convnext_mix_tiny.pt")
+    model = piip.build_model(cfg)
+    units = fsdp_units(model)
+    assert sum(isinstance(u, CLIPLayer) for u in units) == cfg.branches[0].depth
+    assert sum(isinstance(u, ConvNeXtBlock) for u in units) == sum(cfg.branches[1].stage_depths)
+    plan = plan_memory(cfg, batch=2, side=img.shape[-1], dtype=torch.float32)
+    n = sum(p.numel() for p in model.parameters())
+    assert plan["parameters"] == 4 * n and plan["activations"] > 0
