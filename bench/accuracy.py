@@ -38,10 +38,10 @@ import time
 import torch
 from torch import Tensor
 
+from piip.models.llava import IMAGENET_MEAN, IMAGENET_STD  # the official statistics, also PIIP-LLaVA's
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 

@@ -88,14 +88,17 @@ def _hook_macs(m: nn.Module, inp, out) -> int:
 _HOOKED = (nn.Linear, _TokenLinear, nn.Conv2d, nn.ConvTranspose2d, nn.LayerNorm, nn.GroupNorm, nn.ReLU, nn.MaxPool2d)
 
 
+def _vit_attention_macs(b) -> int:
+    """The official scripts' self-attention term of a ViT branch: 2*n^2*C per global block and
+    2*n*w^2*C per window block, n = (s // 16)^2 (padding ignored)."""
+    n = (b.image_size // 16) ** 2
+    return sum(2 * n * n * b.embed_dim if w is None else 2 * n * w * w * b.embed_dim for w in b.window_sizes)
+
+
 def _analytic_terms(cfg: PIIPConfig) -> dict[str, int]:
     """Closed-form terms of the official script: self-attention 2*n^2*C per global block and
     2*n*w^2*C per window block (n = (s // 16)^2, padding ignored), and 5*n_q*4*C_q per injector."""
-    attn = {}
-    for i, b in enumerate(cfg.branches):
-        n = (b.image_size // 16) ** 2
-        attn[f"branch{i + 1}"] = sum(2 * n * n * b.embed_dim if w is None else 2 * n * w * w * b.embed_dim
-                                     for w in b.window_sizes)
+    attn = {f"branch{i + 1}": _vit_attention_macs(b) for i, b in enumerate(cfg.branches)}
     deform = 0
     if len(cfg.branches) > 1:
         per_stage = 0
@@ -186,12 +189,8 @@ def _script_terms(cfg: PIIPConfig) -> dict[str, int]:
     for i, b in enumerate(cfg.branches):
         if b.kind == "convnext":
             continue
-        n = (b.image_size // 16) ** 2
-        if b.kind == "clip":
-            terms[f"branch{i + 1}"] = b.depth * 2 * n * n * b.embed_dim
-        else:
-            terms[f"branch{i + 1}"] = sum(2 * n * n * b.embed_dim if w is None else 2 * n * w * w * b.embed_dim
-                                          for w in b.window_sizes)
+        # CLIP: global attention in every layer, the same term (its class token excluded)
+        terms[f"branch{i + 1}"] = _vit_attention_macs(b)
     deform = 0
     if len(cfg.branches) > 1:
         first_stride = [b.layer_strides[b.stage_ends()[0]] for b in cfg.branches]

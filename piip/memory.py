@@ -144,9 +144,9 @@ def _tracked_fwd_bwd(cfg: PIIPConfig, spec: StepSpec):
 def _track(cfg: PIIPConfig, spec: StepSpec):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    side = spec.side or cfg.branches[-1].image_size
     from .models.presets import build_model
 
+    side = spec.side or cfg.branches[-1].image_size
     with torch.device("meta"):
         meta = build_model(cfg)
     with FakeTensorMode(allow_non_fake_inputs=True):

@@ -24,8 +24,9 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from .models.config import BranchConfig, PIIPConfig
+from .models.config import BranchConfig, PIIPConfig, convnext_stage_groups
 from .models.convnext import convnext_official_key
+from .models.keys import check_state_dict
 from .models.piip import PIIP
 
 _UNIT_RE = re.compile(r"^interactions\.(\d+)\.(\d+)\.(to_a_proj|to_b_proj|to_a|to_b)\.(.*)$")
@@ -117,20 +118,8 @@ def load_official_state_dict(model: PIIP, state_dict: dict[str, Tensor]) -> None
         # Stock timm names the ConvNeXt layer scale "gamma"; the official checkpoints "weight".
         state_dict = {re.sub(r"(convnext_model\.stages\.\d+\.blocks\.\d+)\.gamma$", r"\1.weight", k): v
                       for k, v in state_dict.items() if k.startswith((LLAVA_ENCODER_PREFIX, LLAVA_PROJECTOR_PREFIX))}
-    unused = sorted(set(state_dict) - set(target))
-    missing = sorted(set(target) - set(state_dict))
-    wrong = []
-    for ok, (k, i) in target.items():
-        if ok in state_dict:
-            want = ours[k].shape if i is None else ours[k][i].shape
-            if tuple(state_dict[ok].shape) != tuple(want):
-                wrong.append(f"{ok}: checkpoint {tuple(state_dict[ok].shape)} vs model {tuple(want)}")
-    if unused or missing or wrong:
-        lines = [f"official state dict does not match the model ({len(unused)} unused, {len(missing)} missing, {len(wrong)} mis-shaped)"]
-        for title, items in (("unused checkpoint keys", unused), ("missing from checkpoint", missing), ("shape mismatches", wrong)):
-            if items:
-                lines.append(f"  {title}: " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
-        raise ValueError("\n".join(lines))
+    check_state_dict("official state dict", {ok: ours[k].shape if i is None else ours[k][i].shape
+                                             for ok, (k, i) in target.items()}, state_dict)
     new = {k: v.clone() if k in ("merge_weights", "inter_merge_weights") else None for k, v in ours.items()}
     for ok, (k, i) in target.items():
         if i is None:
@@ -174,13 +163,9 @@ def _branch_from_neutral(b: dict, i: int) -> BranchConfig:
         family=fam, pad_before_qkv=True)
 
 
-def _convnext_from_neutral(name: str, image_size: int, groups, depths, widths, layout: str, *,
-                           layer_scale: float | None = 1e-6, patch: int = 4, head_hidden: int | None = None,
-                           ratios=None) -> BranchConfig:
-    b = BranchConfig(name=name, kind="convnext", family=layout, embed_dim=widths[-1],
-                     depth=sum(depths) + len(depths) - 1, num_heads=1, image_size=image_size,
-                     interaction_indexes=tuple(tuple(g) for g in groups), stage_depths=tuple(depths),
-                     stage_widths=tuple(widths), layer_scale=layer_scale, patch_size=patch, head_hidden=head_hidden)
+def _convnext_from_neutral(name: str, image_size: int, groups, depths, widths, layout: str, *, ratios=None,
+                           **kw) -> BranchConfig:
+    b = BranchConfig.convnext(name, depths, widths, image_size, groups, layout, **kw)
     if ratios is not None and tuple(ratios) != b.layer_strides:
         raise ValueError(f"{name}: official downsample_ratios {list(ratios)} differ from the layer strides {list(b.layer_strides)}")
     return b
@@ -230,10 +215,8 @@ def config_from_neutral(config: dict) -> PIIPConfig:
     if model == "convnext_single_branch_detection_backbone":
         h = config["hf_config"]
         d = h["depths"]
-        ends = [sum(d[:s + 1]) + s - 1 for s in range(len(d))]  # last flattened layer of each stage
-        groups = [(0 if s == 0 else ends[s - 1] + 1, e) for s, e in enumerate(ends)]
-        b = _convnext_from_neutral("backbone", kw.get("real_size", config["input_shape"][-1]), groups, d,
-                                   h["hidden_sizes"], "hf", layer_scale=h["layer_scale_init_value"], patch=h["patch_size"])
+        b = _convnext_from_neutral("backbone", kw.get("real_size", config["input_shape"][-1]), convnext_stage_groups(d), d,
+                                   h["hidden_sizes"], "hf", layer_scale=h["layer_scale_init_value"], patch_size=h["patch_size"])
         return PIIPConfig(branches=(b,), output="stages", out_indexes=tuple(range(len(d))), name=model)
     branches = []
     for i, b in enumerate(config["branches"]):
@@ -241,7 +224,7 @@ def config_from_neutral(config: dict) -> PIIPConfig:
             h, ok = b["hf_config"], kw[f"branch{i + 1}"]
             branches.append(_convnext_from_neutral(
                 b["name"], b["nominal_image_size"], ok["interaction_indexes"], h["depths"], h["hidden_sizes"], "hf",
-                layer_scale=h["layer_scale_init_value"], patch=h["patch_size"], ratios=ok.get("downsample_ratios")))
+                layer_scale=h["layer_scale_init_value"], patch_size=h["patch_size"], ratios=ok.get("downsample_ratios")))
         else:
             branches.append(_branch_from_neutral(b, i))
     classification = model == "piip_classification"

@@ -51,10 +51,14 @@ def load_pretrained_branch(model: PIIP, branch_index: int, path_or_state_dict, v
         if key in sd and isinstance(sd[key], dict):
             sd = sd[key]
     branch = model.branches[branch_index]
+    read = {"vit": _vit_weights, "convnext": _convnext_weights, "clip": _clip_weights}[branch.cfg.kind]
+    loaded, unexpected = read(branch, sd)
+    return _finish(branch, branch_index, loaded, unexpected, verbose)
+
+
+def _vit_weights(branch, sd: dict) -> tuple[dict, list]:
+    """timm / DeiT / DeiT III names; position table and patch embedding resized to the branch's."""
     cfg = branch.cfg
-    if cfg.kind != "vit":
-        loaded, unexpected = (_convnext_weights if cfg.kind == "convnext" else _clip_weights)(branch, sd)
-        return _finish(branch, branch_index, loaded, unexpected, verbose)
     ours = branch.state_dict()
     new, unexpected = {}, []
     for k, v in sd.items():
@@ -71,13 +75,12 @@ def load_pretrained_branch(model: PIIP, branch_index: int, path_or_state_dict, v
         if t not in ours:
             unexpected.append(k)
             continue
-        if tuple(v.shape) != tuple(ours[t].shape):
-            raise ValueError(f"branch {branch_index}: {k} has shape {tuple(v.shape)}, the branch expects {tuple(ours[t].shape)}")
         new[t] = v
-    return _finish(branch, branch_index, new, unexpected, verbose)
+    return new, unexpected
 
 
 def _finish(branch, branch_index: int, new: dict, unexpected: list, verbose: bool) -> dict:
+    """Check the shapes of what was read (our names), load it, report missing / unexpected."""
     ours = branch.state_dict()
     for k, v in new.items():
         if tuple(v.shape) != tuple(ours[k].shape):

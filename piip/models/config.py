@@ -73,6 +73,17 @@ class BranchConfig:
         if self.cls_token and any(w is not None for w in self.window_sizes):
             raise ValueError(f"{self.name}: a cls token cannot go through window attention")
 
+    @classmethod
+    def convnext(cls, name: str, depths, widths, image_size: int, interaction_indexes, family: str = "hf",
+                 **kw) -> "BranchConfig":
+        """A ConvNeXt branch: ``depth`` is the flattened layer count and ``embed_dim`` the last
+        width; stem stride 4 and layer scale 1e-6 unless given."""
+        kw.setdefault("layer_scale", 1e-6)
+        kw.setdefault("patch_size", 4)
+        return cls(name=name, kind="convnext", family=family, embed_dim=widths[-1], depth=sum(depths) + len(depths) - 1,
+                   num_heads=1, image_size=image_size, interaction_indexes=tuple(tuple(g) for g in interaction_indexes),
+                   stage_depths=tuple(depths), stage_widths=tuple(widths), **kw)
+
     @property
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
@@ -101,6 +112,17 @@ class BranchConfig:
     def stage_ends(self) -> list[int]:
         """The last layer of every stage (the whole branch when it has no interactions)."""
         return [e for _, e in self.interaction_indexes] or [self.depth - 1]
+
+
+def convnext_stage_groups(depths) -> tuple[tuple[int, int], ...]:
+    """The flattened layers (first, last) of each native ConvNeXt stage; stage s > 0 starts
+    with its downsampling layer."""
+    groups, start = [], 0
+    for s, d in enumerate(depths):
+        end = start + d - (s == 0)
+        groups.append((start, end))
+        start = end + 1
+    return tuple(groups)
 
 
 @dataclass(frozen=True)

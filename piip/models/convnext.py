@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..layers.convnext import ConvNeXtBlock, ConvNeXtDownsample, ConvNeXtStem
 from ..layers.block import linspace_rates
+from .keys import check_state_dict
 
 # depths, widths of the four stages
 CONVNEXT_SIZES = {
@@ -140,17 +141,7 @@ def load_convnext_state_dict(model: ConvNeXt, state_dict: dict[str, Tensor], lay
         sd = {re.sub(r"^(stages\.\d+\.blocks\.\d+)\.weight$", r"\1.gamma", k): v for k, v in sd.items()}
     ours = model.state_dict()
     target = {convnext_official_key(k, layout): k for k in ours}
-    unused = sorted(set(sd) - set(target))
-    missing = sorted(set(target) - set(sd))
-    wrong = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(ours[target[k]].shape)}"
-             for k in target if k in sd and tuple(sd[k].shape) != tuple(ours[target[k]].shape)]
-    if unused or missing or wrong:
-        lines = [f"ConvNeXt state dict ({layout} layout) does not match the model "
-                 f"({len(unused)} unused, {len(missing)} missing, {len(wrong)} mis-shaped)"]
-        for title, items in (("unused", unused), ("missing", missing), ("shape mismatches", wrong)):
-            if items:
-                lines.append(f"  {title}: " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
-        raise ValueError("\n".join(lines))
+    check_state_dict(f"ConvNeXt state dict ({layout} layout)", {k: ours[v].shape for k, v in target.items()}, sd)
     model.load_state_dict({target[k]: v for k, v in sd.items()}, strict=True)
 
 

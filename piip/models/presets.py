@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .config import BranchConfig, PIIPConfig
+from .config import BranchConfig, PIIPConfig, convnext_stage_groups
+from .convnext import CONVNEXT_SIZES
 
 # width, depth, heads
 SIZES = {"T": (192, 12, 3), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16),
@@ -194,20 +195,14 @@ def _convnext_groups(depths, k: int) -> tuple[tuple[int, int], ...]:
         return _CONVNEXT_24
     if k != 12:
         raise ValueError(f"no official ConvNeXt split into {k} groups for depths {depths}")
-    ends = [sum(depths[:s + 1]) + s - 1 for s in range(4)]
-    starts = [0] + [e + 1 for e in ends[:3]]
-    return tuple([(starts[0], ends[0]), (starts[1], ends[1])] + _groups(starts[2], ends[2] - starts[2] + 1, 9)
-                 + [(starts[3], ends[3])])
+    s0, s1, (a, b), s3 = convnext_stage_groups(depths)
+    return (s0, s1, *_groups(a, b - a + 1, 9), s3)
 
 
 def _convnext(i: int, size: str, res: int, groups, layout: str, dpr: float = 0.0, head_hidden=None) -> BranchConfig:
-    from .convnext import CONVNEXT_SIZES
-
     depths, widths = CONVNEXT_SIZES[size]
-    return BranchConfig(name=f"branch{i + 1}", kind="convnext", family=layout, embed_dim=widths[-1],
-                        depth=sum(depths) + 3, num_heads=1, image_size=res, interaction_indexes=groups,
-                        stage_depths=depths, stage_widths=widths, layer_scale=1e-6, patch_size=4,
-                        drop_path_rate=dpr, head_hidden=head_hidden)
+    return BranchConfig.convnext(f"branch{i + 1}", depths, widths, res, groups, layout, drop_path_rate=dpr,
+                                 head_hidden=head_hidden)
 
 
 def _clip(i: int, size: str, res: int, stages: int, pretrain: int) -> BranchConfig:
@@ -229,7 +224,7 @@ def _hetero_det(name: str, kinds: str):
     bcs = []
     for i, (kind, size, res) in enumerate(zip(reversed(kinds), "BST", (448, 672, 1024))):
         if kind == "C":
-            bcs.append(_convnext(i, size, res, _convnext_groups(CONVNEXT_DEPTHS[size], 12), "hf", _DET_CNX[size]))
+            bcs.append(_convnext(i, size, res, _convnext_groups(CONVNEXT_SIZES[size][0], 12), "hf", _DET_CNX[size]))
         else:
             fam, dpr = _DET_VIT[size]
             bcs.append(_branch(i, 3, fam, SIZES[size], res, ("W", 14), 12, False, False, drop_path_rate=dpr))
@@ -246,17 +241,14 @@ def _llava(name: str, large: str, small_res: int, large_res: int, stages: int, l
         b2 = _clip(1, "B", large_res, stages, 224)
     else:
         size = large[-1].upper()
-        b2 = _convnext(1, size, large_res, _convnext_groups(CONVNEXT_DEPTHS[size], stages), "timm",
+        b2 = _convnext(1, size, large_res, _convnext_groups(CONVNEXT_SIZES[size][0], stages), "timm",
                        head_hidden=1536 if size == "L" else None)
     PRESETS[name] = PIIPConfig(branches=(b1, b2), output="llava", projector_dim=llm_dim, projector_norm="gn",
                                interaction_drop_path=0.4, name=name, extra={"task": "multimodal", "counting": "llava"})
 
 
-CONVNEXT_DEPTHS = {"T": (3, 3, 9, 3), "S": (3, 3, 27, 3), "B": (3, 3, 27, 3), "L": (3, 3, 27, 3)}
-
 PRESETS["mask_rcnn_convnext-base_1024_regular-fpn"] = PIIPConfig(
-    branches=(replace(_convnext(0, "B", 1024, _convnext_groups(CONVNEXT_DEPTHS["B"], 12), "hf"),
-                      name="backbone", interaction_indexes=((0, 2), (3, 6), (7, 34), (35, 38))),),
+    branches=(replace(_convnext(0, "B", 1024, convnext_stage_groups(CONVNEXT_SIZES["B"][0]), "hf"), name="backbone"),),
     output="stages", out_indexes=(0, 1, 2, 3), name="mask_rcnn_convnext-base_1024_regular-fpn",
     extra={"task": "detection", "counting": "det"})
 for _kinds, _name in (("CCC", "convnext-tsb"), ("CVV", "convnext-t_vit-s_vit-b"), ("CCV", "convnext-t_convnext-s_vit-b"),
