@@ -3,8 +3,9 @@ from .attention import Attention
 from .block import Block, DropPath, Mlp, linspace_rates
 from .interaction import ConvFFN, Injector, InteractionUnit, grid_reference_points
 from .norm import RMSNorm, make_norm
+from .projector import BranchMLPProjector
 
 __all__ = [
     "Attention", "Block", "DropPath", "Mlp", "linspace_rates", "ConvFFN", "Injector", "InteractionUnit",
-    "grid_reference_points", "RMSNorm", "make_norm",
+    "grid_reference_points", "RMSNorm", "make_norm", "BranchMLPProjector",
 ]

@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from piip_kernels import branch_merge, ms_deform_attn
 
 from ..layers import InteractionUnit
+from ..layers.projector import BranchMLPProjector
 from .branches import init_linear_and_norms as _init_linear_and_norms
 from .branches import make_branch
 from .config import PIIPConfig
@@ -120,7 +121,6 @@ class PIIP(nn.Module):
             for m in (self.merge, self.cls_norm, self.cls_head):
                 m.apply(_init_linear_and_norms)
         elif cfg.output == "llava":
-            from .llava import BranchMLPProjector
             self.projector = BranchMLPProjector([b.embed_dim for b in cfg.branches], cfg.projector_dim, cfg.projector_norm)
         self.grad_checkpointing = False
         self.eager_merge = False
