@@ -482,9 +482,11 @@ class CopyCount:
     """Copies in one profiled call. ``count``: ``aten::copy_`` calls (every copy or cast that
     materialises a tensor ends in one: ``.to``, ``.float()``, ``clone``, ``contiguous``, and the
     per-tensor loop of ``_foreach_copy_``) plus multi-tensor ``aten::_foreach_copy_`` calls that
-    ran as one kernel; ``bytes``: bytes written by the ``copy_`` calls; ``casts`` and
-    ``cast_bytes``: the subset that changes dtype. ``n, b = profile_copies(fn)`` unpacks
-    (count, bytes)."""
+    ran as one kernel; ``bytes``: bytes written by the ``copy_`` calls (the profiler does not
+    record the shapes of a multi-tensor call: where ``_foreach_copy_`` runs as one kernel, as it
+    may on a GPU, :class:`MasterWeightAdamW`'s casts write 6 bytes per bf16 parameter element
+    that are not in ``bytes``); ``casts`` and ``cast_bytes``: the subset that changes dtype.
+    ``n, b = profile_copies(fn)`` unpacks (count, bytes)."""
 
     count: int = 0
     bytes: int = 0
