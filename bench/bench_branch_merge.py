@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import budgeted, copy_bandwidth_gbs, device_name, progress, report, timer  # noqa: E402
+from common import budgeted, copy_bandwidth_gbs, device_name, gpu_paths, progress, report, timer  # noqa: E402
 
 import piip_kernels  # noqa: E402
 from piip_kernels.merge.api import BACKENDS  # noqa: E402
@@ -79,7 +79,7 @@ def main(argv=None):
         for label, fn in paths.items():
             progress(f"  {name} C{C} {str(dtype)[6:]}: {label}")
             times[label] = (bench(fn, feats, weights, out_size, device, False), bench(fn, feats, weights, out_size, device, True))
-            if gpu:
+            if gpu_paths(device):  # CUDA-graph replays (stood in for in the dry run)
                 gpu_fwd[label] = bench(fn, feats, weights, out_size, device, False, graph=True)
         for label, (fwd, fb) in times.items():
             kernel = gpu_fwd.get(label) or fwd

@@ -15,6 +15,11 @@ sources, fp32 only as the official wrappers run it); ``*_vs_detr_kernel`` compar
 published H100 figures instead (``*_call_vs_detr_kernel``: our eager call), for reference only.
 The memory floor is the bytes of value, locations, weights and output moved
 once, over the copy bandwidth measured in the same run.
+
+In the CPU dry run of bench/gpu_check.sh (PIIP_DRY_RUN=1, PIIP_ANCHOR_STANDIN=1) the GPU-only
+paths run too: eager timing stands in for CUDA-graph replays, and a stand-in built from our
+reference for the DETR kernel, in rows labelled ``detr stand-in``; ratios over it are
+``*_vs_detr_standin``, which no target reads.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import budgeted, copy_bandwidth_gbs, device_name, progress, report, timer  # noqa: E402
+from common import budgeted, copy_bandwidth_gbs, device_name, dry_run, gpu_paths, progress, report, timer  # noqa: E402
 
 import piip_kernels  # noqa: E402
 from piip_kernels.msda.api import BACKENDS  # noqa: E402
@@ -46,7 +51,9 @@ SHAPES = [
 ]
 OURS = ("cuda", "triton", "cpu")
 ANCHOR = "detr kernel"
-BASELINES = ("reference", "compiled reference", ANCHOR)
+STANDIN = "detr stand-in (our reference)"
+# The anchor before the compiled reference: a budget cut should drop the latter first.
+BASELINES = ("reference", ANCHOR, STANDIN, "compiled reference")
 
 
 def make_inputs(batch, Lq, grids, M, D, P, dtype, device, seed, locations="grid"):
@@ -84,14 +91,22 @@ def runners(device):
     for name in ("reference", "cpu", "cuda", "triton"):
         if not BACKENDS[name](device, torch.float32):
             out[name] = (lambda n: lambda *a: piip_kernels.ms_deform_attn(*a, backend=n))(name)
-    if device.type == "cuda":
+    if gpu_paths(device):
         out["compiled reference"] = None  # compiled afresh for every case (see _compiled)
         anchor = anchor_runner()
         if anchor is not None:
-            out[ANCHOR] = anchor
+            out[anchor.label] = anchor
         else:
             progress("no Deformable DETR kernel to time beside ours (set PIIP_ANCHOR_DIR to its build folder)")
     return out
+
+
+def _labelled(fn, label: str, standin: bool):
+    def run(value, shapes, starts, loc, attn):
+        return fn(value, shapes, starts, loc, attn)
+
+    run.label, run.standin = label, standin
+    return run
 
 
 def anchor_runner():
@@ -100,7 +115,14 @@ def anchor_runner():
     importable. bench/gpu_check.sh builds it from the anchor sources outside this project
     into $PIIP_ANCHOR_DIR; it is timed beside our kernels in the same run, never copied in.
     It takes fp32 only (the official wrappers cast to fp32 under autocast), so it always
-    gets fp32 inputs; im2col_step 64 as in the official module."""
+    gets fp32 inputs; im2col_step 64 as in the official module.
+
+    The runner has ``.label`` (the row's backend name) and ``.standin``. With
+    PIIP_ANCHOR_STANDIN=1 (the CPU dry run of gpu_check.sh) it is a stand-in with the same
+    interface, built from our reference: its rows are labelled as such, and speed-ups over
+    it go to ``*_vs_detr_standin``, never to the anchor's ``*_vs_detr_live``."""
+    if os.environ.get("PIIP_ANCHOR_STANDIN") == "1":
+        return _labelled(_anchor_function(None), STANDIN, True)
     folder = os.environ.get("PIIP_ANCHOR_DIR")
     if folder and folder not in sys.path:
         sys.path.insert(0, folder)
@@ -108,6 +130,23 @@ def anchor_runner():
         import MultiScaleDeformableAttention as ext  # noqa: N813
     except ImportError:
         return None
+    return _labelled(_anchor_function(ext), ANCHOR, False)
+
+
+def _anchor_function(ext):
+    """The anchor's calling convention as an autograd function: ext's two entry points, or
+    (ext None) the same two built from our reference."""
+    if ext is None:
+        def fwd(value, shapes, starts, loc, attn, _im2col):
+            return piip_kernels.ms_deform_attn(value, shapes, starts, loc, attn, backend="reference")
+
+        def bwd(value, shapes, starts, loc, attn, grad_out, _im2col):
+            leaves = [t.detach().requires_grad_(True) for t in (value, loc, attn)]
+            with torch.enable_grad():
+                out = fwd(leaves[0], shapes, starts, leaves[1], leaves[2], 64)
+            return torch.autograd.grad(out, leaves, grad_out)
+    else:
+        fwd, bwd = ext.ms_deform_attn_forward, ext.ms_deform_attn_backward
 
     class DetrKernel(torch.autograd.Function):
         # Named ranges, so profilers (bench_model's time shares) can find the kernel's time.
@@ -115,13 +154,13 @@ def anchor_runner():
         def forward(ctx, value, shapes, starts, loc, attn):
             ctx.save_for_backward(value, shapes, starts, loc, attn)
             with torch.profiler.record_function("DetrKernel"):
-                return ext.ms_deform_attn_forward(value, shapes, starts, loc, attn, 64)
+                return fwd(value, shapes, starts, loc, attn, 64)
 
         @staticmethod
         def backward(ctx, grad_out):
             value, shapes, starts, loc, attn = ctx.saved_tensors
             with torch.profiler.record_function("DetrKernelBackward"):
-                gv, gl, ga = ext.ms_deform_attn_backward(value, shapes, starts, loc, attn, grad_out.contiguous(), 64)
+                gv, gl, ga = bwd(value, shapes, starts, loc, attn, grad_out.contiguous(), 64)
             return gv, None, None, gl, ga
 
     return DetrKernel.apply
@@ -167,6 +206,8 @@ def main(argv=None):
                    help="sampling locations: near a query grid (PIIP, DETR) or uniformly random (no locality)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="stop starting measurements after this many seconds (our backends are measured first)")
+    p.add_argument("--no-compiled-reference", action="store_true",
+                   help="leave out the torch.compile'd reference baseline (its compilation takes a while)")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -179,6 +220,8 @@ def main(argv=None):
     bw = copy_bandwidth_gbs(device)
     progress(f"device: {device_name(device)}; copy bandwidth {bw:.0f} GB/s")
     fns = runners(device)
+    if args.no_compiled_reference:
+        fns.pop("compiled reference", None)
     cases = []
     for dtype in dtypes:  # the order that matters most: bf16 first, the published batch first
         for shape in shapes:
@@ -186,9 +229,10 @@ def main(argv=None):
             cases += [(shape, b, dtype) for b in dict.fromkeys(batches)]
     # Our backends on every case first, then the baselines: a budget cut drops baselines.
     order = [b for b in OURS + BASELINES if b in fns]
-    # The DETR kernel runs fp32 only: one fp32 measurement per (shape, batch) serves every dtype.
-    anchor_cases = list(dict.fromkeys((shape, b, torch.float32) for shape, b, _ in cases))
-    work = [(case, backend) for backend in order for case in (anchor_cases if backend == ANCHOR else cases)]
+    # The DETR kernel runs fp32 only: one fp32 measurement per (shape, batch) serves every
+    # dtype. Keyed by (name, batch): a shape row holds lists, which cannot be hashed.
+    anchor_cases = list({(shape[0], b): (shape, b, torch.float32) for shape, b, _ in cases}.values())
+    work = [(case, backend) for backend in order for case in (anchor_cases if backend in (ANCHOR, STANDIN) else cases)]
     rows, inputs = [], {}
     for case, backend in budgeted(work, args.budget_s):
         rows.append(_measure(args, device, case, backend, fns[backend] or _compiled(), scale, bw, inputs))
@@ -216,14 +260,14 @@ def _measure(args, device, case, backend, fn, scale, bw, cache):
     row = {"case": name, "batch": batch, "queries": Lq, "dtype": str(dtype)[6:], "locations": args.locations, "backend": backend,
            "fwd_ms": median([bench_one(fn, s, device, False) for s in sets]),
            "fwd_bwd_ms": median([bench_one(fn, s, device, True) for s in sets]), "floor_ms": floor_ms}
-    if device.type == "cuda" and backend in OURS + (ANCHOR,):
+    if gpu_paths(device) and backend in OURS + (ANCHOR, STANDIN):
         row["fwd_gpu_ms"] = median([bench_one(fn, s, device, False, graph=True) for s in sets])
         row["fwd_bwd_gpu_ms"] = median([bench_one(fn, s, device, True, graph=True) for s in sets])
     # Kernel time where a CUDA graph measured it, else the eager call.
     fwd = row.get("fwd_gpu_ms") or row["fwd_ms"]
     fb = row.get("fwd_bwd_gpu_ms") or row["fwd_bwd_ms"]
     row.update({"fwd_GBps": fbytes / (fwd * 1e-3) / 1e9, "fwd_x_floor": fwd / floor_ms, "fwd_bwd_x_floor": fb / fb_floor_ms})
-    if device.type == "cuda" and batch == pub_batch and scale == 1.0:
+    if gpu_paths(device) and batch == pub_batch and (scale == 1.0 or dry_run()):
         # Speed-up over the published Deformable DETR kernel figures (fp32, same shape):
         # of the kernels (CUDA graph) and of a whole eager call.
         row["fwd_vs_detr_kernel"] = detr_fwd / fwd
@@ -238,7 +282,8 @@ def _finish(args, device, bw, rows):
     ref = {(r["case"], r["batch"], r["dtype"]): r for r in rows if r["backend"] == "reference"}
     # Speed-up over the DETR kernel timed in this run (fp32, same shape and batch): of the
     # kernels where CUDA graphs timed both, else of the eager calls.
-    anchor = {(r["case"], r["batch"]): r for r in rows if r["backend"] == ANCHOR}
+    # A stand-in's ratios get their own keys: targets.py never reads them as the anchor's.
+    anchor = {(r["case"], r["batch"]): r for r in rows if r["backend"] in (ANCHOR, STANDIN)}
     for r in rows:
         base = ref.get((r["case"], r["batch"], r["dtype"]))
         if base:
@@ -246,12 +291,14 @@ def _finish(args, device, bw, rows):
             r["fwd_bwd_speedup"] = base["fwd_bwd_ms"] / r["fwd_bwd_ms"]
         a = anchor.get((r["case"], r["batch"]))
         if a and r["backend"] in OURS:
+            suffix = "vs_detr_standin" if a["backend"] == STANDIN else "vs_detr_live"
             for k in ("fwd", "fwd_bwd"):
                 both = a.get(f"{k}_gpu_ms") and r.get(f"{k}_gpu_ms")
-                r[f"{k}_vs_detr_live"] = a[f"{k}_gpu_ms"] / r[f"{k}_gpu_ms"] if both else a[f"{k}_ms"] / r[f"{k}_ms"]
+                r[f"{k}_{suffix}"] = a[f"{k}_gpu_ms"] / r[f"{k}_gpu_ms"] if both else a[f"{k}_ms"] / r[f"{k}_ms"]
     rows.sort(key=lambda r: (r["dtype"], r["case"], r["batch"], r["backend"]))
     cols = ["case", "batch", "queries", "dtype", "locations", "backend", "fwd_ms", "fwd_bwd_ms", "fwd_gpu_ms", "fwd_bwd_gpu_ms", "fwd_GBps",
-            "fwd_x_floor", "fwd_bwd_x_floor", "fwd_speedup", "fwd_bwd_speedup", "fwd_vs_detr_live", "fwd_bwd_vs_detr_live", "fwd_vs_detr_kernel", "fwd_bwd_vs_detr_kernel",
+            "fwd_x_floor", "fwd_bwd_x_floor", "fwd_speedup", "fwd_bwd_speedup", "fwd_vs_detr_live", "fwd_bwd_vs_detr_live", "fwd_vs_detr_standin",
+            "fwd_bwd_vs_detr_standin", "fwd_vs_detr_kernel", "fwd_bwd_vs_detr_kernel",
             "fwd_call_vs_detr_kernel", "fwd_bwd_call_vs_detr_kernel"]
     # Uniform locations are another experiment, kept in their own results file.
     report("msda" if args.locations == "grid" else f"msda_{args.locations}", device, rows, cols, not args.no_save, bw)

@@ -20,26 +20,60 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def results_dir() -> Path:
+    """Where result files go: $PIIP_RESULTS_DIR (the dry run of bench/gpu_check.sh writes
+    under $OUT), else bench/results."""
+    return Path(os.environ.get("PIIP_RESULTS_DIR") or RESULTS)
+
+
+def dry_run() -> bool:
+    """PIIP_DRY_RUN=1 (bench/gpu_check.sh --dry-run): the GPU-only code paths run on the CPU,
+    with stand-ins where a GPU is needed (eager timing for CUDA-graph replays, see timer)."""
+    return os.environ.get("PIIP_DRY_RUN") == "1"
+
+
+def gpu_paths(device: torch.device) -> bool:
+    """Whether the GPU-only parts of a benchmark run: on a GPU, and in the dry run."""
+    return device.type == "cuda" or dry_run()
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    except OSError:
+        return ""
+
+
+def tree_commit() -> str:
+    """The commit of this tree (with "-dirty" for uncommitted changes to tracked files).
+    A copy without .git (as the tree arrives on a lent GPU machine) may sit inside another
+    repository, whose commit git would happily report: only a repository whose top level is
+    this tree counts. Otherwise $PIIP_COMMIT, or "unknown"."""
+    top = _git("rev-parse", "--show-toplevel")
+    if top and Path(top).resolve() == ROOT.resolve():
+        commit = _git("rev-parse", "--short", "HEAD")
+        dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+        if commit:
+            return commit + ("-dirty" if dirty else "")
+    return os.environ.get("PIIP_COMMIT") or "unknown (no .git in this tree; set PIIP_COMMIT)"
 
 
 def environment() -> dict:
     """Device, versions and commit of this run."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=RESULTS.parent).stdout.strip())
-    except OSError:
-        commit, dirty = "", False
-    if not commit:  # a copy of the tree without .git (a lent GPU machine): the caller says
-        commit = os.environ.get("PIIP_COMMIT", "unknown")
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit + ("-dirty" if dirty else ""),
+        "commit": tree_commit(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
     }
+    if dry_run():
+        env["dry_run"] = "yes: GPU-only paths on the CPU with stand-ins; not a measurement"
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
         env["cuda"] = torch.version.cuda
@@ -83,7 +117,13 @@ def time_ms(fn, device: torch.device, warmup: int = 3, reps: int = 20, budget_s:
 
 
 def timer(device: torch.device, graph: bool = False):
-    """fn -> median ms: of an eager call (time_ms), or with `graph` of its CUDA-graph replay."""
+    """fn -> median ms: of an eager call (time_ms), or with `graph` of its CUDA-graph replay.
+    In the dry run a CUDA-graph replay on the CPU is stood in for by the eager call, so the
+    code around it runs."""
+    if graph and device.type != "cuda":
+        if not dry_run():
+            raise ValueError(f"CUDA-graph timing needs a CUDA device, got {device}")
+        return lambda fn: time_ms(fn, device, warmup=1, reps=2)
     return graph_time_ms if graph else (lambda fn: time_ms(fn, device))
 
 
@@ -130,13 +170,14 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 28) -> float:
 
 def write_results(name: str, env: dict, rows: list[dict], table: str) -> Path:
     """Appends one JSON record to results/<name>.jsonl and rewrites results/<name>.md with the latest table."""
-    RESULTS.mkdir(exist_ok=True)
+    folder = results_dir()
+    folder.mkdir(parents=True, exist_ok=True)
     record = {"env": env, "rows": rows}
-    path = RESULTS / f"{name}.jsonl"
+    path = folder / f"{name}.jsonl"
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
     header = "\n".join(f"- {k}: {v}" for k, v in env.items())
-    (RESULTS / f"{name}.md").write_text(f"# {name}\n\n{header}\n\n{table}\n")
+    (folder / f"{name}.md").write_text(f"# {name}\n\n{header}\n\n{table}\n")
     return path
 
 

@@ -69,6 +69,8 @@ def float_reasons(dtype: torch.dtype, allowed=(torch.float32, torch.float64, tor
 
 
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The dtypes each backend of the standard table takes (what it refuses on meta tensors too).
+BACKEND_DTYPES = {"reference": None, "cpu": None, "cuda": GPU_DTYPES, "triton": GPU_DTYPES}
 
 
 def standard_table(private_op: str, triton: bool = True) -> dict[str, WhyNot]:
@@ -100,6 +102,8 @@ def select(op: str, table: dict[str, WhyNot], device: torch.device, dtype: torch
     Raises RuntimeError listing the reasons when a requested backend cannot run.
     """
     name = requested_backend(backend)
+    if device.type == "meta":
+        return _select_meta(op, table, dtype, name)
     if name is not None:
         reasons = table[name](device, dtype) if name in table else [f"{op} has no {name} backend"]
         if reasons:
@@ -112,6 +116,22 @@ def select(op: str, table: dict[str, WhyNot], device: torch.device, dtype: torch
     # only get here for inputs no backend supports.
     lines = [f"{b}: {'; '.join(table[b](device, dtype))}" for b in table]
     raise RuntimeError(f"{op}: no backend can run on {device.type}/{dtype}:\n  - " + "\n  - ".join(lines))
+
+
+def _select_meta(op: str, table: dict[str, WhyNot], dtype: torch.dtype, name: str | None) -> str:
+    """Meta tensors carry no data, so every backend runs its op's fake kernel there (shapes,
+    dtypes and devices only): code written for a GPU backend can be traced on a machine
+    without one (the GPU tests' dry run does that). A requested backend still refuses the
+    dtypes it refuses on its own device, so those errors show on meta as well."""
+    if name is None:
+        return "reference"
+    if name not in table:
+        raise RuntimeError(f"{op}: backend {name!r} cannot run on meta/{dtype}:\n  - {op} has no {name} backend")
+    allowed = BACKEND_DTYPES.get(name)
+    reasons = float_reasons(dtype) if allowed is None else float_reasons(dtype, allowed)
+    if reasons:
+        raise RuntimeError(f"{op}: backend {name!r} cannot run on meta/{dtype}:\n  - " + "\n  - ".join(reasons))
+    return name
 
 
 _OPS: dict[str, dict[str, WhyNot]] = {}

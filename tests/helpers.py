@@ -1,5 +1,15 @@
-"""Shared test helpers: random MSDA inputs and tolerances derived from a float64 reference."""
+"""Shared test helpers: random MSDA inputs and tolerances derived from a float64 reference.
+
+The GPU test modules (test_cuda.py, test_triton.py) also run on the ``meta`` device, as the
+CPU dry run of bench/gpu_check.sh (``PIIP_GPU_TEST_DEVICE=meta``): there the ops' fake
+kernels run, so every tensor's device, shape and dtype meets the same checks it meets on a
+GPU (a gradient left on the CPU fails exactly as it does beside CUDA outputs), while values
+are not compared, since meta tensors have none. ``host``, ``holds``, ``same`` and
+``assert_derived_close`` are the value checks that know this.
+"""
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -43,7 +53,7 @@ def run_with_grads(fn, inputs, grad_out=None, seed=1):
     out = fn(value, shapes, starts, loc, attn)
     if grad_out is None:
         grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    grads = torch.autograd.grad(out, (value, loc, attn), grad_out.to(out.dtype))
+    grads = torch.autograd.grad(out, (value, loc, attn), grad_out.to(out.device, out.dtype))
     return [out.detach()] + [g.detach() for g in grads], grad_out
 
 
@@ -52,9 +62,65 @@ def reference64(inputs, grad_out):
     return run_with_grads(ms_deform_attn_reference, inputs64, grad_out)[0]
 
 
+def gpu_test_device() -> torch.device:
+    """Where the GPU test modules put their tensors: ``PIIP_GPU_TEST_DEVICE`` (``meta`` for
+    the dry run), else cuda."""
+    return torch.device(os.environ.get("PIIP_GPU_TEST_DEVICE", "cuda"))
+
+
+def gpu_tests_can_run(device: torch.device) -> bool:
+    return device.type == "meta" or (device.type == "cuda" and torch.cuda.is_available())
+
+
+def is_meta(t: torch.Tensor) -> bool:
+    return t.device.type == "meta"
+
+
+def host(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the CPU for comparison with a CPU truth; meta tensors stay as they are."""
+    return t if is_meta(t) else t.cpu()
+
+
+def holds(cond: torch.Tensor) -> bool:
+    """``cond.all()`` as a bool. On meta (no values) only its dtype is checked: it must be a
+    boolean tensor, as a real comparison gives."""
+    if is_meta(cond):
+        assert cond.dtype == torch.bool, f"expected a boolean tensor, got {cond.dtype}"
+        return True
+    return bool(cond.all())
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical values (``torch.equal``); on meta, the same shape, dtype and device."""
+    if is_meta(a) or is_meta(b):
+        return (a.shape, a.dtype, a.device) == (b.shape, b.dtype, b.device)
+    return torch.equal(a, b)
+
+
+def assert_exactly(got: torch.Tensor, want: torch.Tensor) -> None:
+    """``got`` equals the CPU tensor ``want`` bit for bit; on meta, in shape and dtype."""
+    if is_meta(got):
+        assert (got.shape, got.dtype) == (want.shape, want.dtype), f"{got.shape}/{got.dtype} vs {want.shape}/{want.dtype}"
+        return
+    torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0)
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, **tol) -> None:
+    """torch.testing.assert_close; on meta, the same shape and dtype."""
+    if is_meta(got) or is_meta(want):
+        assert (got.shape, got.dtype) == (want.shape, want.dtype), f"{got.shape}/{got.dtype} vs {want.shape}/{want.dtype}"
+        return
+    torch.testing.assert_close(got, want, **tol)
+
+
 def assert_derived_close(name, got, ref_lowp, ref64, factor=2.0, floor=1e-6):
     """``got`` may be at most ``factor`` times as far from the float64 truth as the
-    reference evaluated in the same precision, plus a floor relative to the scale."""
+    reference evaluated in the same precision, plus a floor relative to the scale.
+    On meta (the dry run) the three must agree in shape, and ``got`` and ``ref_lowp`` in dtype."""
+    if is_meta(got) or is_meta(ref_lowp):
+        assert got.shape == ref_lowp.shape == ref64.shape, f"{name}: shapes {got.shape}, {ref_lowp.shape}, {ref64.shape}"
+        assert got.dtype == ref_lowp.dtype, f"{name}: dtype {got.dtype} against the reference's {ref_lowp.dtype}"
+        return
     scale = ref64.abs().max().item() + 1e-30
     err = (got.double() - ref64).abs().max().item()
     err_ref = (ref_lowp.double() - ref64).abs().max().item()
@@ -126,7 +192,7 @@ def dca_grads(fn, inputs, value_hw, query_hw, grad_out=None):
     out = fn(value, value_hw, offsets, logits, query_hw)
     if grad_out is None:
         grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    grads = torch.autograd.grad(out, (value, offsets, logits), grad_out.to(out.dtype))
+    grads = torch.autograd.grad(out, (value, offsets, logits), grad_out.to(out.device, out.dtype))
     return [out.detach(), *grads], grad_out
 
 
@@ -142,7 +208,7 @@ def merge_grads(fn, feats, weights, out_size, align_corners=False, grad_out=None
     out = fn(fs, w, out_size, align_corners)
     if grad_out is None:
         grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    grads = torch.autograd.grad(out, fs + [w], grad_out.to(out.dtype))
+    grads = torch.autograd.grad(out, fs + [w], grad_out.to(out.device, out.dtype))
     return [out.detach(), *grads], grad_out
 
 
@@ -171,7 +237,7 @@ def check_bit_identical(backend: str, inputs, runs: int = 2) -> list:
         torch.use_deterministic_algorithms(False)
     for other in results[1:]:
         for a, b in zip(results[0], other):
-            assert torch.equal(a, b)
+            assert same(a, b)
     return results[0]
 
 
@@ -195,13 +261,13 @@ def check_fixed_point_extremes(grad_value, device) -> None:
     ones = torch.ones(1, Lq, D, device=device)
     want = torch.zeros(1, H * W, 1, D)
     want[0, 1 * W + 2] = big * Lq * P
-    torch.testing.assert_close(grad_value(value, shapes, starts, loc, attn, ones).cpu(), want, rtol=0, atol=0)
+    assert_exactly(grad_value(value, shapes, starts, loc, attn, ones), want)
 
     for bad in (float("inf"), float("nan")):
         go = ones.clone()
         go[0, 3, 1] = bad
         gv = grad_value(value, shapes, starts, loc, attn, go)
-        assert torch.isnan(gv).all(), f"grad_output with {bad} gave a finite deterministic grad_value"
+        assert holds(torch.isnan(gv)), f"grad_output with {bad} gave a finite deterministic grad_value"
 
 
 def check_levels_outside_value(forward, backward, device) -> None:
@@ -216,11 +282,11 @@ def check_levels_outside_value(forward, backward, device) -> None:
         shp = torch.tensor(bad_shapes, device=device)
         st = torch.tensor(bad_starts, device=device)
         out = forward(value, shp, st, loc, attn)
-        assert torch.isnan(out).all(), "a level outside value must poison the output"
+        assert holds(torch.isnan(out)), "a level outside value must poison the output"
         gv, gl, ga = backward(torch.ones_like(out), value, shp, st, loc, attn)
-        assert torch.isnan(gl[:, :, :, 1]).all() and torch.isnan(ga[:, :, :, 1]).all()
-        assert torch.isfinite(gl[:, :, :, 0]).all() and torch.isfinite(ga[:, :, :, 0]).all()
-        assert torch.isfinite(gv).all()
+        assert holds(torch.isnan(gl[:, :, :, 1])) and holds(torch.isnan(ga[:, :, :, 1]))
+        assert holds(torch.isfinite(gl[:, :, :, 0])) and holds(torch.isfinite(ga[:, :, :, 0]))
+        assert holds(torch.isfinite(gv))
 
 
 def run_two_gloo_ranks(worker, tmp_path, *args, timeout_s: float = 240, what: str = "workers"):

@@ -1,39 +1,48 @@
 """The CUDA backends (ms_deform_attn, deform_cross_attn, branch_merge) against the float64
-reference (needs a GPU; bench/gpu_check.sh runs these on the lent H100)."""
+reference (needs a GPU; bench/gpu_check.sh runs these on a lent GPU). With
+PIIP_GPU_TEST_DEVICE=meta the same tests run on the meta device (the CPU dry run of
+gpu_check.sh): devices, shapes and dtypes checked, values not (tests/helpers.py)."""
 import pytest
 import torch
 
 import piip_kernels
 from piip_kernels import ms_deform_attn
-from piip_kernels.msda.reference import ms_deform_attn_reference
 
-from helpers import (assert_derived_close, check_bit_identical, check_fixed_point_extremes, check_levels_outside_value,
-                     dca_grads, dca_inputs, deterministic_grad_value, merge_grads, merge_inputs, msda_inputs,
-                     reference64, run_with_grads)
+from helpers import (assert_close, assert_derived_close, check_bit_identical, check_fixed_point_extremes, check_levels_outside_value,
+                     dca_grads, dca_inputs, deterministic_grad_value, gpu_test_device, gpu_tests_can_run, holds, host,
+                     merge_grads, merge_inputs, msda_inputs, reference64, run_with_grads, same)
 from piip_kernels.dca.reference import deform_cross_attn_reference
 from piip_kernels.merge.reference import branch_merge_reference
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_check.sh)")]
-DEV = torch.device("cuda")
+DEV = gpu_test_device()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not gpu_tests_can_run(DEV), reason="needs a CUDA GPU (bench/gpu_check.sh)")]
 
 
 def cuda_fn(deterministic=False):
     return lambda *a: ms_deform_attn(*a, backend="cuda", deterministic=deterministic)
 
 
+def reference_fn(*a):
+    # The public op on the reference backend: the plain-PyTorch reference on a GPU, its fake on meta.
+    return ms_deform_attn(*a, backend="reference")
+
+
 def check(inputs, floor, deterministic=False):
-    inputs = [t.to(DEV) for t in inputs]
-    got, grad_out = run_with_grads(cuda_fn(deterministic), inputs)
-    ref, _ = run_with_grads(ms_deform_attn_reference, inputs, grad_out.to(DEV))
-    truth = reference64([t.cpu() for t in inputs], grad_out)
+    """inputs: on the CPU (the float64 truth is computed from them), moved to DEV here."""
+    dev_inputs = [t.to(DEV) for t in inputs]
+    got, grad_out = run_with_grads(cuda_fn(deterministic), dev_inputs)
+    ref, _ = run_with_grads(reference_fn, dev_inputs, grad_out)
+    truth = reference64(inputs, grad_out)
     for name, g, r, t in zip(["out", "grad_value", "grad_loc", "grad_attn"], got, ref, truth):
-        assert g.dtype == r.dtype
-        assert_derived_close(name, g.cpu(), r.cpu(), t, floor=floor)
+        assert g.dtype == r.dtype and g.device == DEV
+        assert_derived_close(name, host(g), host(r), t, floor=floor)
     return got
 
 
 def test_cuda_backend_is_available():
-    assert not piip_kernels.msda.api.BACKENDS["cuda"](DEV, torch.float32)
+    # Raises with the reasons when the CUDA kernels cannot run (say the build skipped them).
+    for api in (piip_kernels.msda.api, piip_kernels.dca.api, piip_kernels.merge.api):
+        assert piip_kernels.backends.select(api.OP, api.BACKENDS, DEV, torch.float32, "cuda") == "cuda"
 
 
 @pytest.mark.parametrize("D", [1, 6, 12, 24, 32, 40, 64, 100, 128, 256, 300])
@@ -56,10 +65,10 @@ def test_awkward_and_detr_levels(shapes):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_deterministic_mode_is_bit_identical(dtype):
-    inputs = [t.to(DEV) for t in msda_inputs([(70, 70)], N=2, Lq=1764, M=16, D=32, P=4, dtype=dtype,
-                                             loc_dtype=torch.float32 if dtype != torch.float32 else None)]
-    check_bit_identical("cuda", inputs, runs=3)
-    check([t.cpu() for t in inputs], floor=1e-6 if dtype == torch.float32 else 1e-3, deterministic=True)
+    inputs = msda_inputs([(70, 70)], N=2, Lq=1764, M=16, D=32, P=4, dtype=dtype,
+                         loc_dtype=torch.float32 if dtype != torch.float32 else None)
+    check_bit_identical("cuda", [t.to(DEV) for t in inputs], runs=3)
+    check(inputs, floor=1e-6 if dtype == torch.float32 else 1e-3, deterministic=True)
 
 
 def test_cuda_fixed_point_extremes():
@@ -69,22 +78,24 @@ def test_cuda_fixed_point_extremes():
 def test_cuda_levels_outside_value_give_nan():
     # Through the public API: with CUDA index tensors nothing is checked on the host.
     fwd = lambda *a: ms_deform_attn(*a, backend="cuda")  # noqa: E731
-    bwd = lambda go, *a: torch.ops.piip_C.msda_backward(go, *a)  # noqa: E731
+    bwd = lambda go, *a: torch.ops.piip.ms_deform_attn_backward(go, *a, "cuda")  # noqa: E731  (piip_C's kernel)
     check_levels_outside_value(fwd, bwd, DEV)
 
 
 def test_nan_poisoned_memory_and_non_contiguous_inputs():
     value, shapes, starts, loc, attn = msda_inputs([(13, 17), (5, 3)], N=2, Lq=40, M=4, D=24, P=4)
-    poisoned = torch.full((2, value.shape[1], 4, 40), float("nan"))
-    poisoned[..., :24] = value
-    nc = poisoned[..., :24].to(DEV)  # NaN right beside every row: any over-read shows
-    assert not nc.is_contiguous()
+    # The view is made on the device: moving a non-contiguous CPU view with .to() would
+    # compact it and test nothing.
+    poisoned = torch.full((2, value.shape[1], 4, 40), float("nan"), device=DEV)
+    poisoned[..., :24] = value.to(DEV)
+    nc = poisoned[..., :24]  # NaN right beside every row: any over-read shows
+    assert not nc.is_contiguous() and nc.device == DEV
     outs = [run_with_grads(cuda_fn(), [nc, shapes.to(DEV), starts.to(DEV), loc.to(DEV), attn.to(DEV)])[0] for _ in range(2)]
     for t in outs[0]:
-        assert torch.isfinite(t).all()
-    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=0, atol=0)
+        assert holds(torch.isfinite(t))
+    assert same(outs[0][0], outs[1][0])
     want = ms_deform_attn(value.to(DEV), shapes.to(DEV), starts.to(DEV), loc.to(DEV), attn.to(DEV), backend="reference")
-    torch.testing.assert_close(outs[0][0], want, rtol=1e-5, atol=1e-5)
+    assert_close(outs[0][0], want, rtol=1e-5, atol=1e-5)
 
 
 def test_large_batch_no_im2col_limit():
@@ -96,7 +107,7 @@ def test_triton_matches_cuda():
     a = run_with_grads(cuda_fn(), inputs)[0]
     b, _ = run_with_grads(lambda *x: ms_deform_attn(*x, backend="triton"), inputs)
     for x, y in zip(a, b):
-        torch.testing.assert_close(x.float(), y.float(), rtol=2e-2, atol=2e-2)
+        assert_close(x.float(), y.float(), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -106,18 +117,20 @@ def test_triton_matches_cuda():
                          ids=lambda c: f"v{c[0][0]}-q{c[1][0]}-D{c[3]}-P{c[4]}")
 def test_cuda_deform_cross_attn(case, dtype, deterministic):
     value_hw, query_hw, M, D, P = case
-    inputs = [t.to(DEV) for t in dca_inputs(N=2, value_hw=value_hw, query_hw=query_hw, M=M, D=D, P=P, dtype=dtype,
-                                            off_dtype=torch.float32 if dtype != torch.float32 else None)]
+    cpu_inputs = dca_inputs(N=2, value_hw=value_hw, query_hw=query_hw, M=M, D=D, P=P, dtype=dtype,
+                            off_dtype=torch.float32 if dtype != torch.float32 else None)
+    inputs = [t.to(DEV) for t in cpu_inputs]
     fn = lambda *a: piip_kernels.deform_cross_attn(*a, backend="cuda", deterministic=deterministic)  # noqa: E731
     got, grad_out = dca_grads(fn, inputs, value_hw, query_hw)
-    ref, _ = dca_grads(deform_cross_attn_reference, inputs, value_hw, query_hw, grad_out.to(DEV))
-    truth, _ = dca_grads(deform_cross_attn_reference, [t.cpu().double() for t in inputs], value_hw, query_hw, grad_out)
+    ref, _ = dca_grads(lambda *a: piip_kernels.deform_cross_attn(*a, backend="reference"), inputs, value_hw, query_hw, grad_out)
+    truth, _ = dca_grads(deform_cross_attn_reference, [t.double() for t in cpu_inputs], value_hw, query_hw, grad_out)
     for name, g, r, t in zip(["out", "grad_value", "grad_offsets", "grad_logits"], got, ref, truth):
-        assert_derived_close(name, g.cpu(), r.cpu(), t, floor=1e-6 if dtype == torch.float32 else 1e-3)
+        assert g.device == DEV
+        assert_derived_close(name, host(g), host(r), t, floor=1e-6 if dtype == torch.float32 else 1e-3)
     if deterministic:
         again, _ = dca_grads(fn, inputs, value_hw, query_hw, grad_out)
         for a, b in zip(got, again):
-            assert torch.equal(a, b)
+            assert same(a, b)
 
 
 @pytest.mark.parametrize("align_corners", [False, True])
@@ -127,16 +140,17 @@ def test_cuda_deform_cross_attn(case, dtype, deterministic):
                          ids=lambda c: f"{len(c[0])}br-{c[1][0]}x{c[1][1]}")
 def test_cuda_branch_merge(case, dtype, align_corners):
     sizes, out_size = case
-    feats, weights = merge_inputs(sizes, N=2, C=8, dtype=dtype)
-    feats, weights = [f.to(DEV) for f in feats], weights.to(DEV)
+    cpu_feats, cpu_weights = merge_inputs(sizes, N=2, C=8, dtype=dtype)
+    feats, weights = [f.to(DEV) for f in cpu_feats], cpu_weights.to(DEV)
     fn = lambda f, w, s, a: piip_kernels.branch_merge(f, w, s, align_corners=a, backend="cuda")  # noqa: E731
     got, grad_out = merge_grads(fn, feats, weights, out_size, align_corners)
-    ref, _ = merge_grads(branch_merge_reference, feats, weights, out_size, align_corners, grad_out.to(DEV))
-    truth, _ = merge_grads(branch_merge_reference, [f.cpu().double() for f in feats], weights.cpu().double(), out_size,
+    ref, _ = merge_grads(lambda f, w, s, a: piip_kernels.branch_merge(f, w, s, align_corners=a, backend="reference"), feats,
+                         weights, out_size, align_corners, grad_out)
+    truth, _ = merge_grads(branch_merge_reference, [f.double() for f in cpu_feats], cpu_weights.double(), out_size,
                            align_corners, grad_out)
     for g, r, t in zip(got, ref, truth):
-        assert g.dtype == r.dtype
-        assert_derived_close("branch_merge", g.cpu(), r.cpu(), t, floor=1e-6 if dtype == torch.float32 else 1e-3)
+        assert g.dtype == r.dtype and g.device == DEV
+        assert_derived_close("branch_merge", host(g), host(r), t, floor=1e-6 if dtype == torch.float32 else 1e-3)
     again, _ = merge_grads(fn, feats, weights, out_size, align_corners, grad_out)
     for a, b in zip(got, again):
-        assert torch.equal(a, b)
+        assert same(a, b)

@@ -70,9 +70,9 @@ def deform_cross_attn(value: Tensor, value_hw, offsets: Tensor, logits: Tensor, 
     if dt != value.dtype and not (value.dtype in _HALF and dt == torch.float32):
         dt = torch.float32 if value.dtype in _HALF else value.dtype
     offsets, logits = offsets.to(dt), logits.to(dt)
-    if value.device.type == "meta":
-        return deform_cross_attn_op(value, offsets, logits, [Hv, Wv], [Hq, Wq], "reference", False)
     name = backends.select(OP, BACKENDS, value.device, value.dtype, backend)
+    if value.device.type == "meta":  # the fake kernel: shapes only (see backends.select)
+        return deform_cross_attn_op(value, offsets, logits, [Hv, Wv], [Hq, Wq], name, bool(deterministic))
     if name == "reference":
         return deform_cross_attn_reference(value, (Hv, Wv), offsets, logits, (Hq, Wq))
     if deterministic is None:

@@ -59,9 +59,9 @@ def branch_merge(features, weights: Tensor, out_size, *, align_corners: bool = F
         raise ValueError(f"{OP}: out_size must be a pair (Ho, Wo), got {out_size!r}") from None
     if Ho <= 0 or Wo <= 0:
         raise ValueError(f"{OP}: out_size must be positive, got {(Ho, Wo)}")
-    if f0.device.type == "meta":
-        return branch_merge_op(features, weights, [Ho, Wo], align_corners, "reference")
     name = backends.select(OP, BACKENDS, f0.device, dtype, backend)
+    if f0.device.type == "meta":  # the fake kernel: shapes only (see backends.select)
+        return branch_merge_op(features, weights, [Ho, Wo], align_corners, name)
     if name == "reference":
         return branch_merge_reference(features, weights, (Ho, Wo), align_corners)
     return branch_merge_op(features, weights, [Ho, Wo], align_corners, name)

@@ -116,9 +116,12 @@ def ms_deform_attn(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights
     )
     if value.device.type == "meta":
-        # Shape-only runs (parameter and FLOP counting on the meta device): the op's fake
-        # kernel gives the output shape, and FLOP counters see the op itself.
-        return ms_deform_attn_op(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, "reference", False)
+        # Shape-only runs (parameter and FLOP counting, the GPU tests' dry run): the op's fake
+        # kernel gives the output (and in the backward the gradients') shapes, and FLOP
+        # counters see the op itself. A requested backend still refuses its unsupported dtypes.
+        name = backends.select(OP, BACKENDS, value.device, value.dtype, backend)
+        return ms_deform_attn_op(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, name,
+                                 bool(deterministic))
     if spatial_shapes.device.type == "cpu" and not torch.compiler.is_compiling():
         # Needs the tensors' values: free on the CPU. On a GPU it would synchronise on every
         # call (and break CUDA graph capture), so there the kernels check that every level
