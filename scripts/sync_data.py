@@ -10,7 +10,8 @@ What goes where (see tests/data/README.md for the origin and licence of each):
     <src>/paper/*               ->  bench/data/paper/        the papers' configs, costs, results, tables
     <src>/shapes.md             ->  bench/data/shapes.md     the kernel shapes and published kernel timings
 
-tests/data/MANIFEST.sha256 lists every copied file with its SHA-256; tests/test_data.py
+tests/data/MANIFEST.sha256 lists every copied file with its SHA-256, and keeps the entries of
+files the repository made itself (tests/data/README.md says which); tests/test_data.py
 fails when a listed file is missing or differs, or when a file is not listed. Nothing in
 the project reads <src> at run or test time.
 """
@@ -90,9 +91,14 @@ def main(argv=None) -> int:
         shutil.copyfile(s, d)
     # The copies are byte for byte their sources: the digests computed above are theirs.
     lines = [f"{digest}  {d.relative_to(ROOT).as_posix()}" for (_, d), digest in zip(todo, digests)]
+    # Files the repository made itself (not copies: say the official optimizer groups) keep
+    # their entries, with the digest they were committed with.
+    copied = {d.relative_to(ROOT).as_posix() for _, d in todo}
+    own = {rel: digest for rel, digest in old.items() if rel not in copied and (ROOT / rel).exists()}
+    lines += [f"{digest}  {rel}" for rel, digest in own.items()]
     MANIFEST.parent.mkdir(parents=True, exist_ok=True)
     MANIFEST.write_text("\n".join(sorted(lines, key=lambda l: l.split(None, 1)[1])) + "\n")
-    print(f"sync_data: {len(changed)} copied, manifest lists {len(lines)} files")
+    print(f"sync_data: {len(changed)} copied, {len(own)} of the repository's own kept, manifest lists {len(lines)} files")
     return 0
 
 
