@@ -6,11 +6,22 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
-from piip_kernels import MSDeformAttn, ms_deform_attn
+from piip_kernels import MSDeformAttn, deform_cross_attn, ms_deform_attn
 from piip_kernels.dca.reference import grid_reference_points
 
 from .block import DropPath
 from .norm import make_norm
+
+
+PROJECTION_DTYPES = ("param", "autocast")
+
+
+def _autocast_on(device_type: str) -> bool:
+    return device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
+
+
+def _no_autocast(device_type: str):
+    return torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") else contextlib.nullcontext()
 
 
 class ConvFFN(nn.Module):
@@ -62,6 +73,12 @@ class Injector(nn.Module):
         # None: the fused deform_cross_attn. A function (value, shapes, starts, loc, weights)
         # -> out: the unfused form the official code runs (see PIIP.set_execution).
         self.unfused_msda = None
+        # "param": every projection outside autocast in the parameters' dtype, as the official
+        # interaction runs (fp32 weights: fp32 GEMMs). "autocast": the value and output
+        # projections (the large GEMMs) follow an enclosing autocast; the offset and weight
+        # projections stay in the parameters' dtype, so sampling positions keep fp32
+        # precision (bf16 would round a 10-pixel offset to 1/16 pixel).
+        self.projection_dtype = "param"
 
     def forward(self, x: Tensor, hw: tuple[int, int], feat: Tensor, feat_hw: tuple[int, int]) -> Tensor:
         """x: [B, Hq*Wq, C_q]; feat: [B, Hv*Wv, feat_dim] -> [B, Hq*Wq, C_q]."""
@@ -69,30 +86,57 @@ class Injector(nn.Module):
         # Sampling runs outside autocast in the parameters' dtype: fp32, as the official
         # interaction does, or the compute dtype FSDP gathers them in (piip.distributed).
         # The reference points are the query grid's cell centres, so the fused op applies.
-        no_autocast = torch.autocast(x.device.type, enabled=False) if x.device.type in ("cpu", "cuda") else contextlib.nullcontext()
         dt = self.attn.value_proj.weight.dtype
         # The named range lets profilers (bench/bench_model.py) compare the two paths.
-        with no_autocast, torch.profiler.record_function("piip.interaction_attention"):
-            if self.unfused_msda is None:
-                attn = self.attn.forward_grid(q.to(dt), hw, f.to(dt), feat_hw)
+        with torch.profiler.record_function("piip.interaction_attention"):
+            if self.projection_dtype == "autocast" and _autocast_on(x.device.type):
+                attn = self._attention_autocast(q, hw, f, feat_hw, dt)
             else:
-                attn = self._unfused(q.to(dt), hw, f.to(dt), feat_hw)
+                with _no_autocast(x.device.type):
+                    attn = self._attention(q.to(dt), hw, f.to(dt), feat_hw)
         x = x + self.ca_gamma * attn.to(x.dtype)
         if self.with_cffn:
             x = x + self.drop_path(self.cffn_gamma * self.ffn(self.ffn_norm(x), hw))
         return x
 
-    def _unfused(self, q: Tensor, hw, f: Tensor, feat_hw) -> Tensor:
+    def _attention(self, q: Tensor, hw, f: Tensor, feat_hw) -> Tensor:
+        """The attention in the current dtype: fused, or the official unfused steps."""
+        if self.unfused_msda is None:
+            return self.attn.forward_grid(q, hw, f, feat_hw)
+        return self._unfused(q, hw, f, feat_hw)
+
+    def _attention_autocast(self, q: Tensor, hw, f: Tensor, feat_hw, dt: torch.dtype) -> Tensor:
+        """projection_dtype "autocast": value and output projections under the enclosing
+        autocast, offsets and weights from projections in the parameters' dtype ``dt``."""
+        a = self.attn
+        N, Lq, _ = q.shape
+        M = a.n_heads
+        value = a.value_proj(f).view(N, f.shape[1], M, a.value_dim // M)
+        with _no_autocast(q.device.type):
+            q = q.to(dt)
+            if self.unfused_msda is None:
+                offsets = a.sampling_offsets(q).view(N, Lq, M, a.n_points, 2)
+                logits = a.attention_weights(q).view(N, Lq, M, a.n_points)
+                out = deform_cross_attn(value, feat_hw, offsets, logits, hw, backend=a.backend)
+            else:
+                out = self._unfused(q, hw, None, feat_hw, value=value)
+        return a.output_proj(out)
+
+    def _unfused(self, q: Tensor, hw, f: Tensor | None, feat_hw, value: Tensor | None = None) -> Tensor:
         """The official computation, step by step: grid reference points, offsets scaled by
-        the value grid, a softmax, then multi-scale deformable attention on one level."""
+        the value grid, a softmax, then multi-scale deformable attention on one level.
+        With ``value`` given (already projected), returns the attention before output_proj."""
         a = self.attn
         N, Lq, _ = q.shape
         ref = grid_reference_points(hw, q.device, q.dtype)[None, :, None, :].expand(N, Lq, 1, 2)
         shapes = torch.tensor([list(feat_hw)], device=q.device)
         starts = torch.zeros(1, dtype=torch.long, device=q.device)
-        value = a.value_proj(f).view(N, f.shape[1], a.n_heads, a.value_dim // a.n_heads)
+        project = value is None
+        if project:
+            value = a.value_proj(f).view(N, f.shape[1], a.n_heads, a.value_dim // a.n_heads)
         loc, weights = a.sampling(q, ref, shapes)
-        return a.output_proj(self.unfused_msda(value, shapes, starts, loc, weights))
+        out = self.unfused_msda(value, shapes, starts, loc, weights)
+        return a.output_proj(out) if project else out
 
 
 class InteractionUnit(nn.Module):

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import Block, linspace_rates, make_norm
+from ..layers.resize import resize_grid_tokens
 from .clip import CLIPVisionTransformer
 from .config import BranchConfig
 from .convnext import ConvNeXt
@@ -68,6 +69,9 @@ class ViTBranch(nn.Module):
         if self.cls_token is not None:
             nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.grad_checkpointing = False
+        # "interpolate": F.interpolate (bit for bit the official code); "matmul": the same
+        # weights as two small matmuls (piip.layers.resize), equal to rounding, no atomics.
+        self.pos_embed_resize = "interpolate"
 
     def embed(self, img: Tensor) -> tuple[Tensor, tuple[int, int], Tensor | None]:
         """img [B, 3, h, w] -> tokens [B, H*W, C] with position embedding, (H, W) = (h//p, w//p), cls."""
@@ -78,11 +82,14 @@ class ViTBranch(nn.Module):
         return x + self.resized_pos_embed((H, W)).to(x.dtype), (H, W), cls
 
     def resized_pos_embed(self, hw: tuple[int, int]) -> Tensor:
-        """The stored embedding (leading cls slot dropped), bicubically resized in fp32 to hw: [1, H*W, C]."""
+        """The stored embedding (leading cls slot dropped), bicubically resized in fp32 to hw: [1, H*W, C]
+        (by ``pos_embed_resize``: "interpolate" or "matmul")."""
         pe = self.pos_embed[:, 1:] if self.cfg.pos_embed_cls_slot else self.pos_embed
         gh, gw = self.cfg.pos_embed_grid
         if (gh, gw) == tuple(hw):
             return pe
+        if self.pos_embed_resize == "matmul":
+            return resize_grid_tokens(pe.float(), (gh, gw), tuple(hw), "bicubic")
         pe = pe.float().reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
         pe = F.interpolate(pe, size=hw, mode="bicubic", align_corners=False)
         return pe.flatten(2).transpose(1, 2)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..layers.resize import resize_grid_tokens
+
 
 class QuickGELU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
@@ -68,15 +70,22 @@ class CLIPEmbeddings(nn.Module):
         self.class_embedding = nn.Parameter(torch.randn(dim) * dim ** -0.5)
         self.patch_embedding = nn.Conv2d(3, dim, patch, patch, bias=False)
         self.position_embedding = nn.Embedding(grid * grid + 1, dim)
+        # "interpolate" (F.interpolate, as transformers) or "matmul" (piip.layers.resize:
+        # the same weights as two small matmuls, equal to rounding, no atomic backward).
+        self.pos_embed_resize = "interpolate"
 
     def position_table(self, hw: tuple[int, int]) -> Tensor:
-        """[1 + H*W, C]: the class slot, then the patch table resized bicubically in fp32 to hw."""
+        """[1 + H*W, C]: the class slot, then the patch table resized bicubically in fp32 to hw
+        (by ``pos_embed_resize``: "interpolate" or "matmul")."""
         table = self.position_embedding.weight
         if tuple(hw) == (self.grid, self.grid):
             return table
-        patches = table[1:].float().reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
-        patches = F.interpolate(patches, size=tuple(hw), mode="bicubic", align_corners=False)
-        return torch.cat([table[:1], patches.flatten(2).transpose(1, 2)[0].to(table.dtype)], 0)
+        if self.pos_embed_resize == "matmul":
+            patches = resize_grid_tokens(table[None, 1:].float(), (self.grid, self.grid), tuple(hw), "bicubic")[0]
+        else:
+            patches = table[1:].float().reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
+            patches = F.interpolate(patches, size=tuple(hw), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)[0]
+        return torch.cat([table[:1], patches.to(table.dtype)], 0)
 
     def forward(self, img: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """img [B, 3, h, w] -> tokens [B, 1 + H*W, C] (class token first) and (H, W)."""

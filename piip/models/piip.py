@@ -143,6 +143,42 @@ class PIIP(nn.Module):
                 m.unfused_msda = fn
         self.eager_merge = official
 
+    def set_pos_embed_resize(self, method: str = "interpolate") -> None:
+        """How ViT and CLIP branches resize their position embeddings to the live grid:
+          - "interpolate" (default): ``F.interpolate`` bicubic, bit for bit the official code;
+          - "matmul": the same interpolation weights as two small matmuls
+            (``piip.layers.resize``): equal to ``F.interpolate`` to fp32 rounding, forward and
+            backward, with a dense backward instead of the bicubic kernel's atomics.
+        """
+        if method not in ("interpolate", "matmul"):
+            raise ValueError(f"set_pos_embed_resize: method must be 'interpolate' or 'matmul', got {method!r}")
+        for m in self.modules():
+            if hasattr(m, "pos_embed_resize"):
+                m.pos_embed_resize = method
+
+    def set_interaction_projections(self, dtype: str = "param") -> None:
+        """The dtype of the interaction injectors' projections:
+          - "param" (default, as the official code): outside autocast, in the parameters'
+            dtype (fp32 GEMMs when the weights are fp32, even under bf16 autocast);
+          - "autocast": the value and output projections follow an enclosing autocast (bf16
+            GEMMs); offsets and attention logits stay in the parameters' dtype, so the
+            sampling positions keep their precision. Without autocast nothing changes.
+        """
+        from ..layers.interaction import PROJECTION_DTYPES
+
+        if dtype not in PROJECTION_DTYPES:
+            raise ValueError(f"set_interaction_projections: dtype must be one of {PROJECTION_DTYPES}, got {dtype!r}")
+        for m in self.modules():
+            if hasattr(m, "projection_dtype"):
+                m.projection_dtype = dtype
+
+    def compile_blocks(self, **compile_kwargs) -> dict:
+        """Regional ``torch.compile``: every block and interaction unit, one graph per distinct
+        signature (see :func:`piip.compile.compile_blocks`, which takes the same arguments)."""
+        from ..compile import compile_blocks
+
+        return compile_blocks(self, **compile_kwargs)
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute every block and every interaction unit in the backward pass."""
         self.grad_checkpointing = enable
