@@ -67,6 +67,14 @@ def vs_detr(target: str, rows: list[dict], key: str, limit: float) -> tuple[str,
     return status, line
 
 
+def _kernel_ms(a: dict, b: dict, key: str) -> tuple[float, float]:
+    """(a's, b's) time of `key` ("fwd" or "fwd_bwd"): CUDA-graph times where both rows have
+    them, else both eager calls, so the two are always of one kind."""
+    if a.get(f"{key}_gpu_ms") and b.get(f"{key}_gpu_ms"):
+        return a[f"{key}_gpu_ms"], b[f"{key}_gpu_ms"]
+    return a[f"{key}_ms"], b[f"{key}_ms"]
+
+
 def msda_checks(rows: list[dict], backends=GPU_BACKENDS) -> list[tuple[str, str]]:
     out = []
     for b in backends:
@@ -91,7 +99,9 @@ def msda_checks(rows: list[dict], backends=GPU_BACKENDS) -> list[tuple[str, str]
     for r in rows:
         c = cuda.get((r["case"], r["batch"], r["dtype"]))
         if r["backend"] == second and c:
-            ratios.append({**r, "triton_over_cuda": max(r["fwd_ms"] / c["fwd_ms"], r["fwd_bwd_ms"] / c["fwd_bwd_ms"])})
+            # Kernel times (CUDA-graph replays) where both were measured, else eager calls.
+            ratio = [_kernel_ms(r, c, k)[0] / _kernel_ms(r, c, k)[1] for k in ("fwd", "fwd_bwd")]
+            ratios.append({**r, "triton_over_cuda": max(ratio)})
     out.append(verdict("ms_deform_attn triton time / cuda time (worse of fwd, fwd+bwd)", ratios, "triton_over_cuda", 1.5, False))
     return out
 
