@@ -674,9 +674,9 @@ def test_gpu_routes(route, dtype, kernels_lib, monkeypatch):
     LOCAL_KERNELS map accelerators only): our op runs, in eval and train mode for the routes
     whose mapping covers both (KernelConfig maps the mode it was given), and the attention
     blocks are at most twice as far from float64 as transformers' path in the same dtype."""
-    import huggingface_hub
+    from huggingface_hub import constants
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # never download the hub kernel
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # never download the hub kernel
     model64, inputs64 = build("deformable_detr")
     truth = run(model64, inputs64, False)["blocks"]
     model = copy.deepcopy(model64).to("cuda", dtype)
@@ -684,8 +684,11 @@ def test_gpu_routes(route, dtype, kernels_lib, monkeypatch):
     theirs = run(model, inputs, False)
     assert_runs(theirs, ours=False, what="transformers on CUDA")
     if route == "use_in_transformers":
-        model.set_use_kernels(True)  # re-kernelized on every mode switch, from the hub mapping
         hf.use_in_transformers(model)
+        # Kernels on, as from_pretrained leaves them: every mode switch re-kernelizes, from the
+        # model's kernel_config over transformers' mapping (whose hub kernel, offline, would
+        # fail to load rather than fall back).
+        model.set_use_kernels(True)
     elif route == "kernel_config":
         config = transformers.KernelConfig({LAYER_NAME: f"{hf.kernel_repo_path()}:{LAYER_NAME}"}, use_local_kernel=True)
         model.set_use_kernels(True, kernel_config=config)
