@@ -1,0 +1,85 @@
+"""bench/bench_model.py --ladder on the tiny built-in model on the CPU: every row's columns,
+max_rel_diff against eager ours, a rung that cannot run (an unknown compile backend) saying
+why while the others run, the CUDA-graph rung's code through its CPU stand-in, the profile
+files and the JSON. (Compiled regions against eager: tests/test_compile.py.)"""
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import bench_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ladder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("profile")
+    rows = bench_model.run_ladder(bench_model.TINY, 2, 1.0, torch.float32, torch.device("cpu"), steps=1, warmup=0,
+                                  compile_backend="no_such_backend", profile_dir=str(folder))
+    return rows, folder
+
+
+def test_rows_and_columns(ladder):
+    rows, _ = ladder
+    assert [r["path"] for r in rows] == list(bench_model.RUNGS)
+    for r in rows:
+        assert set(bench_model.LADDER_COLUMNS) <= set(r), set(bench_model.LADDER_COLUMNS) - set(r)
+        assert r["config"] == "tiny" and r["dtype"] == "float32" and r["batch"] == 2
+    timed = {r["path"]: r for r in rows if r.get("step_ms")}
+    assert set(timed) == {"official", "ours", "fused_optimizer", "exact_resize"}
+    for r in timed.values():
+        assert r["step_ms"] > 0 and r["speedup"] > 0 and r["tflops"] > 0
+        assert r["aten_ops"] > 0 and r["copies"] > 0 and r["copies_mb"] > 0 and r["peak_mem_mb"] > 0
+        assert r.get("gpu_busy") is None and r.get("kernels") is None and r.get("peak_fraction") is None  # CPU
+    assert timed["official"]["speedup"] == 1.0
+    # torch's fused AdamW is one call per group instead of a loop of calls per parameter.
+    assert timed["fused_optimizer"]["aten_ops"] < timed["ours"]["aten_ops"] / 1.2
+
+
+def test_max_rel_diff_against_eager_ours(ladder):
+    rows, _ = ladder
+    diffs = {r["path"]: r.get("max_rel_diff") for r in rows}
+    assert diffs["ours"] == 0.0
+    for path in ("official", "fused_optimizer", "exact_resize", "cuda_graphs"):
+        assert diffs[path] is not None and diffs[path] <= 1e-5, (path, diffs[path])
+
+
+def test_a_rung_that_cannot_run_says_why(ladder):
+    rows, _ = ladder
+    by = {r["path"]: r for r in rows}
+    assert by["compile"]["note"].startswith("skipped: torch.compile(backend='no_such_backend') fails on cpu")
+    assert by["compile"].get("step_ms") is None and by["compile"].get("max_rel_diff") is None
+    graphs = by["cuda_graphs"]
+    assert "without compile" in graphs["note"] and "needs CUDA" in graphs["note"] and graphs.get("step_ms") is None
+    assert "grid_sample" in by["official"]["note"]
+
+
+def test_profile_files(ladder):
+    _, folder = ladder
+    table = (folder / "ladder_kinds_cpu.md").read_text()
+    for kind in bench_model.KINDS:
+        assert kind in table
+    kinds = json.loads((folder / "ladder_kinds_cpu.json").read_text())
+    assert set(kinds["kinds"]) == {"official", "ours", "fused_optimizer", "exact_resize"}
+    # Every rung spends time in GEMMs and in the optimizer; the official row's sampling
+    # (grid_sample) and ours (our kernels) both count as our ops.
+    for r, v in kinds["kinds"].items():
+        assert v["GEMM"] > 0 and v["optimizer"] > 0 and v["our ops"] > 0, (r, v)
+    assert (folder / "top_ops_official.txt").exists()
+
+
+def test_command_line_json_and_bad_rungs(tmp_path):
+    out = tmp_path / "rows.json"
+    assert bench_model.main(["--ladder", "--tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--rungs",
+                             "official", "ours", "--json", str(out), "--no-save"]) == 0
+    data = json.loads(out.read_text())
+    assert [r["path"] for r in data["rows"]] == ["official", "ours"] and "commit" in data["env"]
+    with pytest.raises(SystemExit, match="choose from"):
+        bench_model.run_ladder(bench_model.TINY, 1, 1.0, torch.float32, torch.device("cpu"), 1, 0, rungs=("official", "fast"))
+    with pytest.raises(SystemExit, match="ours"):
+        bench_model.run_ladder(bench_model.TINY, 1, 1.0, torch.float32, torch.device("cpu"), 1, 0, rungs=("official",))
+    assert not os.path.exists(ROOT / "bench" / "results" / "model_ladder_cpu_tiny.jsonl")
