@@ -408,6 +408,8 @@ def test_second_switch_and_remove():
     assert first.swapped["layer"] == 2 and not second.swapped and second.already == 2 + first.swapped["kernel_config"]
     second.remove()  # changed nothing, so nothing goes back
     assert_runs(run(model, inputs, False), ours=True, what="after the second handle's remove()")
+    with pytest.raises(RuntimeError, match="another implementation"):
+        hf.use_in_transformers(model, msda=lambda *args: None)
     first.remove()
     assert_runs(run(model, inputs, False), ours=False, what="after the first handle's remove()")
 
@@ -420,7 +422,7 @@ def test_family_function_is_held_until_the_last_handle():
     assert first.swapped["function by name"] == 1 and second.already == 1
     first.remove()
     assert_runs(run(a, inputs, False), ours=True, what="Mask2Former while the second handle holds the function")
-    with pytest.raises(RuntimeError, match="already rebound"):
+    with pytest.raises(RuntimeError, match="another implementation"):
         hf.use_in_transformers(a, msda=lambda *args: None)
     second.remove()
     assert_runs(run(a, inputs, False), ours=False, what="Mask2Former after both handles")
@@ -441,6 +443,19 @@ def test_switch_for_new_models():
         assert_runs(run(model, inputs, False), ours=False, what=f"{family} after remove()")
     model, inputs = build("rt_detr")
     assert_runs(run(model, inputs, False), ours=False, what="rt_detr built after remove()")
+
+
+def test_switch_for_new_models_from_pretrained(tmp_path):
+    """from_pretrained under the switch (kernels on, as it leaves them): ours, also after
+    the mode switches that re-kernelize."""
+    model, inputs = build("deformable_detr")
+    model.save_pretrained(tmp_path)
+    with hf.use_in_transformers():
+        loaded = type(model).from_pretrained(tmp_path, dtype=torch.float64)
+        assert loaded.use_kernels == kernels_usable()
+        for train in (False, True, False):
+            assert_runs(run(loaded, inputs, train), ours=True, what=f"from_pretrained under the switch, train={train}")
+    assert_runs(run(loaded, inputs, False), ours=False, what="from_pretrained after remove()")
 
 
 def test_kernels_library_installed():

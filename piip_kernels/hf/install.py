@@ -139,6 +139,21 @@ def _is_our_forward(obj) -> bool:
     return fn is MultiScaleDeformableAttention.forward or getattr(fn, "func", None) is _layer_forward_with
 
 
+def _installed_msda(obj):
+    """The ``msda=`` that one of ours was installed with (None: our kernel)."""
+    fn = getattr(obj, "__func__", obj)
+    return getattr(fn, "keywords", {}).get("msda")
+
+
+def _already(handle: Handle, obj, msda, what: str) -> None:
+    """Counts one of ours found in place; a different core installed by a handle still
+    held is an error rather than a silent keep."""
+    if _installed_msda(obj) is not msda:
+        raise RuntimeError(f"use_in_transformers: {what} already runs another implementation (msda=) installed by "
+                           "a handle still held; remove() it first")
+    handle.already += 1
+
+
 def _layer_forward_with(self, value, value_spatial_shapes, value_spatial_shapes_list, level_start_index,
                         sampling_locations, attention_weights, im2col_step, *, msda):
     """Our layer's forward with another core (``msda=``: benchmarks of other kernels)."""
@@ -176,11 +191,8 @@ def _rebind(handle: Handle, scope: dict, name: str, theirs, msda) -> None:
         scope[name] = _ours_for(name, theirs, msda)
         entry = _rebound[key] = [0, theirs, scope]
         handle.swapped["function by name"] += 1
-    elif scope[name].keywords.get("msda") is not msda:
-        raise RuntimeError(f"use_in_transformers: {scope.get('__name__')}.{name} is already rebound to another "
-                           "implementation (msda=) by a handle still held; remove() it first")
     else:
-        handle.already += 1
+        _already(handle, scope[name], msda, f"{scope.get('__name__')}.{name}")
     entry[0] += 1
 
     def undo():
@@ -199,7 +211,7 @@ def _swap_module(module: nn.Module, handle: Handle, msda) -> bool:
     if getattr(cls, "kernel_layer_name", None) == LAYER_NAME:
         current = module.__dict__.get("forward")
         if current is not None and _is_our_forward(current):
-            handle.already += 1
+            _already(handle, current, msda, f"{cls.__qualname__}.forward")
         elif not _signature_differs(cls.forward, _parameters(MultiScaleDeformableAttention.forward),
                                     f"{cls.__module__}.{cls.__qualname__}.forward"):
             forward = MultiScaleDeformableAttention.forward if msda is None else functools.partial(_layer_forward_with, msda=msda)
@@ -209,7 +221,7 @@ def _swap_module(module: nn.Module, handle: Handle, msda) -> bool:
     # 2. a function bound to an attribute (D-FINE, DEIMv2)
     for attr, value in list(vars(module).items()):
         if _ours_function(value):
-            handle.already += 1
+            _already(handle, value, msda, f"{cls.__qualname__}.{attr}")
             continue
         for name, (_, params) in FUNCTIONS.items():
             if _is_transformers_function(value, name) and not _signature_differs(value, params, f"{value.__module__}.{name}"):
