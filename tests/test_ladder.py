@@ -83,3 +83,34 @@ def test_command_line_json_and_bad_rungs(tmp_path):
     with pytest.raises(SystemExit, match="ours"):
         bench_model.run_ladder(bench_model.TINY, 1, 1.0, torch.float32, torch.device("cpu"), 1, 0, rungs=("official",))
     assert not os.path.exists(ROOT / "bench" / "results" / "model_ladder_cpu_tiny.jsonl")
+
+
+@pytest.mark.parametrize("output", ["detection", "classification"])
+def test_the_gpu_recipe_runs_on_the_cpu(output):
+    """The official row's form on a GPU: the whole model in bf16 (fp32 masters in the
+    optimizer), attention cast to fp32 around the official core, the eager merge. Both paths
+    give outputs of the same dtype and agree to bf16 rounding; the optimizer steps masters."""
+    from helpers import tiny_config
+
+    import piip
+
+    torch.manual_seed(0)
+    model = piip.PIIP(tiny_config(3, output=output))
+    bench_model.move_offsets_off_pixel_centres(model)
+    model = model.to(torch.bfloat16)
+    side = model.cfg.branches[-1].image_size
+    img = torch.randn(2, 3, side, side).to(torch.bfloat16)
+    outs = {}
+    for path in ("ours", "official"):
+        model.set_execution(path, msda=bench_model.fp32_msda(None) if path == "official" else None)
+        out = model(img)
+        outs[path] = out if isinstance(out, list) else [out]
+        sum(o.float().square().mean() for o in outs[path]).backward()
+    for a, b in zip(outs["ours"], outs["official"]):
+        assert a.dtype == b.dtype == torch.bfloat16
+        assert ((a.float() - b.float()).abs().max() / b.float().abs().max()) < 3e-2
+    opt = piip.build_optimizer(model, bench_model.TINY_RECIPE, fused=True)
+    assert type(opt).__name__ == "MasterWeightAdamW"
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))

@@ -290,7 +290,7 @@ class PIIP(nn.Module):
         return [level[i](merged[0]) for i in self.cfg.fpn_levels]
 
     def merged_maps(self, feats: dict) -> list[Tensor]:
-        """Detection: the merged maps before the pyramid layers, fp32 [B, C_1(s), H_N, W_N] on
+        """Detection: the merged maps before the pyramid layers, [B, C_1(s), H_N, W_N] (fp32 with fp32 weights) on
         branch N's grid: the final merge (simple FPN), or the merges after the stages in
         ``cfg.out_indexes`` followed by the final one (regular FPN)."""
         xs, hws = feats["tokens"], feats["hw"]
@@ -302,13 +302,16 @@ class PIIP(nn.Module):
 
     def _merge(self, maps: list[Tensor], out_hw: tuple[int, int], layers: nn.ModuleList, weights: Tensor) -> Tensor:
         """Per-branch merge layers, then one fused bilinear upsampling (fp32) to out_hw and
-        weighted sum: [B, C_1, *out_hw] in fp32 (the weights are fp32)."""
+        weighted sum: [B, C_1, *out_hw] in the maps' and weights' promoted dtype (fp32 with fp32
+        weights; bf16 when the whole model is bf16)."""
         ys = [m(x) for m, x in zip(layers, maps)]
         dtype = torch.promote_types(ys[0].dtype, ys[-1].dtype)
         with torch.profiler.record_function("piip.branch_merge"):  # a named range for profilers
             if self.eager_merge:  # the official form: one interpolate per branch, then multiply-adds
-                return sum(w * F.interpolate(y.float(), size=tuple(out_hw), mode="bilinear", align_corners=False)
-                           for w, y in zip(weights.float().unbind(0), ys))
+                merged = sum(w * F.interpolate(y.float(), size=tuple(out_hw), mode="bilinear", align_corners=False)
+                             for w, y in zip(weights.float().unbind(0), ys))
+                # In fp32, returned in branch_merge's dtype (bf16 when weights and maps are bf16).
+                return merged.to(torch.promote_types(dtype, weights.dtype))
             return branch_merge([y.to(dtype) for y in ys], weights, out_hw)
 
     def forward(self, img: Tensor):
