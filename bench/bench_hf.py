@@ -17,7 +17,8 @@ Models (random weights; no downloads, no timm):
 Paths, on copies of one model (same weights), each with its own AdamW; the timed steps
 alternate between them, so a drift of the machine falls on all alike; the median is kept:
   ours       use_in_transformers: our kernels (C++ on the CPU, CUDA/Triton on a GPU);
-  default    transformers as installed (grid_sample; offline there is no hub kernel);
+  default    transformers' own code, grid_sample (a model built from its config does not
+             fetch the hub kernel; the third path is that kernel);
   detr kernel  the Deformable DETR CUDA extension (bench_msda.anchor_runner, built by
              bench/gpu_check.sh), in fp32 as its wrappers run it. With PIIP_ANCHOR_STANDIN=1
              (the CPU dry run) a stand-in built from our reference takes its place, labelled
@@ -25,12 +26,13 @@ alternate between them, so a drift of the machine falls on all alike; the median
 The loss is the mean square of every floating output (Hungarian matching would need scipy
 and adds nothing to what is compared).
 
-For each path: the median step time, the speed-up over the default path, and the share of
-the step in deformable attention (profiler, one step): the forward ranges around each
-deformable attention block (projections, offsets, softmax, sampling), plus the backward
-of the sampling op (ours, grid_sample's, the DETR kernel's); device time on a GPU, CPU time
-on the CPU, over the step's wall time. Rows go to bench/results/hf_<device> with device,
-versions and commit.
+For each path: the median step time, the speed-up over the default path (``speedup``; on
+our row also ``vs_detr_live``, over the DETR kernel timed in the same run, or
+``vs_detr_standin``, which no target reads), and the share of the step in deformable
+attention (profiler, one step): the forward ranges around each deformable attention block
+(projections, offsets, softmax, sampling), plus the backward of the sampling op (ours,
+grid_sample's, the DETR kernel's); device time on a GPU, CPU time on the CPU, over the
+step's wall time. Rows go to bench/results/hf_<device> with device, versions and commit.
 """
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ import piip_kernels.hf as hf  # noqa: E402
 BLOCK_RANGE = "hf.deformable_attention"  # forward range around each deformable attention block
 BACKWARD_OPS = {"ours": ("piip::ms_deform_attn_backward",), "default": ("aten::grid_sampler_2d_backward",),
                 "detr kernel": ("DetrKernelBackward",)}
-COLUMNS = ["model", "path", "attention", "size", "batch", "dtype", "step_ms", "speedup", "vs_detr_kernel", "msda_share", "note"]
+COLUMNS = ["model", "path", "attention", "size", "batch", "dtype", "step_ms", "speedup", "vs_detr_live", "msda_share", "note"]
 MODELS = ("deformable_detr", "mask2former", "rt_detr")
 NOTES = {"rt_detr": "deformable attention in the decoder only (a small share)"}
 
@@ -249,7 +251,7 @@ def run_case(name: str, batch: int, size: tuple[int, int], dtype: torch.dtype, d
         note = [NOTES[name]] if name in NOTES else []
         if path == "detr kernel" and third[2]:
             note.append("stand-in built from our reference, not the Deformable DETR kernel")
-        rows.append({"model": name, "path": path, "attention": label, "size": f"{size[0]}x{size[1]}", "batch": batch,
+        rows.append({"case": f"{name} {size[0]}x{size[1]}", "model": name, "path": path, "attention": label, "size": f"{size[0]}x{size[1]}", "batch": batch,
                      "dtype": str(dtype)[6:], "device": device_name(device), "step_ms": statistics.median(times[path]),
                      "step_ms_all": times[path], "msda_share": share(step, switch, model, device, path), "note": "; ".join(note),
                      "tiny": tiny})
@@ -258,7 +260,7 @@ def run_case(name: str, batch: int, size: tuple[int, int], dtype: torch.dtype, d
         if row["path"] != "default":
             row["speedup"] = by_path["default"]["step_ms"] / row["step_ms"]
     if "detr kernel" in by_path:
-        key = "vs_detr_standin" if third[2] else "vs_detr_kernel"  # no target reads a stand-in's ratio
+        key = "vs_detr_standin" if third[2] else "vs_detr_live"  # no target reads a stand-in's ratio
         by_path["ours"][key] = by_path["detr kernel"]["step_ms"] / by_path["ours"]["step_ms"]
     return rows
 
