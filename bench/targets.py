@@ -23,6 +23,18 @@ budget), with the worst case and its value. The targets (H100 figures, same run)
   model step         SBL detection, full resolution, batch 2, bf16: our path >= 1.3x faster
                      than the official path (bench_model.py)
   memory planner     within 10 % of torch.cuda.max_memory_allocated on the checked preset
+  training ladder    (bench_model.py --ladder, model_ladder_<device>) GPU: SBL detection, bf16,
+                     batch 2: the best rung >= 2.0x the official recipe's row, >= 35 % of the
+                     bf16 peak, the GPU busy >= 90 % of its step. CPU (TSB classification, fp32,
+                     batch 2): every rung's max_rel_diff <= 1e-5, the best rung >= 1.4x official.
+                     Both: no rung's peak memory > 5 % over official unless its note says why
+  Hugging Face step  (bench_hf.py, hf_<device>; full sizes only) GPU: ours >= 2x transformers'
+                     default path on Deformable DETR and >= 1.5x on Mask2Former, >= 1.1x the
+                     Deformable DETR kernel's path (live), never slower on RT-DETR. CPU: ours
+                     >= 2.0x default on Deformable DETR
+
+``--device cpu`` judges the CPU targets of the ladder and the Hugging Face step on the
+committed CPU records (the kernel targets are GPU targets: their CPU lines say so).
 """
 from __future__ import annotations
 
@@ -139,15 +151,62 @@ def model_checks(rows: list[dict], memory: list[dict]) -> list[tuple[str, str]]:
     return out
 
 
-def check(results: Path = RESULTS, device: str = "cuda", backends=GPU_BACKENDS) -> list[tuple[str, str]]:
+def ladder_checks(rows: list[dict], device: str, any_config: bool = False) -> list[tuple[str, str]]:
+    """The training ladder's targets on its latest record (see the module docstring).
+    ``any_config``: judge whatever the record holds (the dry run's tiny model)."""
+    if any_config:
+        what = "ladder (any config: dry run)"
+    elif device == "cuda":
+        rows = [r for r in rows if "sbl_1568_1120_672" in r.get("config", "") and r.get("dtype") == "bfloat16"
+                and r.get("batch") == 2 and r.get("scale") == 1.0]
+        what = "ladder SBL det bf16 batch 2"
+    else:
+        rows = [r for r in rows if "tsb_368" in r.get("config", "") and r.get("batch") == 2]
+        what = "ladder TSB cls fp32 batch 2"
+    rungs = [r for r in rows if r["path"] != "official" and r.get("speedup") is not None]
+    if not rungs:
+        return [("MISSING", f"{what}: no measured rung")]
+    best = [max(rungs, key=lambda r: r["speedup"])]
+    out = [verdict(f"{what}: best rung ({best[0]['path']}) vs official", best, "speedup", 2.0 if device == "cuda" else 1.4, True)]
+    if device == "cuda":
+        out.append(verdict(f"{what}: best rung's fraction of the bf16 peak", best, "peak_fraction", 0.35, True))
+        out.append(verdict(f"{what}: best rung's GPU busy share", best, "gpu_busy", 0.9, True))
+    else:
+        out.append(verdict(f"{what}: every rung's max_rel_diff vs eager ours", rows, "max_rel_diff", 1e-5, False))
+    official = next((r for r in rows if r["path"] == "official"), {})
+    over = [{**r, "mem_over_official": r["peak_mem_mb"] / official["peak_mem_mb"]} for r in rungs
+            if r.get("peak_mem_mb") and official.get("peak_mem_mb") and "over official:" not in (r.get("note") or "")]
+    out.append(verdict(f"{what}: peak memory / official (rungs without a stated reason)", over, "mem_over_official", 1.05, False))
+    return out
+
+
+def hf_checks(rows: list[dict], device: str, any_config: bool = False) -> list[tuple[str, str]]:
+    """The Hugging Face step's targets (full-size rows only, unless ``any_config``: the dry run's tiny ones)."""
+    ours = [r for r in rows if r["path"] == "ours" and (any_config or not r.get("tiny"))]
+    if not ours:
+        return [("MISSING", "Hugging Face step: no full-size rows")]
+    def of(model):
+        return [r for r in ours if r["model"] == model]
+    if device != "cuda":
+        return [verdict("HF Deformable DETR step, ours vs transformers' default (CPU)", of("deformable_detr"), "speedup", 2.0, True)]
+    return [verdict("HF Deformable DETR step, ours vs default", of("deformable_detr"), "speedup", 2.0, True),
+            verdict("HF Mask2Former step, ours vs default", of("mask2former"), "speedup", 1.5, True),
+            verdict("HF Deformable DETR step, ours vs the DETR kernel's path (live)", of("deformable_detr"), "vs_detr_live", 1.1, True),
+            verdict("HF RT-DETR step, ours vs default (never slower)", of("rt_detr"), "speedup", 1.0, True)]
+
+
+def check(results: Path = RESULTS, device: str = "cuda", backends=GPU_BACKENDS, any_config: bool = False) -> list[tuple[str, str]]:
     """(status, line) for every target, from the latest records of `device`. `backends`: the
-    kernel backends judged (the GPU ones; the dry run passes "cpu" so that every check runs)."""
+    kernel backends judged (the GPU ones; the dry run passes "cpu" so that every check runs);
+    ``any_config``: the model-level checks take any config and size (the dry run's tiny ones)."""
     backends = tuple(backends)
     msda = latest(results, f"msda_{device}")
     return ((msda_checks(msda, backends) if msda else [("MISSING", "ms_deform_attn: no record")])
             + interaction_checks(latest(results, f"interaction_{device}"), backends)
             + merge_checks(latest(results, f"branch_merge_{device}"), backends)
-            + model_checks(latest(results, f"model_{device}"), latest(results, f"memory_validation_{device}")))
+            + model_checks(latest(results, f"model_{device}"), latest(results, f"memory_validation_{device}"))
+            + ladder_checks(latest(results, f"model_ladder_{device}"), device, any_config)
+            + hf_checks(latest(results, f"hf_{device}"), device, any_config))
 
 
 def main(argv=None) -> int:
@@ -156,8 +215,10 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--backends", nargs="+", default=list(GPU_BACKENDS),
                    help="kernel backends to judge (default cuda triton; the dry run judges cpu)")
+    p.add_argument("--any-config", action="store_true",
+                   help="model-level checks on any config and size (the dry run's tiny models)")
     args = p.parse_args(argv)
-    lines = check(args.results, args.device, args.backends)
+    lines = check(args.results, args.device, args.backends, args.any_config)
     path = args.results / f"msda_{args.device}.jsonl"
     if path.exists() and path.read_text().strip():
         env = json.loads(path.read_text().strip().splitlines()[-1])["env"]

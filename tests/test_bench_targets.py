@@ -157,3 +157,57 @@ def test_bench_model_one_case_on_the_cpu():
         assert r["side"] == 128 and r["step_ms"] > 0 and 0 < r["msda_share"] < 1
         assert r["peak_mem_mb"] > 144e6 * 16 / 2 ** 20 * 0.9  # parameters, AdamW states and gradients at least
     assert rows[0]["speedup"] == rows[1]["step_ms"] / rows[0]["step_ms"]
+
+
+def ladder_row(path, speedup, **kw):
+    return {"config": "mask_rcnn_deit_sbl_1568_1120_672_fpn_1x_coco_bs16", "dtype": "bfloat16", "batch": 2, "scale": 1.0,
+            "path": path, "speedup": speedup, **kw}
+
+
+def test_ladder_targets_judge_the_best_rung(tmp_path):
+    write(tmp_path, "model_ladder_cuda", [
+        ladder_row("official", 1.0, peak_mem_mb=1000.0),
+        ladder_row("ours", 1.2, peak_mem_mb=1010.0, peak_fraction=0.2, gpu_busy=0.7),
+        ladder_row("compile", 2.1, peak_mem_mb=1100.0, peak_fraction=0.36, gpu_busy=0.85),
+        # A rung over the memory bound that says why is not held against the target.
+        ladder_row("cuda_graphs", 1.9, peak_mem_mb=1300.0, note="peak +30% over official: static graph buffers"),
+    ])
+    lines = dict((line.split(":")[1].strip(), s) for s, line in targets.check(tmp_path, "cuda") if line.startswith("ladder"))
+    assert lines["best rung (compile) vs official"] == "PASS"                   # 2.1x
+    assert lines["best rung's fraction of the bf16 peak"] == "PASS"
+    assert lines["best rung's GPU busy share"] == "FAIL"                        # 0.85 < 0.9
+    assert lines["peak memory / official (rungs without a stated reason)"] == "FAIL"  # compile: 1.10
+
+
+def test_ladder_cpu_targets_and_any_config(tmp_path):
+    rows = [{"config": "piip_3branch_tsb_368-192-128_cls_token_deit1", "batch": 2, "dtype": "float32", "path": p,
+             "speedup": s, "max_rel_diff": d} for p, s, d in (("official", 1.0, 0.0), ("ours", 1.1, 2e-7), ("compile", 1.5, 2e-5))]
+    write(tmp_path, "model_ladder_cpu", rows)
+    lines = {line.split(":")[1].strip(): s for s, line in targets.ladder_checks(rows, "cpu")}
+    assert lines["best rung (compile) vs official"] == "PASS" and lines["every rung's max_rel_diff vs eager ours"] == "FAIL"
+    tiny = [dict(r, config="tiny") for r in rows]
+    assert targets.ladder_checks(tiny, "cpu")[0][0] == "MISSING"          # never judged as the preset
+    assert targets.ladder_checks(tiny, "cpu", any_config=True)[0][0] == "PASS"
+
+
+def test_hugging_face_targets(tmp_path):
+    def row(model, path, **kw):
+        return {"model": model, "path": path, "batch": 1, "dtype": "float32", **kw}
+
+    rows = [row("deformable_detr", "default"), row("deformable_detr", "ours", speedup=2.3, vs_detr_live=1.05),
+            row("mask2former", "ours", speedup=1.6), row("rt_detr", "ours", speedup=0.98),
+            row("deformable_detr", "ours", speedup=9.0, tiny=True)]      # a dry-run row never counts
+    got = {line.split(",")[0]: s for s, line in targets.hf_checks(rows, "cuda")}
+    assert got == {"HF Deformable DETR step": "FAIL", "HF Mask2Former step": "PASS", "HF RT-DETR step": "FAIL"}
+    lines = [line for _, line in targets.hf_checks(rows, "cuda")]
+    assert any("worst 2.30" in line and "ours vs default" in line for line in lines)   # not the tiny 9.0
+    assert targets.hf_checks(rows, "cpu")[0][0] == "PASS"
+
+
+def test_triton_against_cuda_on_kernel_times_where_both_were_measured():
+    rows = [msda_row("a", 2, "bfloat16", "cuda", 1.0, 1.0, fwd_gpu_ms=0.10, fwd_bwd_gpu_ms=0.20),
+            msda_row("a", 2, "bfloat16", "triton", 3.0, 3.0, fwd_gpu_ms=0.12, fwd_bwd_gpu_ms=0.28),
+            msda_row("b", 2, "bfloat16", "cuda", 1.0, 1.0),
+            msda_row("b", 2, "bfloat16", "triton", 1.3, 1.2, fwd_gpu_ms=0.1)]   # eager on both sides
+    line = [ln for s, ln in targets.msda_checks(rows) if "triton time / cuda time" in ln][0]
+    assert "worst 1.40 (a," in line and "PASS" == [s for s, ln in targets.msda_checks(rows) if ln == line][0]
