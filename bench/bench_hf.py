@@ -32,7 +32,10 @@ our row also ``vs_detr_live``, over the DETR kernel timed in the same run, or
 attention (profiler, one step): the forward ranges around each deformable attention block
 (projections, offsets, softmax, sampling), plus the backward of the sampling op (ours,
 grid_sample's, the DETR kernel's); device time on a GPU, CPU time on the CPU, over the
-step's wall time. Rows go to bench/results/hf_<device> with device, versions and commit.
+step's wall time. On the CPU, ``others_cpu`` is the share of the machine's CPU time other
+processes took during the timed steps (a shared machine's load falls unevenly on the paths:
+rows with more than a few percent are not comparable; ``--wait-idle S`` waits for an idle
+machine before each case). Rows go to bench/results/hf_<device> with device, versions and commit.
 """
 from __future__ import annotations
 
@@ -54,7 +57,8 @@ import piip_kernels.hf as hf  # noqa: E402
 BLOCK_RANGE = "hf.deformable_attention"  # forward range around each deformable attention block
 BACKWARD_OPS = {"ours": ("piip::ms_deform_attn_backward",), "default": ("aten::grid_sampler_2d_backward",),
                 "detr kernel": ("DetrKernelBackward",)}
-COLUMNS = ["model", "path", "attention", "size", "batch", "dtype", "step_ms", "speedup", "vs_detr_live", "msda_share", "note"]
+COLUMNS = ["model", "path", "attention", "size", "batch", "dtype", "step_ms", "speedup", "vs_detr_live", "msda_share", "others_cpu",
+           "note"]
 MODELS = ("deformable_detr", "mask2former", "rt_detr")
 NOTES = {"rt_detr": "deformable attention in the decoder only (a small share)"}
 
@@ -155,6 +159,45 @@ def loss_of(out) -> torch.Tensor:
     return sum(t.float().masked_fill(~t.isfinite(), 0).square().mean() for t in float_outputs(out) if t.requires_grad)
 
 
+def _jiffies() -> tuple[int, int, int] | None:
+    """(busy, total) CPU time of the whole machine and this process's own, in clock ticks
+    (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        with open("/proc/self/stat") as f:
+            own = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return sum(ticks) - idle, sum(ticks), int(own[11]) + int(own[12])  # utime + stime
+
+
+def others_busy(since) -> float | None:
+    """The share of the machine's CPU time that other processes used since ``since`` (a
+    _jiffies() reading): a shared machine's load, which falls unevenly on the timed paths."""
+    now = _jiffies()
+    if since is None or now is None or now[1] == since[1]:
+        return None
+    return max(0.0, ((now[0] - since[0]) - (now[2] - since[2])) / (now[1] - since[1]))
+
+
+def wait_idle(max_s: float, busy: float = 0.1, window_s: float = 5.0) -> None:
+    """Waits (at most max_s) until other processes use less than ``busy`` of the CPUs over
+    ``window_s`` (on shared machines, before each case)."""
+    deadline = time.monotonic() + max_s
+    while True:
+        start = _jiffies()
+        time.sleep(window_s)
+        share = others_busy(start)
+        if share is None or share < busy:
+            return
+        if time.monotonic() > deadline:
+            progress(f"  other processes still use {share:.0%} of the CPUs after {max_s:.0f} s of waiting: measuring anyway")
+            return
+        progress(f"  other processes use {share:.0%} of the CPUs: waiting")
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -237,6 +280,7 @@ def run_case(name: str, batch: int, size: tuple[int, int], dtype: torch.dtype, d
             for _ in range(warmup):
                 step()
     times = {p: [] for p in runs}
+    start = _jiffies()
     for k in range(steps):
         for path, (_, step, switch, _) in runs.items():
             with switch():
@@ -246,6 +290,7 @@ def run_case(name: str, batch: int, size: tuple[int, int], dtype: torch.dtype, d
                 _sync(device)
                 times[path].append((time.perf_counter() - t0) * 1e3)
         progress(f"  {name} step {k + 1}/{steps}: " + ", ".join(f"{p} {t[-1]:.0f} ms" for p, t in times.items()))
+    busy = others_busy(start) if device.type == "cpu" else None
     rows = []
     for path, (model, step, switch, label) in runs.items():
         note = [NOTES[name]] if name in NOTES else []
@@ -254,7 +299,7 @@ def run_case(name: str, batch: int, size: tuple[int, int], dtype: torch.dtype, d
         rows.append({"case": f"{name} {size[0]}x{size[1]}", "model": name, "path": path, "attention": label, "size": f"{size[0]}x{size[1]}", "batch": batch,
                      "dtype": str(dtype)[6:], "device": device_name(device), "step_ms": statistics.median(times[path]),
                      "step_ms_all": times[path], "msda_share": share(step, switch, model, device, path), "note": "; ".join(note),
-                     "tiny": tiny})
+                     "others_cpu": busy, "tiny": tiny})
     by_path = {r["path"]: r for r in rows}
     for row in rows:
         if row["path"] != "default":
@@ -284,6 +329,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps per path (default 1 on the CPU, 2 on a GPU)")
     ap.add_argument("--tiny", action="store_true", help="tiny configs at 64x64, one thread: a dry run (nothing saved)")
     ap.add_argument("--budget-s", type=float, default=None, help="stop starting new cases after this many seconds")
+    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
+                    help="before each case, wait up to S s for other processes to leave the CPUs idle (shared machines)")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -298,6 +345,8 @@ def main(argv=None) -> int:
     progress(f"device: {device_name(device)}")
     rows = []
     for name, batch, size, dtype in budgeted(cases, args.budget_s, "cases"):
+        if args.wait_idle:
+            wait_idle(args.wait_idle)
         rows += run_case(name, batch, size, getattr(torch, dtype), device, steps, warmup, args.tiny)
     report("hf", device, rows, COLUMNS, not args.no_save and not args.tiny)
     return 0
