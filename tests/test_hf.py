@@ -414,6 +414,18 @@ def test_second_switch_and_remove():
     assert_runs(run(model, inputs, False), ours=False, what="after the first handle's remove()")
 
 
+def test_a_failed_switch_changes_nothing():
+    """A switch that stops on an error (another core already installed on the second layer)
+    puts back what it had changed on the way."""
+    model, inputs = build("deformable_detr")
+    layers = [m for m in model.modules() if getattr(type(m), "kernel_layer_name", None) == LAYER_NAME]
+    for taken, other in ((layers[0], layers[1]), (layers[1], layers[0])):  # whichever the walk meets first
+        with hf.use_in_transformers(taken, msda=lambda *args: None):
+            with pytest.raises(RuntimeError, match="another implementation"):
+                hf.use_in_transformers(model)
+            assert "forward" not in other.__dict__ and model.kernel_config is None
+
+
 def test_family_function_is_held_until_the_last_handle():
     """A rebound family function stays ours while any handle holds it, and only then goes back."""
     a, inputs = build("mask2former")

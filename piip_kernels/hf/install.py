@@ -269,18 +269,25 @@ def enable(model: nn.Module, msda=None, handle: Handle | None = None, quiet: boo
     recording what it changed in ``handle`` (a new one by default)."""
     handle = Handle() if handle is None else handle
     before = sum(handle.swapped.values()) + handle.already
+    undone = len(handle._undo)
     holders = []  # transformers models (with a kernel_config) above a decorated layer
     stack = [(model, [])]
-    while stack:  # depth first, keeping the transformers models above each module
-        module, above = stack.pop()
-        if hasattr(module, "kernel_config") and hasattr(module, "set_use_kernels"):
-            above = above + [module]
-        if _swap_module(module, handle, msda):
-            holders += [m for m in above if not any(m is h for h in holders)]
-        stack += [(child, above) for child in module.children()]
-    if msda is None:
-        for holder in holders:
-            _map_ours_in_kernel_config(holder, handle)
+    try:
+        while stack:  # depth first, keeping the transformers models above each module
+            module, above = stack.pop()
+            if hasattr(module, "kernel_config") and hasattr(module, "set_use_kernels"):
+                above = above + [module]
+            if _swap_module(module, handle, msda):
+                holders += [m for m in above if not any(m is h for h in holders)]
+            stack += [(child, above) for child in module.children()]
+        if msda is None:
+            for holder in holders:
+                _map_ours_in_kernel_config(holder, handle)
+    except BaseException:  # all or nothing: put back what this call changed
+        for undo in reversed(handle._undo[undone:]):
+            undo()
+        del handle._undo[undone:]
+        raise
     if not quiet and sum(handle.swapped.values()) + handle.already == before:
         logger.warning(f"piip_kernels.hf: found no multi-scale deformable attention in {type(model).__name__}")
     return handle
