@@ -35,7 +35,8 @@ grid_sample's, the DETR kernel's); device time on a GPU, CPU time on the CPU, ov
 step's wall time. On the CPU, ``others_cpu`` is the share of the machine's CPU time other
 processes took during the timed steps (a shared machine's load falls unevenly on the paths:
 rows with more than a few percent are not comparable; ``--wait-idle S`` waits for an idle
-machine before each case). Rows go to bench/results/hf_<device> with device, versions and commit.
+machine before each case and runs a disturbed round of steps again, ``rounds_redone``).
+Rows go to bench/results/hf_<device> with device, versions and commit.
 """
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ BACKWARD_OPS = {"ours": ("piip::ms_deform_attn_backward",), "default": ("aten::g
 COLUMNS = ["model", "path", "attention", "size", "batch", "dtype", "step_ms", "speedup", "vs_detr_live", "msda_share", "others_cpu",
            "note"]
 MODELS = ("deformable_detr", "mask2former", "rt_detr")
+REDO_ABOVE, MAX_REDONE = 0.05, 20  # --wait-idle: rounds disturbed by other processes are run again
 NOTES = {"rt_detr": "deformable attention in the decoder only (a small share)"}
 
 
@@ -245,10 +247,13 @@ def share(step, switch, model, device, path: str) -> float:
 
 
 def run_case(name: str, batch: int, size: tuple[int, int], dtype: torch.dtype, device, steps: int, warmup: int,
-             tiny: bool) -> list[dict]:
-    """The paths on copies of one model; the timed steps alternate between them. A path's
-    switch is held only around its own steps (and outside their timings): Mask2Former's
-    module-level function is rebound for the whole family while a handle is held."""
+             tiny: bool, wait_s: float = 0.0) -> list[dict]:
+    """The paths on copies of one model; the timed steps alternate between them (a round:
+    one step of each). A path's switch is held only around its own steps (and outside their
+    timings): Mask2Former's module-level function is rebound for the whole family while a
+    handle is held. With ``wait_s`` (the CPU on a shared machine) a round during which other
+    processes took more than REDO_ABOVE of the CPUs is discarded and run again, after
+    waiting for an idle machine (at most MAX_REDONE times; rows say how many)."""
     torch.manual_seed(0)
     base = BUILDERS[name](tiny)
     g = torch.Generator().manual_seed(1)
@@ -280,17 +285,32 @@ def run_case(name: str, batch: int, size: tuple[int, int], dtype: torch.dtype, d
             for _ in range(warmup):
                 step()
     times = {p: [] for p in runs}
-    start = _jiffies()
-    for k in range(steps):
+    busy, redone = [], 0
+    while len(busy) < steps:
+        start = _jiffies()
+        took = {}
         for path, (_, step, switch, _) in runs.items():
             with switch():
                 _sync(device)
                 t0 = time.perf_counter()
                 step()
                 _sync(device)
-                times[path].append((time.perf_counter() - t0) * 1e3)
-        progress(f"  {name} step {k + 1}/{steps}: " + ", ".join(f"{p} {t[-1]:.0f} ms" for p, t in times.items()))
-    busy = others_busy(start) if device.type == "cpu" else None
+                took[path] = (time.perf_counter() - t0) * 1e3
+        others = others_busy(start) if device.type == "cpu" else None
+        line = f"  {name} step {len(busy) + 1}/{steps}: " + ", ".join(f"{p} {t:.0f} ms" for p, t in took.items())
+        if wait_s and others is not None and others > REDO_ABOVE and redone < MAX_REDONE:
+            # Other processes took CPUs during this round: it falls unevenly on the paths.
+            redone += 1
+            progress(f"{line}; other processes took {others:.0%} of the CPUs: round discarded ({redone})")
+            wait_idle(wait_s)
+            continue
+        busy.append(others)
+        for path, t in took.items():
+            times[path].append(t)
+        progress(line)
+    if wait_s and device.type == "cpu":
+        wait_idle(wait_s)  # before the profiled steps
+    others = max((b for b in busy if b is not None), default=None)
     rows = []
     for path, (model, step, switch, label) in runs.items():
         note = [NOTES[name]] if name in NOTES else []
@@ -299,7 +319,7 @@ def run_case(name: str, batch: int, size: tuple[int, int], dtype: torch.dtype, d
         rows.append({"case": f"{name} {size[0]}x{size[1]}", "model": name, "path": path, "attention": label, "size": f"{size[0]}x{size[1]}", "batch": batch,
                      "dtype": str(dtype)[6:], "device": device_name(device), "step_ms": statistics.median(times[path]),
                      "step_ms_all": times[path], "msda_share": share(step, switch, model, device, path), "note": "; ".join(note),
-                     "others_cpu": busy, "tiny": tiny})
+                     "others_cpu": others, "rounds_redone": redone, "tiny": tiny})
     by_path = {r["path"]: r for r in rows}
     for row in rows:
         if row["path"] != "default":
@@ -330,7 +350,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny configs at 64x64, one thread: a dry run (nothing saved)")
     ap.add_argument("--budget-s", type=float, default=None, help="stop starting new cases after this many seconds")
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
-                    help="before each case, wait up to S s for other processes to leave the CPUs idle (shared machines)")
+                    help="shared machines: before each case and its profiled steps, wait up to S s for other processes to "
+                         "leave the CPUs idle, and run again a round they disturbed (above 5%% of the CPUs)")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -347,7 +368,7 @@ def main(argv=None) -> int:
     for name, batch, size, dtype in budgeted(cases, args.budget_s, "cases"):
         if args.wait_idle:
             wait_idle(args.wait_idle)
-        rows += run_case(name, batch, size, getattr(torch, dtype), device, steps, warmup, args.tiny)
+        rows += run_case(name, batch, size, getattr(torch, dtype), device, steps, warmup, args.tiny, args.wait_idle)
     report("hf", device, rows, COLUMNS, not args.no_save and not args.tiny)
     return 0
 
