@@ -50,9 +50,12 @@ copies_mb (aten::copy_ calls and bytes written, piip.optim.count_copies), peak_m
 above; each rung's own), max_rel_diff and a note (why a row is skipped, a stand-in, a peak
 above official's). All from one profiled step per row after the timed ones.
 max_rel_diff: the rung against eager ``ours`` from the same weights, over the loss and every
-gradient of a first step and, after one optimizer step, of a second one; per tensor
-max|a - b| / max|b| (tensors whose gradients are below 1e-6 of the largest gradient are
-measured against that floor), the largest. The weights are moved first so that the model
+gradient of one training step; per tensor max|a - b| / max|b| (tensors whose gradients are
+below 1e-6 of the largest gradient are measured against that floor), the largest; the JSON
+names the tensor (max_rel_diff_at). max_rel_diff_step2 (JSON only) is the same for a second
+step, after one optimizer step: it includes the optimizer (the only place the fused one can
+differ), and Adam's first update, lr * g / (|g| + eps), turns a rounding-level sign change of
+a near-zero gradient into a full lr of difference, so it reads larger. The weights are moved first so that the model
 computes something non-trivial: sampling offsets off pixel centres (a fresh model samples
 exactly on them, where the location gradient is one-sided by convention and a last-bit
 change of a coordinate flips it) and non-zero injector gains (at zero the attention gets no
@@ -325,6 +328,18 @@ def move_offsets_off_pixel_centres(model: torch.nn.Module, seed: int = 0) -> Non
                 p.copy_((torch.rand(p.shape, generator=g) * 0.1 + 0.05).to(p))
 
 
+def resized_tables(cfg, side: int) -> int:
+    """How many ViT/CLIP position tables are resized at input side ``side`` (branch i sees the
+    image scaled by image_size_i / image_size_N, sides floored)."""
+    last = cfg.branches[-1]
+    n = 0
+    for b in cfg.branches:
+        if b.kind in ("vit", "clip"):
+            live = int(side * b.image_size / last.image_size) // b.patch_size
+            n += tuple(b.pos_embed_grid) != (live, live)
+    return n
+
+
 def no_drop_path(model: torch.nn.Module) -> None:
     from piip.layers import DropPath
 
@@ -356,7 +371,8 @@ class Runner:
 
     def __init__(self, name, model, opt, img, labels, device):
         self.name, self.model, self.opt, self.img, self.labels, self.device = name, model, opt, img, labels, device
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names, self.params = [n for n, _ in named], [p for _, p in named]
         self.graph = None
         self.note = []
 
@@ -438,16 +454,17 @@ class Runner:
         self.graph = graph
 
 
-def _rel_diffs(got, ref) -> float:
-    """Largest per-tensor max|a - b| / max|b| over (loss, gradients) pairs (see the docstring)."""
+def _rel_diffs(got, ref, names) -> tuple[float, str]:
+    """Largest per-tensor max|a - b| / max|b| over (loss, gradients) pairs (see the module
+    docstring), and which tensor it was."""
     floor = 1e-6 * max((r.abs().max().item() for r in ref[1] if r is not None), default=0.0)
-    worst = abs(got[0].item() - ref[0].item()) / max(abs(ref[0].item()), 1e-30)
-    for a, b in zip(got[1], ref[1]):
+    worst = (abs(got[0].item() - ref[0].item()) / max(abs(ref[0].item()), 1e-30), "loss")
+    for a, b, n in zip(got[1], ref[1], names):
         if (a is None) != (b is None):
-            return float("inf")
+            return float("inf"), f"gradient of {n} present in one run only"
         if a is not None:
             d = (a.double() - b.double()).abs().max().item()
-            worst = max(worst, d / max(b.abs().max().item(), floor, 1e-30))
+            worst = max(worst, (d / max(b.abs().max().item(), floor, 1e-30), f"gradient of {n}"))
     return worst
 
 
@@ -614,6 +631,8 @@ def run_ladder(name: str, batch: int, scale: float, dtype: torch.dtype, device, 
                 model.set_execution("ours")
             if "exact_resize" in has:
                 model.set_pos_embed_resize("matmul")
+                if rung == "exact_resize" and not resized_tables(cfg, side):
+                    note.append("no effect here: every position table already has its branch's live grid")
             if "compile" in has:
                 problem = piip.compile.compile_problem(compile_backend, device.type)
                 if problem:
@@ -641,12 +660,18 @@ def run_ladder(name: str, batch: int, scale: float, dtype: torch.dtype, device, 
                     runner.capture(real=False)
                     note.append("needs CUDA: not timed; its capture and replay code ran with an eager stand-in "
                                 "(max_rel_diff from that)")
-            # The check from the common starting weights, then the warm-up.
+            # The check from the common starting weights, then the warm-up. Observations are
+            # compared as soon as eager ours has run, and dropped (each is two sets of gradients).
             obs = [runner.observed_step() for _ in range(2)]
             if rung == "ours":
                 reference = obs
             runners[rung] = runner
             rows[rung]["_obs"] = obs
+            for r2, row2 in rows.items():
+                if reference is not None and row2.get("_obs") is not None:
+                    (d1, at1), (d2, at2) = (_rel_diffs(o, ref, runner.names) for o, ref in zip(row2.pop("_obs"), reference))
+                    row2.update(max_rel_diff=d1, max_rel_diff_at=at1, max_rel_diff_step2=d2, max_rel_diff_step2_at=at2)
+            del obs
             for _ in range(warmup):
                 runner.step()
             _sync(device)
@@ -660,16 +685,14 @@ def run_ladder(name: str, batch: int, scale: float, dtype: torch.dtype, device, 
         finally:
             budget.interruptible = False
         progress(f"  [{rung}] set up, checked and warmed up in {time.monotonic() - t0:.1f} s")
-    # max_rel_diff against eager ours (computed once every rung has its observations).
-    for rung, row in rows.items():
-        obs = row.pop("_obs", None)
-        if obs is not None and reference is not None:
-            row["max_rel_diff"] = max(_rel_diffs(o, r) for o, r in zip(obs, reference))
+    reference = None
+    for row in rows.values():
+        row.pop("_obs", None)  # eager ours did not run: nothing to compare with
     # Interleaved timed steps.
     timed = [r for r in runners if not (r == "cuda_graphs" and device.type != "cuda")]
     times = {r: [] for r in timed}
     peaks = {}
-    for k in range(steps):
+    for k in range(steps if timed else 0):
         if k > 0 and budget.over():
             progress(f"  timing stopped after {k} steps: " + ("SIGTERM" if budget.stopped else "budget"))
             break
