@@ -500,11 +500,12 @@ def _kind_of(name: str, under_optimizer: bool) -> str:
     if any(k in n for k in ("flash", "fmha", "attention", "sdpa")):
         return "attention"
     if any(k in n for k in ("gemm", "cutlass", "xmma", "cublas", "nvjet", "::mm", "addmm", "bmm", "matmul", "linear",
-                            "conv", "mkldnn")):
+                            "mkldnn")) or ("conv" in n and "convert" not in n):
         return "GEMM"
-    if any(k in n for k in ("copy", "memcpy", "memset", "_to_copy", "aten::to", "clone", "contiguous", "cast")):
+    if any(k in n for k in ("copy", "memcpy", "memset", "_to_copy", "aten::to", "clone", "contiguous", "cast", "convert")):
         return "casts/copies"
-    if any(k in n for k in ("layer_norm", "layernorm", "group_norm", "groupnorm", "rms_norm", "rmsnorm")):
+    if any(k in n for k in ("layer_norm", "layernorm", "group_norm", "groupnorm", "rms_norm", "rmsnorm", "gammabeta",
+                            "rowwisemoments", "computefusedparams")):
         return "norms"
     if any(k in n for k in ("elementwise", "vectorized", "triton_poi", "triton_per", "triton_red", "reduce_kernel",
                             "compiledfunction", "compiled", "cpp_fused", "aten::")):

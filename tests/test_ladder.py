@@ -114,3 +114,27 @@ def test_the_gpu_recipe_runs_on_the_cpu(output):
     before = [p.detach().clone() for p in model.parameters()]
     opt.step()
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_kinds_of_gpu_kernel_names():
+    """The per-kind table's rules on kernel names of an H200 step profile (the GPU-only path)."""
+    kind = bench_model._kind_of
+    names = {
+        "sm90_xmma_gemm_f32f32_f32f32_f32_tn_n_tilesize128x128x8_stage3": "GEMM",
+        "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT": "GEMM",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26": "attention",
+        "void piip::dca::(anonymous namespace)::backward_kernel<float, 32>(piip::dca::Params)": "our ops",
+        "_dca_fwd_kernel": "our ops",
+        "ms_deformable_col2im_gpu_kernel": "our ops",
+        "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)": "casts/copies",
+        "Memcpy DtoD (Device -> Device)": "casts/copies",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>": "optimizer",
+        "void at::native::(anonymous namespace)::GammaBetaBackwardCUDAKernel<c10::BFloat16, float>": "norms",
+        "triton_per_fused_native_layer_norm_0": "norms",
+        "triton_poi_fused_add_gelu_mul_1": "elementwise",
+        "void at::native::reduce_kernel<128, 4, at::native::ReduceOp<c10::BFloat16>>": "elementwise",
+        "void at::native::(anonymous namespace)::upsample_bicubic2d_backward_out_frame<float, float>": "other",
+    }
+    for name, want in names.items():
+        assert kind(name, False) == want, (name, kind(name, False), want)
+    assert kind("aten::mul", True) == "optimizer"   # CPU: ops under Optimizer.step
