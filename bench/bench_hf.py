@@ -2,7 +2,8 @@
 random weights, transformers' default path against ours (piip_kernels.hf.use_in_transformers)
 and, where built, the Deformable DETR CUDA kernel (what transformers' hub kernel serves).
 
-    python bench/bench_hf.py                         # GPU if present, else CPU (the committed CPU rows)
+    python bench/bench_hf.py                         # GPU if present, else CPU
+    python bench/bench_hf.py --device cpu --wait-idle 600   # the committed CPU rows (a shared machine)
     python bench/bench_hf.py --models deformable_detr --size 512x640 --batch 1 --steps 3
     python bench/bench_hf.py --tiny --device cpu     # tiny configs: a dry run in seconds (nothing saved)
 
@@ -345,7 +346,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=None, help="images per step (default per case)")
     ap.add_argument("--size", type=_size, default=None, help="input HxW (default per case)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="autocast dtype (default float32)")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per path (default 3 on the CPU, 6 on a GPU)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per path (default 5 on the CPU, 6 on a GPU)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps per path (default 1 on the CPU, 2 on a GPU)")
     ap.add_argument("--tiny", action="store_true", help="tiny configs at 64x64, one thread: a dry run (nothing saved)")
     ap.add_argument("--budget-s", type=float, default=None, help="stop starting new cases after this many seconds")
@@ -361,7 +362,7 @@ def main(argv=None) -> int:
     cases = [c for c in default_cases(device, args.tiny) if args.models is None or c[0] in args.models]
     cases = [(m, args.batch or b, args.size or s, args.dtype or d) for m, b, s, d in cases]
     gpu = device.type == "cuda"
-    steps = args.steps or (1 if args.tiny else 6 if gpu else 3)
+    steps = args.steps or (1 if args.tiny else 6 if gpu else 5)
     warmup = args.warmup if args.warmup is not None else (1 if args.tiny or not gpu else 2)
     progress(f"device: {device_name(device)}")
     rows = []
