@@ -5,7 +5,7 @@ and, where built, the Deformable DETR CUDA kernel (what transformers' hub kernel
     python bench/bench_hf.py                         # GPU if present, else CPU
     python bench/bench_hf.py --device cpu --wait-idle 600   # the committed CPU rows (a shared machine)
     python bench/bench_hf.py --models deformable_detr --size 512x640 --batch 1 --steps 3
-    python bench/bench_hf.py --tiny --device cpu     # tiny configs: a dry run in seconds (nothing saved)
+    python bench/bench_hf.py --tiny --device cpu     # tiny configs: a dry run in seconds (saved only under $PIIP_RESULTS_DIR)
 
 Models (random weights; no downloads, no timm):
   deformable_detr  Deformable DETR, ResNet-50 backbone, 6+6 layers, 300 queries: a large
@@ -370,7 +370,8 @@ def main(argv=None) -> int:
         if args.wait_idle:
             wait_idle(args.wait_idle)
         rows += run_case(name, batch, size, getattr(torch, dtype), device, steps, warmup, args.tiny, args.wait_idle)
-    report("hf", device, rows, COLUMNS, not args.no_save and not args.tiny)
+    # Tiny rows are saved only where a dry run sends its results (PIIP_RESULTS_DIR), never to bench/results.
+    report("hf", device, rows, COLUMNS, not args.no_save and (not args.tiny or bool(os.environ.get("PIIP_RESULTS_DIR"))))
     return 0
 
 

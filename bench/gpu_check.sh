@@ -175,8 +175,12 @@ b=$(share 30 180); stage "bench_branch_merge" bench_branch_merge.md timeout -k 1
 # (The dry run gives the model stages room for every rung: skipping one would leave its code unrun.)
 b=$(share 70 110); (( DRY )) && b=240; stage "bench_model (two paths)" bench_model.md timeout -k 10 "$(limit "$b" 0)" "$PY" bench/bench_model.py --budget-s "$b" "${MODEL[@]}"
 b=$(share 120 50); (( DRY )) && b=240; stage "bench_model --ladder" bench_model_ladder.md timeout -k 10 "$(limit "$b" 0)" "$PY" bench/bench_model.py --budget-s "$b" "${LADDER[@]}"
+# transformers' detectors on our kernel: the GPU tests of the three routes (CUDA, fp32 and bf16;
+# in the dry run they say they need CUDA), then one training step per model.
+stage "HF GPU tests" tests_hf.log timeout -k 10 "$(limit "$(share 60 60)" 0)" "$PY" -m pytest tests/test_hf.py -q \
+  -p no:cacheprovider -m gpu -rs
 if [ -f bench/bench_hf.py ]; then
-  b=$(share 60 30); stage "bench_hf" bench_hf.md timeout -k 10 "$(limit "$b" 20)" "$PY" bench/bench_hf.py --budget-s "$b" "${HF[@]}"
+  b=$(share 90 30); stage "bench_hf" bench_hf.md timeout -k 10 "$(limit "$b" 20)" "$PY" bench/bench_hf.py --budget-s "$b" "${HF[@]}"
 fi
 # The memory planner against the measured peak on one full-size preset.
 b=$(share 30 5); stage "memory --validate" memory_validation.md timeout -k 10 "$(limit "$b" 0)" "$PY" bench/memory.py "${MEMORY[@]}"
