@@ -152,8 +152,8 @@ def official_msda(device):
     if kernel is None or (device.type != "cuda" and not getattr(kernel, "standin", False)):
         return None, "grid_sample (our reference backend)"
     label = getattr(kernel, "label", "Deformable DETR kernel")
-    if getattr(kernel, "standin", False):
-        label += " (stand-in built from our reference, not the anchor)"
+    if getattr(kernel, "standin", False) and "stand-in" not in label:
+        label += " (a stand-in built from our reference, not the anchor)"
     return kernel, label
 
 
@@ -686,7 +686,7 @@ def run_ladder(name: str, batch: int, scale: float, dtype: torch.dtype, device, 
         finally:
             budget.interruptible = False
         progress(f"  [{rung}] set up, checked and warmed up in {time.monotonic() - t0:.1f} s")
-    reference = None
+    reference = base = None  # free the starting copy and the reference gradients before timing
     for row in rows.values():
         row.pop("_obs", None)  # eager ours did not run: nothing to compare with
     # Interleaved timed steps.
