@@ -827,18 +827,19 @@ def main(argv=None) -> int:
     steps = args.steps or (10 if device.type == "cuda" else 5)
     progress(f"device: {device_name(device)}")
     rows = []
+    # Tiny rows are saved only where a dry run sends its results (PIIP_RESULTS_DIR), never to bench/results.
+    save = not args.no_save and (not args.tiny or bool(os.environ.get("PIIP_RESULTS_DIR")))
     if args.ladder:
         backend = args.compile_backend or ("aot_eager" if args.tiny else "inductor")
         for name, batch, scale, dtype in cases:
             rows += run_ladder(name, batch, scale, getattr(torch, dtype), device, steps, args.warmup, args.rungs, backend,
                                args.profile, args.budget_s)
-        report("model_ladder", device, rows, ["config"] + LADDER_COLUMNS if len(cases) > 1 else LADDER_COLUMNS,
-               not args.no_save and not args.tiny)
+        report("model_ladder", device, rows, ["config"] + LADDER_COLUMNS if len(cases) > 1 else LADDER_COLUMNS, save)
     else:
         for name, batch, scale, dtype in budgeted(cases, args.budget_s, "cases"):
             rows += run_case(name, batch, scale, getattr(torch, dtype), device, args.checkpointing, steps, args.warmup,
                              args.paths)
-        report("model", device, rows, COLUMNS, not args.no_save and not args.tiny)
+        report("model", device, rows, COLUMNS, save)
     if args.json:
         import json
 
