@@ -184,7 +184,10 @@ def write_results(name: str, env: dict, rows: list[dict], table: str) -> Path:
 def format_table(rows: list[dict], columns: list[str]) -> str:
     """Markdown table of the given columns."""
     def fmt(v):
-        return f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))
+        if isinstance(v, float):
+            # Small values (relative differences, fractions) keep three significant digits.
+            return f"{v:.3g}" if 0 < abs(v) < 0.01 else f"{v:.3f}"
+        return "" if v is None else str(v)
 
     return "\n".join(render_grid(columns, [[fmt(r.get(c, "")) for c in columns] for r in rows], markdown=True))
 

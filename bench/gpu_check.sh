@@ -174,7 +174,8 @@ b=$(share 30 180); stage "bench_branch_merge" bench_branch_merge.md timeout -k 1
 # the official path (the DETR kernel when built), then the ladder of what each piece adds.
 # (The dry run gives the model stages room for every rung: skipping one would leave its code unrun.)
 b=$(share 70 110); (( DRY )) && b=240; stage "bench_model (two paths)" bench_model.md timeout -k 10 "$(limit "$b" 0)" "$PY" bench/bench_model.py --budget-s "$b" "${MODEL[@]}"
-b=$(share 120 50); (( DRY )) && b=240; stage "bench_model --ladder" bench_model_ladder.md timeout -k 10 "$(limit "$b" 0)" "$PY" bench/bench_model.py --budget-s "$b" "${LADDER[@]}"
+# (A cold inductor compile of the SBL model's block signatures alone may take a minute or two.)
+b=$(share 180 50); (( DRY )) && b=240; stage "bench_model --ladder" bench_model_ladder.md timeout -k 10 "$(limit "$b" 30)" "$PY" bench/bench_model.py --budget-s "$b" "${LADDER[@]}"
 # transformers' detectors on our kernel: the GPU tests of the three routes (CUDA, fp32 and bf16;
 # in the dry run they say they need CUDA), then one training step per model.
 stage "HF GPU tests" tests_hf.log timeout -k 10 "$(limit "$(share 60 60)" 0)" "$PY" -m pytest tests/test_hf.py -q \

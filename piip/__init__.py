@@ -1,5 +1,5 @@
 """piip: a lean N-branch Parameter-Inverted Image Pyramid model package."""
-from . import distributed, memory, optim  # noqa: F401  (piip.distributed.apply_fsdp, piip.memory.plan_memory, piip.optim)
+from . import compile, distributed, memory, optim  # noqa: F401,A004  (piip.compile.compile_blocks, piip.distributed.apply_fsdp, piip.memory.plan_memory, piip.optim)
 from .models.config import BranchConfig, PIIPConfig
 from .models.piip import PIIP
 from .models.llava import PIIPLLaVA, preprocess as llava_preprocess

@@ -6,7 +6,7 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
-from piip_kernels import MSDeformAttn, deform_cross_attn, ms_deform_attn
+from piip_kernels import MSDeformAttn, deform_cross_attn
 from piip_kernels.dca.reference import grid_reference_points
 
 from .block import DropPath
