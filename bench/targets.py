@@ -64,7 +64,8 @@ def verdict(target: str, rows: list[dict], key: str, limit: float, at_least: boo
     ok = worst >= limit if at_least else worst <= limit
     where = ", ".join(str(row[k]) for k in ("case", "batch", "dtype") if k in row)
     sign = ">=" if at_least else "<="
-    return ("PASS" if ok else "FAIL"), f"{target}: worst {worst:.2f} ({where}); need {sign} {limit:g}; {len(vals)} cases"
+    shown = f"{worst:.3g}" if 0 < abs(worst) < 0.01 else f"{worst:.2f}"  # relative differences stay visible
+    return ("PASS" if ok else "FAIL"), f"{target}: worst {shown} ({where}); need {sign} {limit:g}; {len(vals)} cases"
 
 
 def vs_detr(target: str, rows: list[dict], key: str, limit: float) -> tuple[str, str]:
