@@ -401,17 +401,23 @@ def test_whole_model_compiles(family):
 # ---------------------------------------------------------------------------------------------
 # The switch itself
 
+def release_in_turn(model, inputs, released, holder, what):
+    """``released.remove()`` while ``holder`` still holds ours: the model still runs ours and
+    refuses another core; after ``holder.remove()`` it runs transformers' code again."""
+    released.remove()
+    assert_runs(run(model, inputs, False), ours=True, what=f"{what}: after the first remove()")
+    with pytest.raises(RuntimeError, match="another implementation"):
+        hf.use_in_transformers(model, msda=lambda *args: None)
+    holder.remove()
+    assert_runs(run(model, inputs, False), ours=False, what=f"{what}: after the last remove()")
+
+
 def test_second_switch_and_remove():
     model, inputs = build("deformable_detr")
     first = hf.use_in_transformers(model)
     second = hf.use_in_transformers(model)
     assert first.swapped["layer"] == 2 and not second.swapped and second.already == 2 + first.swapped["kernel_config"]
-    second.remove()  # changed nothing, so nothing goes back
-    assert_runs(run(model, inputs, False), ours=True, what="after the second handle's remove()")
-    with pytest.raises(RuntimeError, match="another implementation"):
-        hf.use_in_transformers(model, msda=lambda *args: None)
-    first.remove()
-    assert_runs(run(model, inputs, False), ours=False, what="after the first handle's remove()")
+    release_in_turn(model, inputs, second, first, "a second switch of one model")  # second changed nothing
 
 
 def test_a_failed_switch_changes_nothing():
@@ -432,12 +438,7 @@ def test_family_function_is_held_until_the_last_handle():
     b = copy.deepcopy(a)
     first, second = hf.use_in_transformers(a), hf.use_in_transformers(b)
     assert first.swapped["function by name"] == 1 and second.already == 1
-    first.remove()
-    assert_runs(run(a, inputs, False), ours=True, what="Mask2Former while the second handle holds the function")
-    with pytest.raises(RuntimeError, match="another implementation"):
-        hf.use_in_transformers(a, msda=lambda *args: None)
-    second.remove()
-    assert_runs(run(a, inputs, False), ours=False, what="Mask2Former after both handles")
+    release_in_turn(a, inputs, first, second, "Mask2Former held by a second handle")
 
 
 def test_switch_for_new_models():
