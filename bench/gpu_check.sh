@@ -70,6 +70,9 @@ if [ "$DRY" = 1 ]; then
   # The GPU-only paths on the CPU: results under $OUT, stand-ins labelled as such.
   export PIIP_DRY_RUN=1 PIIP_ANCHOR_STANDIN=1 PIIP_RESULTS_DIR="$OUT/results"
   export PIIP_GPU_TEST_DEVICE=meta
+  # The benchmarks time the CPU backends: Triton's interpreter (which the CPU test suite runs
+  # the Triton kernels in, and may have left set) would take minutes on their shapes.
+  unset TRITON_INTERPRET
   DEV=cpu
 else
   DEV=cuda
