@@ -6,7 +6,7 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
-from piip_kernels import MSDeformAttn, deform_cross_attn
+from piip_kernels import MSDeformAttn
 from piip_kernels.dca.reference import grid_reference_points
 
 from .block import DropPath
@@ -109,15 +109,11 @@ class Injector(nn.Module):
         """projection_dtype "autocast": value and output projections under the enclosing
         autocast, offsets and weights from projections in the parameters' dtype ``dt``."""
         a = self.attn
-        N, Lq, _ = q.shape
-        M = a.n_heads
-        value = a.value_proj(f).view(N, f.shape[1], M, a.value_dim // M)
+        value = a.value_proj(f).view(f.shape[0], f.shape[1], a.n_heads, a.value_dim // a.n_heads)
         with _no_autocast(q.device.type):
             q = q.to(dt)
             if self.unfused_msda is None:
-                offsets = a.sampling_offsets(q).view(N, Lq, M, a.n_points, 2)
-                logits = a.attention_weights(q).view(N, Lq, M, a.n_points)
-                out = deform_cross_attn(value, feat_hw, offsets, logits, hw, backend=a.backend)
+                out = a.sample_grid(q, hw, value, feat_hw)
             else:
                 out = self._unfused(q, hw, None, feat_hw, value=value)
         return a.output_proj(out)

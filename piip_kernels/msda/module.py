@@ -122,14 +122,20 @@ class MSDeformAttn(nn.Module):
         Returns:
             [N, Hq*Wq, C], equal to ``forward`` with the grid reference points.
         """
+        N, M = input_flatten.shape[0], self.n_heads
+        value = self.value_proj(input_flatten).view(N, input_flatten.shape[1], M, self.value_dim // M)
+        return self.output_proj(self.sample_grid(query, query_hw, value, input_hw))
+
+    def sample_grid(self, query: Tensor, query_hw, value: Tensor, input_hw) -> Tensor:
+        """``forward_grid`` between the projections: offsets and weights from ``query``,
+        sampling of the already projected ``value`` [N, Hv*Wv, M, D] -> [N, Hq*Wq, M*D], before
+        ``output_proj`` (callers that run the projections in another dtype use it)."""
         from ..dca.api import deform_cross_attn  # dca builds on msda: import at call time
 
         if self.n_levels != 1:
             raise ValueError(f"MSDeformAttn.forward_grid needs n_levels == 1, this module has {self.n_levels}")
         N, Lq, _ = query.shape
         M, P = self.n_heads, self.n_points
-        value = self.value_proj(input_flatten).view(N, input_flatten.shape[1], M, self.value_dim // M)
         offsets = self.sampling_offsets(query).view(N, Lq, M, P, 2)
         logits = self.attention_weights(query).view(N, Lq, M, P)
-        out = deform_cross_attn(value, input_hw, offsets, logits, query_hw, backend=self.backend)
-        return self.output_proj(out)
+        return deform_cross_attn(value, input_hw, offsets, logits, query_hw, backend=self.backend)
