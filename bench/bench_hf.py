@@ -52,7 +52,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import budgeted, device_name, progress, report  # noqa: E402
+from common import budgeted, device_name, progress, report, sync  # noqa: E402
 
 import piip_kernels.hf as hf  # noqa: E402
 
@@ -135,17 +135,16 @@ def detr_kernel(device: torch.device):
     """The third path's core, (value, shapes, starts, loc, attn) -> out in fp32 as the
     kernel's wrappers run it, with (label, stand-in); None where it is not built (or, on the
     CPU, unless the dry run's stand-in is asked for)."""
-    from bench_msda import anchor_runner
+    from bench_msda import anchor_for
 
-    kernel = anchor_runner()
-    standin = bool(getattr(kernel, "standin", False))
-    if kernel is None or (device.type != "cuda" and not standin):
+    kernel = anchor_for(device)
+    if kernel is None:
         return None
 
     def core(value, shapes, starts, loc, attn):
         return kernel(value.float(), shapes, starts, loc.float(), attn.float()).to(value.dtype)
 
-    return core, getattr(kernel, "label", "detr kernel"), standin
+    return core, kernel.label, kernel.standin
 
 
 def float_outputs(out) -> list[torch.Tensor]:
@@ -201,11 +200,6 @@ def wait_idle(max_s: float, busy: float = 0.1, window_s: float = 5.0) -> None:
         progress(f"  other processes use {share:.0%} of the CPUs: waiting")
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def blocks(model):
     """The deformable attention blocks: the modules that own the sampling-offset projection."""
     return [m for m in model.modules() if isinstance(getattr(m, "sampling_offsets", None), torch.nn.Linear)]
@@ -227,11 +221,11 @@ def profile_share(step, model, device, path: str) -> float:
     hooks = [h for m in blocks(model) for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     try:
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         with profile(activities=acts) as prof:
             step()
-            _sync(device)
+            sync(device)
         wall_us = (time.perf_counter() - t0) * 1e6
     finally:
         for h in hooks:
@@ -292,10 +286,10 @@ def run_case(name: str, batch: int, size: tuple[int, int], dtype: torch.dtype, d
         took = {}
         for path, (_, step, switch, _) in runs.items():
             with switch():
-                _sync(device)
+                sync(device)
                 t0 = time.perf_counter()
                 step()
-                _sync(device)
+                sync(device)
                 took[path] = (time.perf_counter() - t0) * 1e3
         others = others_busy(start) if device.type == "cpu" else None
         line = f"  {name} step {len(busy) + 1}/{steps}: " + ", ".join(f"{p} {t:.0f} ms" for p, t in took.items())

@@ -76,7 +76,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import budgeted, device_name, progress, report  # noqa: E402
+from common import budgeted, device_name, progress, report, sync  # noqa: E402
 
 import piip  # noqa: E402
 import piip.compile  # noqa: E402
@@ -137,22 +137,17 @@ def loss_of(out, labels):
     return torch.nn.functional.cross_entropy(out.float(), labels)
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def official_msda(device):
     """The attention the official code runs: (runner, label). The Deformable DETR kernel if
     built (or its labelled stand-in under PIIP_ANCHOR_STANDIN=1), else (None, grid_sample).
     The official module casts around the kernel: it always computes in fp32."""
-    from bench_msda import anchor_runner
+    from bench_msda import anchor_for
 
-    kernel = anchor_runner()
-    if kernel is None or (device.type != "cuda" and not getattr(kernel, "standin", False)):
+    kernel = anchor_for(device)
+    if kernel is None:
         return None, "grid_sample (our reference backend)"
-    label = getattr(kernel, "label", "Deformable DETR kernel")
-    if getattr(kernel, "standin", False) and "stand-in" not in label:
+    label = kernel.label
+    if kernel.standin and "stand-in" not in label:
         label += " (a stand-in built from our reference, not the anchor)"
     return kernel, label
 
@@ -175,11 +170,11 @@ def profile_step(step, device, baseline_bytes: int, path: str):
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     with profile(activities=acts, profile_memory=device.type == "cpu") as prof:
         step()
-        _sync(device)
+        sync(device)
     wall_us = (time.perf_counter() - t0) * 1e6
     names = FORWARD_RANGES + BACKWARD_OPS[path]
     spent = 0.0
@@ -231,10 +226,10 @@ def run_case(name: str, batch: int, scale: float, dtype: torch.dtype, device, ch
         for path in paths:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             runs[path][2]()
-            _sync(device)
+            sync(device)
             times[path].append((time.perf_counter() - t0) * 1e3)
             if device.type == "cuda":
                 peak_gpu[path] = max(peak_gpu.get(path, 0), torch.cuda.max_memory_allocated(device))
@@ -532,10 +527,10 @@ def _profile_rung(runner: Runner, device) -> dict:
 
     cpu = device.type == "cpu"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    _sync(device)
+    sync(device)
     with profile(activities=acts, record_shapes=True, profile_memory=cpu) as prof:
         runner.step()
-        _sync(device)
+        sync(device)
     events = list(prof.events())
     host = [e for e in events if e.device_type == DeviceType.CPU]
     gpu = [e for e in events if e.device_type == DeviceType.CUDA]
@@ -675,7 +670,7 @@ def run_ladder(name: str, batch: int, scale: float, dtype: torch.dtype, device, 
             del obs
             for _ in range(warmup):
                 runner.step()
-            _sync(device)
+            sync(device)
         except _Stop:
             note.append("skipped: SIGTERM during its setup")
             continue
@@ -699,10 +694,10 @@ def run_ladder(name: str, batch: int, scale: float, dtype: torch.dtype, device, 
             break
         for r in timed:
             _device_peak_reset(device)
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             runners[r].step()
-            _sync(device)
+            sync(device)
             times[r].append((time.perf_counter() - t0) * 1e3)
             if device.type == "cuda":
                 peaks[r] = max(peaks.get(r, 0), _device_peak(device))

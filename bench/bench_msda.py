@@ -133,6 +133,15 @@ def anchor_runner():
     return _labelled(_anchor_function(ext), ANCHOR, False)
 
 
+def anchor_for(device: torch.device):
+    """``anchor_runner()`` where it can run on ``device``, else None: the real kernel is
+    CUDA-only, the dry run's stand-in runs anywhere."""
+    kernel = anchor_runner()
+    if kernel is None or (device.type != "cuda" and not kernel.standin):
+        return None
+    return kernel
+
+
 def _anchor_function(ext):
     """The anchor's calling convention as an autograd function: ext's two entry points, or
     (ext None) the same two built from our reference."""

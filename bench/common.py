@@ -86,6 +86,12 @@ def environment() -> dict:
     return env
 
 
+def sync(device: torch.device) -> None:
+    """Waits for the device's queued work (a no-op on the CPU), before and after a timed step."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
