@@ -33,7 +33,8 @@ different rung each round, so a drift of the machine, or a rung's place after an
 on all alike. On the CPU, ``others_cpu`` is the most other processes took of the machine's
 CPUs in a kept round; with ``--wait-idle S`` the ladder waits for an idle machine before the
 warm-up and before each profiled step, and runs again a round in which other processes took
-more than 5 % of the CPUs (``rounds_redone``; at most 20).
+more than 5 % of the CPUs (``rounds_redone``; at most 20). A row timed while other
+processes took more than 5 % says so in its note.
 
 Columns: step_ms (median of the rounds), min_ms (the fastest), speedup (official's median
 over the rung's), tflops (full-cost MACs of piip.flops x 3 x 2 FLOPs per step),
@@ -80,7 +81,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_model import (TINY, case_arguments, cases_of, config_of, build, fp32_msda, input_side, loss_of,  # noqa: E402
                          official_msda, write_json)
-from common import PeakMemory, device_name, progress, report, sync, timed_rounds, wait_idle  # noqa: E402
+from common import REDO_ABOVE, PeakMemory, device_name, progress, report, sync, timed_rounds, wait_idle  # noqa: E402
 
 import piip  # noqa: E402
 import piip.compile  # noqa: E402
@@ -494,6 +495,9 @@ def run_ladder(name: str, batch: int, scale: float, dtype: torch.dtype, device, 
         if times:
             row.update(step_ms=statistics.median(times), min_ms=min(times), step_ms_all=times,
                        others_cpu=rounds.others_cpu, rounds_redone=rounds.redone)
+            if (rounds.others_cpu or 0) > REDO_ABOVE:
+                row["note"].append(f"disturbed: other processes took up to {rounds.others_cpu:.0%} of the CPUs in a timed "
+                                   "round (not comparable)")
             row["tflops"] = 6 * macs / (row["step_ms"] * 1e-3) / 1e12
             if peak_tflops:
                 row["peak_fraction"] = row["tflops"] / peak_tflops
@@ -538,7 +542,7 @@ def run_ladder(name: str, batch: int, scale: float, dtype: torch.dtype, device, 
         for c in LADDER_COLUMNS:
             row.setdefault(c, None)  # every row carries every column (None: not measured here)
     if profile_dir and kinds:
-        _write_kinds(profile_dir, device, name, kinds, {r: rows[r].get("step_ms") for r in kinds})
+        _write_kinds(profile_dir, device, name, kinds, {r: rows[r].get("step_ms") for r in kinds}, rounds)
     return out
 
 
@@ -586,21 +590,26 @@ def _set_up(rung, has, base, cfg, preset, side, dtype, device, img, labels, msda
     return runner
 
 
-def _write_kinds(folder: str, device, name: str, kinds: dict, step_ms: dict) -> None:
-    """Per-kind time of one profiled step per rung (ms), as markdown and JSON."""
+def _write_kinds(folder: str, device, name: str, kinds: dict, step_ms: dict, rounds) -> None:
+    """Per-kind time of one profiled step per rung (ms), as markdown and JSON, with the
+    commit and how the step times beside them were taken (``rounds``: common.Rounds)."""
     import json
+
+    from common import render_grid, tree_commit
 
     what = "GPU kernel time" if device.type == "cuda" else "operator self time on the CPU"
     head = ["path"] + list(KINDS) + ["sum", "step_ms"]
     body = [[r] + [f"{v[k]:.1f}" for k in KINDS] + [f"{sum(v.values()):.1f}", f"{step_ms[r]:.1f}" if step_ms[r] else ""]
             for r, v in kinds.items()]
-    from common import render_grid
-
+    others = "not measured" if rounds.others_cpu is None else f"at most {rounds.others_cpu:.0%}"
     text = (f"# Time per kind, one profiled step ({what}, ms): {name} on {device_name(device)}\n\n"
             + "\n".join(render_grid(head, body, markdown=True)) + "\n\n"
             "Kinds by operator / kernel name (ladder._kind_of): 'our ops' is the deformable attention and merge "
             "(ours, or the official rows' grid_sample / Deformable DETR kernel); 'optimizer' everything under "
-            "Optimizer.step; compiled regions' fused code counts as elementwise on the CPU.\n")
+            "Optimizer.step; compiled regions' fused code counts as elementwise on the CPU.\n\n"
+            f"Commit {tree_commit()}. One profiled step per row, after the {len(rounds.others)} timed rounds whose median "
+            f"is step_ms ({rounds.redone} disturbed rounds run again; other processes' share of the CPUs in a kept "
+            f"round: {others}). A row's kinds carry its one step's noise (the GEMMs are the same work in every row).\n")
     with open(os.path.join(folder, f"ladder_kinds_{device.type}.md"), "w") as f:
         f.write(text)
     with open(os.path.join(folder, f"ladder_kinds_{device.type}.json"), "w") as f:

@@ -91,6 +91,15 @@ def test_step2_catches_an_optimizer_fault_that_step1_cannot_see(monkeypatch):
     assert lines["every rung's max_rel_diff_step2 (after one optimizer step) vs eager ours"] == "FAIL"
 
 
+def test_a_disturbed_timing_says_so(monkeypatch):
+    """Without --wait-idle, rounds that other processes disturbed are kept, and every timed
+    row says it is not comparable."""
+    monkeypatch.setattr(common, "others_busy", lambda since: 0.5)
+    row, = ladder.run_ladder(ladder.TINY, 1, 1.0, torch.float32, torch.device("cpu"), steps=1, warmup=0, rungs=("ours",))
+    assert row["others_cpu"] == 0.5 and row["rounds_redone"] == 0
+    assert "disturbed: other processes took up to 50% of the CPUs" in row["note"]
+
+
 def test_timed_rounds_redo_disturbed_rounds_rotate_and_stop(monkeypatch):
     """Rounds in which other processes took the CPUs are discarded and run again after a
     wait; each round starts at the next step; warm-up rounds come first, after a wait for an
@@ -130,6 +139,7 @@ def test_profile_files(tiny_rows):
     table = (folder / "ladder_kinds_cpu.md").read_text()
     for kind in ladder.KINDS:
         assert kind in table
+    assert "Commit " in table and "after the 2 timed rounds" in table and "0 disturbed rounds run again" in table
     kinds = json.loads((folder / "ladder_kinds_cpu.json").read_text())
     assert set(kinds["kinds"]) == {"official", "ours", "fused_optimizer", "exact_resize"}
     # Every rung spends time in GEMMs and in the optimizer; the official row's sampling
