@@ -34,7 +34,10 @@ on all alike. On the CPU, ``others_cpu`` is the most other processes took of the
 CPUs in a kept round; with ``--wait-idle S`` the ladder waits for an idle machine before the
 warm-up and before each profiled step, and runs again a round in which other processes took
 more than 5 % of the CPUs (``rounds_redone``; at most 20). A row timed while other
-processes took more than 5 % says so in its note.
+processes took more than 5 % says so in its note. ``--control`` adds a row ``ours_again``, a
+second copy of ours set up last: what it differs from ours by is the run's noise (the
+exact_resize rung, which runs the very operators of the row above it where no position
+table is resized, once read 15 % slower in a run whose disturbed steps were kept).
 
 Columns: step_ms (median of the rounds), min_ms (the fastest), speedup (official's median
 over the rung's), tflops (full-cost MACs of piip.flops x 3 x 2 FLOPs per step),
@@ -90,6 +93,7 @@ from piip.memory import allocation_peak, resident_bytes  # noqa: E402
 
 
 RUNGS = ("official", "ours", "fused_optimizer", "exact_resize", "compile", "cuda_graphs")
+CONTROL = "ours_again"  # --control: a second copy of ours (bench/targets.py never takes it for a speed-up)
 LADDER_COLUMNS = ["path", "step_ms", "min_ms", "speedup", "tflops", "peak_fraction", "gpu_busy", "aten_ops", "kernels",
                   "copies", "copies_mb", "peak_mem_mb", "max_rel_diff", "max_rel_diff_step2", "others_cpu", "rounds_redone",
                   "note"]
@@ -393,11 +397,11 @@ def _profile_rung(runner: Runner, device) -> dict:
 
 def run_ladder(name: str, batch: int, scale: float, dtype: torch.dtype, device, steps: int, warmup: int,
                rungs=RUNGS, compile_backend: str = "inductor", profile_dir: str | None = None,
-               budget_s: float | None = None, wait_s: float = 0.0) -> list[dict]:
+               budget_s: float | None = None, wait_s: float = 0.0, control: bool = False) -> list[dict]:
     """The ladder's rows (see the module docstring), one per rung in ``rungs``: every rung
     set up, then ``warmup`` untimed and ``steps`` timed interleaved rounds, then one profiled
     step per rung. ``wait_s``: on a shared machine, wait up to that long for idle CPUs and
-    run disturbed rounds again."""
+    run disturbed rounds again. ``control``: one more row, CONTROL, a second copy of ours."""
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available here (torch.cuda.is_available() is False)")
     unknown = [r for r in rungs if r not in RUNGS]
@@ -428,11 +432,14 @@ def run_ladder(name: str, batch: int, scale: float, dtype: torch.dtype, device, 
     rows = {r: {"path": r, "note": []} for r in rungs}
     runners: dict[str, Runner] = {}
     reference = None
-    for i, rung in enumerate(RUNGS):
-        if rung not in rungs:
-            continue
-        # What this rung runs: every selected rung's addition up to it (official: none).
-        has = {r for r in RUNGS[1:i + 1] if r in rungs}
+    # What each rung runs: every selected rung's addition up to it (official: none); the
+    # control, a second copy of ours set up last, runs what ours runs.
+    plan = [(r, {x for x in RUNGS[1:i + 1] if x in rungs}) for i, r in enumerate(RUNGS) if r in rungs]
+    if control:
+        rows[CONTROL] = {"path": CONTROL, "note": ["a second copy of ours, set up last: its difference from ours is "
+                                                   "this run's noise"]}
+        plan.append((CONTROL, {"ours"}))
+    for rung, has in plan:
         note = rows[rung]["note"]
         if budget.over(0.75):
             note.append("skipped: " + ("SIGTERM" if budget.stopped else f"budget of {budget_s:.0f} s") + " reached before its setup")
@@ -443,8 +450,8 @@ def run_ladder(name: str, batch: int, scale: float, dtype: torch.dtype, device, 
         t0 = time.monotonic()
         budget.interruptible = True
         try:
-            runner = _set_up(rung, has, base, cfg, preset, side, dtype, device, img, labels, msda, msda_name,
-                             compile_backend, note)
+            runner = _set_up("ours" if rung == CONTROL else rung, has, base, cfg, preset, side, dtype, device, img, labels,
+                             msda, msda_name, compile_backend, note)
             if runner is None:
                 continue
             # The check from the common starting weights (its two steps also compile what
@@ -525,7 +532,7 @@ def run_ladder(name: str, batch: int, scale: float, dtype: torch.dtype, device, 
             with open(os.path.join(profile_dir, f"top_ops_{r}.txt"), "w") as f:
                 f.write(f"{name} batch {batch} side {side} {str(dtype)[6:]} [{r}]: one profiled step\n{prof['top']}\n")
     budget.close()
-    out = [rows[r] for r in rungs]
+    out = [rows[r] for r in rungs] + ([rows[CONTROL]] if control else [])
     off = rows.get("official", {})
     for row in out:
         if off.get("step_ms") and row.get("step_ms"):
@@ -624,6 +631,8 @@ def main(argv=None) -> int:
                     help="torch.compile backend of the compile rungs (default inductor; aot_eager with --tiny, which "
                          "generates no code, so a dry run stays within seconds)")
     ap.add_argument("--profile", default=None, metavar="DIR", help="per-kind time table and top operators per row")
+    ap.add_argument("--control", action="store_true",
+                    help=f"one more row, {CONTROL}: a second copy of ours, whose difference from ours is the run's noise")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     cases, steps = cases_of(ap, args, device, first_only=True)
@@ -632,7 +641,7 @@ def main(argv=None) -> int:
     rows = []
     for name, batch, scale, dtype in cases:
         rows += run_ladder(name, batch, scale, getattr(torch, dtype), device, steps, args.warmup, args.rungs, backend,
-                           args.profile, args.budget_s, args.wait_idle)
+                           args.profile, args.budget_s, args.wait_idle, args.control)
     # Tiny rows are saved only where a dry run sends its results (PIIP_RESULTS_DIR), never to bench/results.
     save = not args.no_save and (not args.tiny or bool(os.environ.get("PIIP_RESULTS_DIR")))
     report("model_ladder", device, rows, ["config"] + LADDER_COLUMNS if len(cases) > 1 else LADDER_COLUMNS, save)

@@ -181,7 +181,8 @@ def test_ladder_targets_judge_the_best_rung(tmp_path):
 
 def test_ladder_cpu_targets_and_any_config(tmp_path):
     rows = [{"config": "piip_3branch_tsb_368-192-128_cls_token_deit1", "batch": 2, "dtype": "float32", "path": p,
-             "speedup": s, "max_rel_diff": d} for p, s, d in (("official", 1.0, 0.0), ("ours", 1.1, 2e-7), ("compile", 1.5, 2e-5))]
+             "speedup": s, "max_rel_diff": d} for p, s, d in (("official", 1.0, 0.0), ("ours", 1.1, 2e-7), ("compile", 1.5, 2e-5),
+                                                               ("ours_again", 1.6, 0.0))]   # the control is no rung
     write(tmp_path, "model_ladder_cpu", rows)
     lines = {line.split(":")[1].strip(): s for s, line in targets.ladder_checks(rows, "cpu")}
     assert lines["best rung (compile) vs official"] == "PASS" and lines["every rung's max_rel_diff vs eager ours"] == "FAIL"

@@ -2,8 +2,8 @@
 row's columns, max_rel_diff and max_rel_diff_step2 against eager ours (and an optimizer
 fault that only the second catches), a rung that cannot run (an unknown compile backend)
 saying why while the others run, the CUDA-graph rung's code through its CPU stand-in, the
-profile files and the JSON; the timing protocol's rounds (common.timed_rounds). (Compiled
-regions against eager: tests/test_compile.py.)"""
+profile files and the JSON; the timing protocol's rounds (common.timed_rounds) and its
+control row. (Compiled regions against eager: tests/test_compile.py.)"""
 import json
 import os
 import sys
@@ -30,18 +30,19 @@ def judged(rows) -> dict:
 def tiny_rows(tmp_path_factory):
     folder = tmp_path_factory.mktemp("profile")
     rows = ladder.run_ladder(ladder.TINY, 2, 1.0, torch.float32, torch.device("cpu"), steps=2, warmup=1,
-                             compile_backend="no_such_backend", profile_dir=str(folder))
+                             compile_backend="no_such_backend", profile_dir=str(folder), control=True)
     return rows, folder
 
 
 def test_rows_and_columns(tiny_rows):
     rows, _ = tiny_rows
-    assert [r["path"] for r in rows] == list(ladder.RUNGS)
+    assert [r["path"] for r in rows] == list(ladder.RUNGS) + [ladder.CONTROL]
     for r in rows:
         assert set(ladder.LADDER_COLUMNS) <= set(r), set(ladder.LADDER_COLUMNS) - set(r)
         assert r["config"] == "tiny" and r["dtype"] == "float32" and r["batch"] == 2
     timed = {r["path"]: r for r in rows if r.get("step_ms")}
-    assert set(timed) == {"official", "ours", "fused_optimizer", "exact_resize"}
+    assert set(timed) == {"official", "ours", "fused_optimizer", "exact_resize", ladder.CONTROL}
+    assert "noise" in timed[ladder.CONTROL]["note"]
     for r in timed.values():
         assert r["step_ms"] > 0 and r["speedup"] > 0 and r["tflops"] > 0
         assert r["aten_ops"] > 0 and r["copies"] > 0 and r["copies_mb"] > 0 and r["peak_mem_mb"] > 0
@@ -64,6 +65,7 @@ def test_max_rel_diff_against_eager_ours(tiny_rows):
     # After one optimizer step: within the bound bench/targets.py derives from the recipe's lr.
     step2 = {r["path"]: r.get("max_rel_diff_step2") for r in rows}
     assert step2["ours"] == 0.0
+    assert diffs[ladder.CONTROL] == step2[ladder.CONTROL] == 0.0   # a second copy of ours: the same bits
     for path in ("official", "fused_optimizer", "exact_resize", "cuda_graphs"):
         assert step2[path] is not None and step2[path] <= targets.step2_bound(3e-4), (path, step2[path])
     lines = judged(rows)
@@ -141,7 +143,7 @@ def test_profile_files(tiny_rows):
         assert kind in table
     assert "Commit " in table and "after the 2 timed rounds" in table and "0 disturbed rounds run again" in table
     kinds = json.loads((folder / "ladder_kinds_cpu.json").read_text())
-    assert set(kinds["kinds"]) == {"official", "ours", "fused_optimizer", "exact_resize"}
+    assert set(kinds["kinds"]) == {"official", "ours", "fused_optimizer", "exact_resize", ladder.CONTROL}
     # Every rung spends time in GEMMs and in the optimizer; the official row's sampling
     # (grid_sample) and ours (our kernels) both count as our ops.
     for r, v in kinds["kinds"].items():
