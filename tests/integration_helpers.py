@@ -3,11 +3,22 @@ the extension stand-in, mmcv): counting the operators that run, comparing to flo
 rounding, and one forward+backward pass with every gradient."""
 import contextlib
 
+import pytest
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 OUR_OP, THEIR_OP = "piip::ms_deform_attn", "aten::grid_sampler_2d"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Import it into a test module: models this small spend their time starting OpenMP
+    teams, and stall when the machine's cores are busy; one thread runs them in milliseconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class CountOps(TorchDispatchMode):

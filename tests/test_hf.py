@@ -24,6 +24,7 @@ from piip_kernels.hf.install import LAYER_NAME  # noqa: E402
 
 from helpers import assert_derived_close  # noqa: E402
 from integration_helpers import OUR_OP, THEIR_OP, CountOps, assert_same, move_offsets_off_centres  # noqa: E402
+from integration_helpers import one_thread  # noqa: E402,F401  (an autouse fixture: small models run on one thread)
 
 SIDE = 64  # input images are SIDE x SIDE
 
@@ -32,16 +33,6 @@ def kernels_usable() -> bool:
     from transformers.utils.import_utils import is_kernels_available
 
     return is_kernels_available()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Models this small spend their time starting OpenMP teams, and stall when the
-    # machine's cores are busy; one thread runs them in milliseconds.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------
