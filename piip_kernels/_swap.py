@@ -119,7 +119,6 @@ class Handle:
         self._held: list[tuple[Target, bool]] = []  # (target, joined another handle's swap)
         self._holds: set[int] = set()  # ids of the targets in _held (a handle holds a target once)
         self._found_ours = 0
-        self.on_remove: list = []  # callables run by remove() after the holds are given back
 
     @property
     def swapped(self) -> Counter:
@@ -145,9 +144,7 @@ class Handle:
         original back. A second call does nothing."""
         with _lock:
             _release(self, 0)
-            callbacks, self.on_remove = self.on_remove, []
-        for callback in callbacks:
-            callback()
+            self._found_ours = 0
 
     def __enter__(self):
         return self

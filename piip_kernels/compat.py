@@ -46,7 +46,9 @@ __all__ = ["MSDeformAttn", "MSDeformAttnFunction", "multi_scale_deformable_attn_
 
 
 class MSDeformAttnFunction:
-    """Stand-in for Deformable DETR's ``MSDeformAttnFunction``: only ``apply`` is used by callers."""
+    """Stand-in for Deformable DETR's ``MSDeformAttnFunction`` and mmcv's
+    ``MultiScaleDeformableAttnFunction`` (which has no bf16, mmcv issue 2878): only ``apply``
+    is used by callers, in any float dtype, on any device."""
 
     @staticmethod
     def apply(value, value_spatial_shapes, value_level_start_index, sampling_locations, attention_weights, im2col_step=64):
@@ -179,16 +181,6 @@ def install_extensions() -> _swap.Handle:
 # ---------------------------------------------------------------------------------------------
 # mmcv 2.x
 
-class MultiScaleDeformableAttnFunction:
-    """mmcv's ``MultiScaleDeformableAttnFunction`` on our op (mmcv's own has no bf16, mmcv
-    issue 2878): ``apply(value, spatial_shapes, level_start_index, sampling_locations,
-    attention_weights, im2col_step)`` in any float dtype, on any device."""
-
-    @staticmethod
-    def apply(value, value_spatial_shapes, value_level_start_index, sampling_locations, attention_weights, im2col_step=64):
-        return ms_deform_attn(value, value_spatial_shapes, value_level_start_index, sampling_locations, attention_weights)
-
-
 MMCV_MODULE = "mmcv.ops.multi_scale_deform_attn"
 
 
@@ -215,7 +207,7 @@ def use_in_mmcv() -> _swap.Handle:
     handle = _swap.Handle("use_in_mmcv")
     with _swap.all_or_nothing(handle):
         for name, ours in (("multi_scale_deformable_attn_pytorch", multi_scale_deformable_attn_pytorch),
-                           ("MultiScaleDeformableAttnFunction", MultiScaleDeformableAttnFunction)):
+                           ("MultiScaleDeformableAttnFunction", MSDeformAttnFunction)):
             held = _swap.held(vars(module), name, item=True)  # swapped by another handle: mmcv's is the original
             theirs = held.original if held is not None else vars(module).get(name)
             if theirs is not None and theirs is not ours:

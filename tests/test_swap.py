@@ -150,17 +150,6 @@ def test_a_target_changed_by_other_code_is_left_to_it(monkeypatch, caplog):
     assert any("library.core was changed by other code" in r.getMessage() for r in caplog.records)
 
 
-def test_on_remove_callbacks_run_once_after_the_holds():
-    module, _, _ = targets()
-    seen = []
-    handle = _swap.Handle("h")
-    _swap.swap(handle, vars(module), "core", ours, kind="f", what="library.core", item=True)
-    handle.on_remove.append(lambda: seen.append(module.core))
-    handle.remove()
-    handle.remove()
-    assert seen == [theirs]
-
-
 def test_a_handle_holds_a_target_once():
     """A handle that meets a target it holds already (a switch enabling a model and then the
     model around it) does not hold it twice: one remove() of another handle cannot leave it
