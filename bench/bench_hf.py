@@ -200,6 +200,16 @@ def wait_idle(max_s: float, busy: float = 0.1, window_s: float = 5.0) -> None:
         progress(f"  other processes use {share:.0%} of the CPUs: waiting")
 
 
+def protocol_arguments(ap: argparse.ArgumentParser, waits: str) -> None:
+    """--budget-s, --wait-idle (``waits``: when it waits) and --no-save, as the benchmarks that
+    time interleaved rounds take them."""
+    ap.add_argument("--budget-s", type=float, default=None, help="stop starting new cases after this many seconds")
+    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
+                    help=f"shared machines: {waits}, wait up to S s for other processes to leave the CPUs idle, and run "
+                         "again a round they disturbed (above 5%% of the CPUs)")
+    ap.add_argument("--no-save", action="store_true")
+
+
 def interleaved_rounds(paths: dict, steps: int, device: torch.device, wait_s: float, name: str):
     """Timed rounds, one step of each path per round (``paths``: name -> (step, switch), the
     switch held around the path's step, outside nothing else), so a drift of the machine
@@ -356,11 +366,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="timed steps per path (default 5 on the CPU, 6 on a GPU)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps per path (default 1 on the CPU, 2 on a GPU)")
     ap.add_argument("--tiny", action="store_true", help="tiny configs at 64x64, one thread: a dry run (nothing saved)")
-    ap.add_argument("--budget-s", type=float, default=None, help="stop starting new cases after this many seconds")
-    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
-                    help="shared machines: before each case and its profiled steps, wait up to S s for other processes to "
-                         "leave the CPUs idle, and run again a round they disturbed (above 5%% of the CPUs)")
-    ap.add_argument("--no-save", action="store_true")
+    protocol_arguments(ap, "before each case and its profiled steps")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if args.tiny:

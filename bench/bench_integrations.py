@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_hf import interleaved_rounds, wait_idle  # noqa: E402
+from bench_hf import interleaved_rounds, protocol_arguments, wait_idle  # noqa: E402
 from common import budgeted, device_name, progress, report  # noqa: E402
 
 import piip_kernels  # noqa: E402
@@ -379,11 +379,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--tiny", action="store_true", help="tiny sizes, one thread: a dry run (nothing saved)")
     ap.add_argument("--determinism", action=argparse.BooleanOptionalAction, default=None,
                     help="check bit-identical repeated steps (default: on a GPU)")
-    ap.add_argument("--budget-s", type=float, default=None, help="stop starting new cases after this many seconds")
-    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
-                    help="shared machines: before each case wait up to S s for other processes to leave the CPUs idle, and "
-                         "run again a round they disturbed (above 5%% of the CPUs)")
-    ap.add_argument("--no-save", action="store_true")
+    protocol_arguments(ap, "before each case")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"

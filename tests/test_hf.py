@@ -23,7 +23,7 @@ from piip_kernels import _swap  # noqa: E402
 from piip_kernels.hf.install import LAYER_NAME  # noqa: E402
 
 from helpers import assert_derived_close  # noqa: E402
-from integration_helpers import OUR_OP, THEIR_OP, CountOps, assert_same, move_offsets_off_centres  # noqa: E402
+from integration_helpers import OUR_OP, CountOps, assert_runs, assert_same, move_offsets_off_centres  # noqa: E402
 from integration_helpers import one_thread  # noqa: E402,F401  (an autouse fixture: small models run on one thread)
 
 SIDE = 64  # input images are SIDE x SIDE
@@ -267,14 +267,6 @@ def run(model, inputs, train: bool, count: bool = True):
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return {"outputs": [t.detach() for t in outputs], "blocks": [t.detach() for t in block_outputs], "grads": grads,
             "ops": ops.counts}
-
-
-def assert_runs(result, ours: bool, what: str):
-    ran = {op: result["ops"].get(op, 0) for op in (OUR_OP, THEIR_OP)}
-    if ours:
-        assert ran[OUR_OP] > 0 and ran[THEIR_OP] == 0, f"{what}: expected our op only, ran {ran}"
-    else:
-        assert ran[OUR_OP] == 0 and ran[THEIR_OP] > 0, f"{what}: expected transformers' grid_sample only, ran {ran}"
 
 
 def assert_equal_runs(got, want, what: str):
