@@ -706,7 +706,7 @@ def test_a_changed_signature_stays_on_transformers(monkeypatch, caplog):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_check.sh)")
 @pytest.mark.parametrize("route", ["use_in_transformers", "kernel_config", "local_kernels"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_routes(route, dtype, kernels_lib, monkeypatch):
+def test_gpu_routes(route, dtype, kernels_lib, monkeypatch, request):
     """On CUDA, through each route (transformers' KernelConfig and its default mapping with
     LOCAL_KERNELS map accelerators only): our op runs, in eval and train mode for the routes
     whose mapping covers both (KernelConfig maps the mode it was given), and the attention
@@ -721,7 +721,7 @@ def test_gpu_routes(route, dtype, kernels_lib, monkeypatch):
     theirs = run(model, inputs, False)
     assert_runs(theirs, ours=False, what="transformers on CUDA")
     if route == "use_in_transformers":
-        hf.use_in_transformers(model)
+        request.addfinalizer(hf.use_in_transformers(model).remove)  # given back however the test ends
         # Kernels on, as from_pretrained leaves them: every mode switch re-kernelizes, from the
         # model's kernel_config over transformers' mapping (whose hub kernel, offline, would
         # fail to load rather than fall back).
