@@ -281,3 +281,20 @@ def test_rfdetr_decoder_training_step_equals_rfdetr(route):
         got = step(rfdetr_loss(model), model, inputs)
     assert_runs(got, ours=True, what=f"RF-DETR decoder, {route}", theirs_op="aten::grid_sampler_2d")
     assert_equal_steps(got, want, f"RF-DETR decoder, {route}")
+
+
+def test_rfdetr_core_layouts():
+    """RF-DETR's core with its shapes as a tensor only (no ``value_spatial_shapes_hw``) and
+    with the list too: RF-DETR's numbers either way."""
+    functions = need("rfdetr.models.ops.functions.ms_deform_attn_func")
+    from piip_kernels.integrations.rfdetr import ms_deform_attn_core
+
+    g = torch.Generator().manual_seed(8)
+    spatial, _ = level_starts(SHAPES)
+    value = torch.randn(2, 2, 4, int(spatial.prod(1).sum()), generator=g, dtype=torch.float64)  # [N, M, D, S]
+    loc = torch.rand(2, 5, 2, len(SHAPES), 3, 2, generator=g, dtype=torch.float64) * 1.2 - 0.1
+    weights = torch.rand(2, 5, 2, len(SHAPES) * 3, generator=g, dtype=torch.float64)
+    want = functions.ms_deform_attn_core_pytorch(value, spatial, loc, weights)
+    for hw in (None, SHAPES):
+        got = ms_deform_attn_core(value, spatial, loc, weights, value_spatial_shapes_hw=hw, theirs=None)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
