@@ -791,3 +791,108 @@ def test_writes_the_version_counter_misses_need_sync_masters():
     params[0].grad = None
     with pytest.raises(RuntimeError, match=r"is now \(3,\).*build the optimizer after moving or resizing"):
         opt.step()
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe inside a task model (a PIIP at any prefix, heads beside it)
+
+
+class _TaskModel(nn.Module):
+    """A segmenter laid out as transformers lays one out: a head registered before the
+    backbone, the PIIP two levels down (``backbone.body.piip``), and parameters outside the
+    PIIP whose names the backbone rules would match (``backbone.blocks.0``,
+    ``backbone.pos_embed``, a bare ``pos_embed``)."""
+
+    def __init__(self, piip_model, width=64):
+        super().__init__()
+        self.decode_head = nn.Conv2d(width, 3, 1)
+        self.backbone = nn.Module()
+        self.backbone.body = nn.Module()
+        self.backbone.body.piip = piip_model
+        self.backbone.blocks = nn.ModuleList([nn.Linear(width, width)])
+        self.backbone.pos_embed = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, width, 1, 1))
+
+    def forward(self, x):
+        maps = self.backbone.body.piip(x)
+        f = maps[0]   # [B, C, H, W]
+        t = self.backbone.blocks[0](f.flatten(2).transpose(1, 2) + self.backbone.pos_embed)
+        # The other levels join too, so that every PIIP parameter gets a gradient.
+        return self.decode_head(f + t.transpose(1, 2).reshape(f.shape) + self.pos_embed) + sum(m.mean() for m in maps[1:])
+
+
+# The official rule for names outside the backbone (SBL: 24 layers): the last layer id, scale 1;
+# decayed unless 1-D, named *.bias or one of the bare names the official exemption compares.
+_OUTSIDE_SBL = {"decode_head.weight": [25, 1.0, 0.05, 1e-4], "decode_head.bias": [25, 1.0, 0.0, 1e-4],
+                "backbone.blocks.0.weight": [25, 1.0, 0.05, 1e-4], "backbone.blocks.0.bias": [25, 1.0, 0.0, 1e-4],
+                "backbone.pos_embed": [25, 1.0, 0.05, 1e-4], "pos_embed": [25, 1.0, 0.0, 1e-4]}
+
+
+def test_task_model_groups_equal_a_bare_piips():
+    """The PIIP inside a task model gets the official constructor's groups under its official
+    names (relative to the PIIP), exactly as a bare PIIP; the other parameters follow the rule
+    for names outside the backbone, whatever their names look like; wrappers are looked through."""
+    torch.manual_seed(0)
+    task = _TaskModel(PIIP(tiny_config(3, "detection")))
+    opt = build_optimizer(task, preset=SBL)
+    want = {**_expected("det_sbl_1568-1120-672"), **_OUTSIDE_SBL}
+    assert _assert_groups(opt, want) == len(list(task.parameters()))
+    bare = build_optimizer(task.backbone.body.piip, preset=SBL)
+    of = lambda o: {id(p): (g["lr"], g["weight_decay"], g["layer_id"]) for g in o.param_groups for p in g["params"]}  # noqa: E731
+    piip_part = {k: v for k, v in of(opt).items() if k in of(bare)}
+    assert piip_part == of(bare)
+    groups = official_param_groups(task, SBL)
+    assert groups == official_param_groups(torch.compile(task), SBL)
+    assert {n: [v["layer_id"], v["lr_scale"], v["weight_decay"]] for n, v in groups.items()} == \
+        {n: w[:3] for n, w in want.items() if n in groups}
+    assert set(_OUTSIDE_SBL) <= set(groups)
+
+
+@pytest.mark.parametrize("preset", [SBL, TSB_CLS])
+def test_task_model_at_full_size_has_the_presets_official_groups(preset):
+    """A full-size preset (on the meta device) inside a task model: official_param_groups of
+    the task model holds every entry of official_param_groups(preset), unchanged."""
+    with torch.device("meta"):
+        task = _TaskModel(piip.create_model(preset))
+    got = official_param_groups(task)   # the preset the PIIP records
+    want = official_param_groups(preset)
+    assert {n: got[n] for n in want} == want
+    outside = {n: v for n, v in got.items() if n not in want}
+    assert sorted(outside) == sorted(_OUTSIDE_SBL)
+    if preset == TSB_CLS:   # classification: everything outside the branches learns at the ratio
+        assert all(v["lr_scale"] == 10.0 and v["weight_decay"] == 0.1 for v in outside.values())
+
+
+def test_two_trainable_piips_are_refused_a_frozen_one_is_left_out():
+    torch.manual_seed(0)
+    task = _TaskModel(PIIP(tiny_config(2, "detection")))
+    task.teacher = PIIP(tiny_config(2, "detection"))
+    with pytest.raises(ValueError, match=r"2 trainable PIIP models \(at 'backbone.body.piip', 'teacher'\)"):
+        build_optimizer(task, preset=SBL)
+    with pytest.raises(ValueError, match="2 trainable PIIP models"):
+        official_param_groups(task, SBL)
+    task.teacher.requires_grad_(False)
+    opt = build_optimizer(task, preset=SBL)
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == \
+        {id(p) for n, p in task.named_parameters() if not n.startswith("teacher.")}
+
+
+def test_a_bf16_task_model_trains_with_masters():
+    """A bf16 task model: every trainable parameter (heads included) gets a master and a
+    gradient, the step moves the masters (the layer-decayed updates, down to 1.7e-6, are below
+    a bf16 step: most parameters do not move yet) and the parameters are them rounded."""
+    torch.manual_seed(0)
+    task = _TaskModel(PIIP(tiny_config(2, "detection"))).to(torch.bfloat16)
+    opt = build_optimizer(task, preset=SBL, lr=1e-3)
+    assert set(opt.masters) == set(task.parameters())
+    before = [p.detach().clone() for p in task.parameters()]
+    x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    loss = task(x).float().square().mean()
+    loss.backward()
+    assert all(p.grad is not None for p in task.parameters())
+    # Zero-initialised gains give some tensors zero gradients (and zero weights: no decay either).
+    live = [bool(p.grad.any()) for p in task.parameters()]
+    opt.step()
+    moved = [not torch.equal(opt.masters[p], b.float()) for p, b in zip(task.parameters(), before)]
+    assert [m for m, g in zip(moved, live) if g] == [True] * sum(live) and sum(live) > 0.5 * len(live)
+    assert all(torch.equal(p, opt.masters[p].bfloat16()) for p in task.parameters())
