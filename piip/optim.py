@@ -590,7 +590,8 @@ class MasterWeightAdamW(torch.optim.AdamW):
         pairs = [(p, m) for p, m in self._masters.items() if p.grad is not None]
         if pairs:
             grads32 = [torch.empty_like(m) for _, m in pairs]
-            torch._foreach_copy_(grads32, [p.grad for p, _ in pairs])   # bf16 -> fp32, one multi-tensor call
+            # bf16 -> fp32, one multi-tensor call (on the shards: DTensor has no _foreach_copy_)
+            torch._foreach_copy_([_local(g) for g in grads32], [_local(p.grad) for p, _ in pairs])
             for (_, m), g in zip(pairs, grads32):
                 m.grad = g
         stepped = [m for _, m in pairs] + [p for g in self.param_groups for p in g["params"]
@@ -611,7 +612,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
             for _, m in pairs:
                 m.grad = None   # the fp32 gradients live only during the step
         if pairs:
-            torch._foreach_copy_([p for p, _ in pairs], [m for _, m in pairs])   # fp32 -> bf16, rounded
+            torch._foreach_copy_([_local(p) for p, _ in pairs], [_local(m) for _, m in pairs])   # fp32 -> bf16, rounded
             for p, _ in pairs:
                 self._seen[p] = _mark(p)
         return loss

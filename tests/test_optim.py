@@ -896,3 +896,103 @@ def test_a_bf16_task_model_trains_with_masters():
     moved = [not torch.equal(opt.masters[p], b.float()) for p, b in zip(task.parameters(), before)]
     assert [m for m, g in zip(moved, live) if g] == [True] * sum(live) and sum(live) > 0.5 * len(live)
     assert all(torch.equal(p, opt.masters[p].bfloat16()) for p in task.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# A bf16 task model under FSDP2 and DDP (two gloo ranks): weights loaded after the optimizer,
+# clipping through the optimizer's parameters, masters in torch's distributed checkpoint
+
+
+_TASK_STEPS, _TASK_BATCH, _CLIP = 3, 4, 0.5
+
+
+def _task_model():
+    torch.manual_seed(0)
+    return _TaskModel(PIIP(tiny_config(2, "detection"))).to(torch.bfloat16)
+
+
+def _task_donor() -> dict:
+    """Other weights, far from the model's (loaded after the optimizer's first step)."""
+    return {k: v + 1 for k, v in _task_model().state_dict().items()}
+
+
+def _train_task(model, opt, load, rank=0, world=1):
+    """_TASK_STEPS steps on slices of a global batch, the donor's weights loaded before step 1,
+    clipping over the optimizer's parameters (mmengine's OptimWrapper). Returns the losses and
+    the global gradient norms clip_grad_norm_ saw."""
+    losses, norms = [], []
+    for step in range(_TASK_STEPS):
+        if step == 1:
+            load(_task_donor())
+        x = torch.randn(_TASK_BATCH, 3, 48, 48, generator=torch.Generator().manual_seed(step)).to(torch.bfloat16)
+        per = _TASK_BATCH // world
+        loss = model(x[rank * per:(rank + 1) * per]).float().square().mean()
+        loss.backward()
+        norms.append(torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], _CLIP))
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.detach())
+    return torch.stack(losses), torch.stack([n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms])
+
+
+def _task_worker(rank, world, init_file, result_file, kind):
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    task = _task_model()
+    full = StateDictOptions(full_state_dict=True)
+    if kind == "fsdp":
+        mesh = init_device_mesh("cpu", (world,))
+        piip.distributed.apply_fsdp(task.backbone.body.piip, mesh, param_dtype=None)   # bf16 shards
+        fully_shard(task, mesh=mesh)   # the root: heads and wrapper parameters
+        model = task
+        load = lambda sd: set_model_state_dict(model, sd, options=full)   # noqa: E731
+    else:
+        model = torch.nn.parallel.DistributedDataParallel(task)
+        load = task.load_state_dict
+    opt = build_optimizer(model, preset=SBL, lr=1e-3)
+    groups = {n: [g["lr"], g["weight_decay"]] for g in opt.param_groups for n in g["param_names"]}
+    losses, norms = _train_task(model, opt, load, rank, world)
+    gathered = [torch.zeros_like(losses) for _ in range(world)]
+    dist.all_gather(gathered, losses)
+    params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone()) for n, p in task.named_parameters()}
+    osd = get_optimizer_state_dict(model, opt, options=full)   # torch's distributed checkpoint: FQN -> state
+    masters = {n: s["master"] for n, s in osd["state"].items()}
+    if rank == 0:
+        torch.save({"type": type(opt).__name__, "groups": groups, "losses": torch.stack(gathered), "norms": norms,
+                    "kinds": sorted({type(p).__name__ for p in task.parameters()}), "params": params,
+                    "masters": masters}, result_file)
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+@pytest.mark.parametrize("kind", ["fsdp", "ddp"])
+def test_a_bf16_task_model_trains_sharded_or_replicated(tmp_path, kind):
+    """FSDP2 (bf16 shards, the PIIP's units and the task model's root) and DDP: the groups of
+    the unwrapped single-process model; clipping over the optimizer's parameters sees the
+    global gradient norm; the donor's weights loaded after the first step survive; the
+    masters (in torch's distributed checkpoint) and parameters follow single-process training."""
+    got = run_two_gloo_ranks(_task_worker, tmp_path, kind, what=f"{kind} task-model workers")
+    task = _task_model()
+    opt = build_optimizer(task, preset=SBL, lr=1e-3)
+    assert got["type"] == type(opt).__name__ == "MasterWeightAdamW"
+    assert got["kinds"] == (["DTensor"] if kind == "fsdp" else ["Parameter"])
+    assert got["groups"] == {n: [g["lr"], g["weight_decay"]] for g in opt.param_groups for n in g["param_names"]}
+    losses, norms = _train_task(task, opt, task.load_state_dict)
+    torch.testing.assert_close(got["losses"].mean(0), losses, rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(got["norms"].float(), norms.float(), rtol=2e-2, atol=0)
+    assert (norms > _CLIP).all()   # every step clipped
+    lr = max(g["lr"] for g in opt.param_groups)
+    donor = _task_donor()
+    for n, p in task.named_parameters():
+        # Gradients summed in another order differ in their last bf16 bits; Adam may turn a
+        # near-zero one into up to lr of update per step. A stale master would be 1 away.
+        bound = 2 * lr * _TASK_STEPS + 2.0 ** -8 * p.detach().float().abs()
+        assert ((p.detach().float() - donor[n].float()).abs() <= bound).all(), n   # the loaded weights survived
+        assert ((got["masters"][n].float() - opt.masters[p]).abs() <= bound).all(), n
+        assert ((got["params"][n].float() - p.detach().float()).abs() <= bound).all(), n
