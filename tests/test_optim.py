@@ -638,6 +638,49 @@ def test_grad_scaler_with_fp16_weights():
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), before))   # skipped
     assert all(torch.equal(v, opt_a.state[next(a.parameters())][k]) for k, v in state.items())
     assert scaler.get_scale() == scale * 0.5
+    # torch's unscale_ refuses fp16 gradients (the route to clipping with plain AdamW) ...
+    scaler.scale(loss_of(a, 4)).backward()
+    with pytest.raises(ValueError, match="Attempting to unscale FP16 gradients"):
+        scaler.unscale_(opt_a)
+
+
+def test_grad_scaler_with_fp16_weights_and_the_recipes_clipping():
+    """... so with fp16 weights the optimizer clips: after unscaling, the fp32 gradients, bit
+    for bit as an fp32 AdamW that clips the same gradients over the same groups."""
+    torch.manual_seed(0)
+    a = PIIP(tiny_config(2, "detection")).half()
+    opt_a = build_optimizer(a, preset=SBL, lr=1e-3, grad_clip_max_norm=0.1)
+    b = PIIP(tiny_config(2, "detection"))
+    b.load_state_dict(a.state_dict())
+    opt_b = build_optimizer(b, preset=SBL, lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    for step in range(2):
+        w = _grads(a, step)
+        scale = scaler.get_scale()
+        scaler.scale(sum((p.float() * g.float()).sum() for p, g in zip(a.parameters(), w))).backward()
+        for p, q in zip(a.parameters(), b.parameters()):
+            q.grad = p.grad.float() / scale
+        scaler.step(opt_a)
+        scaler.update()
+        opt_a.zero_grad()
+        norm = torch.nn.utils.clip_grad_norm_([q for g in opt_b.param_groups for q in g["params"]], 0.1)
+        assert norm > 10   # clipped hard
+        opt_b.step()
+        opt_b.zero_grad()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(opt_a.masters[p], q.detach())
+
+
+def test_the_recipes_clipping_needs_the_optimizer_also_for_fp32_weights():
+    """A recipe that clips (DINO) gets MasterWeightAdamW without masters for fp32 weights, and
+    records the norm for a trainer; grad_clip_max_norm=None gives torch's AdamW."""
+    model = PIIP(tiny_config(3, "detection"))
+    dino = "dino_4scale_deit_384_sbl_1792_1120_672_fpn_3x_coco_bs32_ms"
+    opt = build_optimizer(model, preset=dino)
+    assert type(opt) is MasterWeightAdamW and opt.masters == {} and opt.grad_clip_max_norm == 0.1
+    assert type(build_optimizer(model, preset=dino, grad_clip_max_norm=None)) is torch.optim.AdamW
+    with pytest.raises(ValueError, match="grad_clip_max_norm must be positive"):
+        build_optimizer(model, preset=dino, grad_clip_max_norm=0)
 
 
 def _clip_reference(start, history, lrs, wd, max_norm):
@@ -659,15 +702,15 @@ def _clip_reference(start, history, lrs, wd, max_norm):
     return ps
 
 
-@pytest.mark.parametrize("route", ["optimizer_params", "model_params", "recipe"])
+@pytest.mark.parametrize("route", ["optimizer_params", "model_params", "recipe", "model_params+recipe"])
 def test_clipping_clips_what_the_step_applies(route):
     """Gradient clipping through the optimizer's parameters (mmengine's OptimWrapper), through
-    model.parameters() (transformers' Trainer) or by the recipe (grad_clip_max_norm, inside
-    step()): bf16 weights with fp32 masters follow a float64 AdamW with clipping, and not one
-    without (a large first gradient is clipped, the second is not)."""
+    model.parameters() (transformers' Trainer), by the recipe (grad_clip_max_norm, inside
+    step()) or by both at one norm: bf16 weights with fp32 masters follow a float64 AdamW with
+    clipping, and not one without (a large first gradient is clipped, the second is not)."""
     model = _bf16_model()
     max_norm = 1.0
-    kw = {"grad_clip_max_norm": max_norm} if route == "recipe" else {}
+    kw = {"grad_clip_max_norm": max_norm} if "recipe" in route else {}
     # One learning rate and no weight decay, so the float64 reference needs no groups.
     opt = build_optimizer(model, preset=SBL, lr=1e-2, layer_decay_rate=1.0, weight_decay=0.0, **kw)
     params = list(model.parameters())
@@ -678,7 +721,7 @@ def test_clipping_clips_what_the_step_applies(route):
         history.append([p.grad.clone() for p in params])
         if route == "optimizer_params":
             norm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], max_norm)
-        elif route == "model_params":
+        elif route.startswith("model_params"):
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         if route != "recipe":
             want = torch.sqrt(sum((g.double() ** 2).sum() for g in history[-1]))
