@@ -524,6 +524,15 @@ class MasterWeightAdamW(torch.optim.AdamW):
         super().__init__(params, *args, **kw)   # calls add_param_group for each group
         self._step_supports_amp_scaling = True  # GradScaler passes grad_scale / found_inf
 
+    def __getstate__(self):
+        # torch pickles only defaults, state and groups; the masters and options go along.
+        return {**super().__getstate__(), "master_weights": self.master_weights, "_masters": self._masters,
+                "grad_clip_max_norm": self.grad_clip_max_norm, "_step_supports_amp_scaling": True}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._seen = dict.fromkeys(self._masters)   # checked against the parameters at the next step
+
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         if self.master_weights:

@@ -812,6 +812,26 @@ def test_state_dicts_across_optimizer_kinds(tmp_path):
     assert changed > len(saved["state"]) // 2
 
 
+def test_a_copied_or_pickled_optimizer_keeps_its_masters():
+    """copy.deepcopy and torch.save of the optimizer object (with its model) keep the masters,
+    their link to the (copied) parameters, and the clipping norm."""
+    import copy
+
+    model = _bf16_model()
+    opt = build_optimizer(model, preset=SBL, lr=1e-3, grad_clip_max_norm=1.0)
+    _run(model, opt, 1)
+    buf = io.BytesIO()
+    torch.save({"model": model, "opt": opt}, buf)
+    buf.seek(0)
+    copies = [copy.deepcopy({"model": model, "opt": opt}), torch.load(buf, weights_only=False)]
+    _run(model, opt, 1)
+    for c in copies:
+        assert c["opt"].grad_clip_max_norm == 1.0 and set(c["opt"].masters) == set(c["model"].parameters())
+        _run(c["model"], c["opt"], 1)
+        for p, q in zip(model.parameters(), c["model"].parameters()):
+            assert torch.equal(opt.masters[p], c["opt"].masters[q]) and torch.equal(p, q)
+
+
 def test_writes_the_version_counter_misses_need_sync_masters():
     """In-place writes through param.data are invisible to the version counter: sync_masters()
     re-reads every parameter, keeping the fp32 bits of masters that still round to it. A
