@@ -1003,22 +1003,26 @@ def _task_worker(rank, world, init_file, result_file, kind):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    task = _task_model()
     full = StateDictOptions(full_state_dict=True)
-    if kind == "fsdp":
-        mesh = init_device_mesh("cpu", (world,))
-        piip.distributed.apply_fsdp(task.backbone.body.piip, mesh, param_dtype=None)   # bf16 shards
-        fully_shard(task, mesh=mesh)   # the root: heads and wrapper parameters
-        model = task
-        load = lambda sd: set_model_state_dict(model, sd, options=full)   # noqa: E731
-    else:
-        model = torch.nn.parallel.DistributedDataParallel(task)
-        load = task.load_state_dict
-    opt = build_optimizer(model, preset=SBL, lr=1e-3)
+
+    def build():
+        task = _task_model()
+        if kind == "fsdp":
+            mesh = init_device_mesh("cpu", (world,))
+            piip.distributed.apply_fsdp(task.backbone.body.piip, mesh, param_dtype=None)   # bf16 shards
+            fully_shard(task, mesh=mesh)   # the root: heads and wrapper parameters
+            model = task
+        else:
+            model = torch.nn.parallel.DistributedDataParallel(task)
+        return task, model, build_optimizer(model, preset=SBL, lr=1e-3)
+
+    task, model, opt = build()
+    load = (lambda sd: set_model_state_dict(model, sd, options=full)) if kind == "fsdp" else task.load_state_dict
     groups = {n: [g["lr"], g["weight_decay"]] for g in opt.param_groups for n in g["param_names"]}
     losses, norms = _train_task(model, opt, load, rank, world)
     gathered = [torch.zeros_like(losses) for _ in range(world)]
@@ -1026,10 +1030,16 @@ def _task_worker(rank, world, init_file, result_file, kind):
     params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone()) for n, p in task.named_parameters()}
     osd = get_optimizer_state_dict(model, opt, options=full)   # torch's distributed checkpoint: FQN -> state
     masters = {n: s["master"] for n, s in osd["state"].items()}
+    # ... and back into a fresh model and optimizer, model first: the masters, not the weights rounded.
+    msd = get_model_state_dict(model, options=full)
+    _, model2, opt2 = build()
+    set_model_state_dict(model2, msd, options=full)
+    set_optimizer_state_dict(model2, opt2, osd, options=full)
+    resumed = {n: s["master"] for n, s in get_optimizer_state_dict(model2, opt2, options=full)["state"].items()}
     if rank == 0:
         torch.save({"type": type(opt).__name__, "groups": groups, "losses": torch.stack(gathered), "norms": norms,
                     "kinds": sorted({type(p).__name__ for p in task.parameters()}), "params": params,
-                    "masters": masters}, result_file)
+                    "masters": masters, "resumed": resumed}, result_file)
     dist.destroy_process_group()
     os._exit(0)
 
@@ -1039,7 +1049,8 @@ def test_a_bf16_task_model_trains_sharded_or_replicated(tmp_path, kind):
     """FSDP2 (bf16 shards, the PIIP's units and the task model's root) and DDP: the groups of
     the unwrapped single-process model; clipping over the optimizer's parameters sees the
     global gradient norm; the donor's weights loaded after the first step survive; the
-    masters (in torch's distributed checkpoint) and parameters follow single-process training."""
+    masters (in torch's distributed checkpoint) and parameters follow single-process training,
+    and the checkpoint resumes into a fresh model and optimizer with the masters bit for bit."""
     got = run_two_gloo_ranks(_task_worker, tmp_path, kind, what=f"{kind} task-model workers")
     task = _task_model()
     opt = build_optimizer(task, preset=SBL, lr=1e-3)
@@ -1050,6 +1061,9 @@ def test_a_bf16_task_model_trains_sharded_or_replicated(tmp_path, kind):
     torch.testing.assert_close(got["losses"].mean(0), losses, rtol=2e-2, atol=1e-3)
     torch.testing.assert_close(got["norms"].float(), norms.float(), rtol=2e-2, atol=0)
     assert (norms > _CLIP).all()   # every step clipped
+    assert got["resumed"].keys() == got["masters"].keys() and len(got["masters"]) == len(list(task.parameters()))
+    assert all(torch.equal(got["resumed"][n], m) for n, m in got["masters"].items())
+    assert sum(not torch.equal(m, got["params"][n].float()) for n, m in got["masters"].items()) > len(got["masters"]) // 2
     lr = max(g["lr"] for g in opt.param_groups)
     donor = _task_donor()
     for n, p in task.named_parameters():
