@@ -264,7 +264,8 @@ def official_param_groups(preset_or_model, preset: str | None = None) -> dict[st
         raise TypeError(f"official_param_groups: expected a preset name or an nn.Module, got {type(preset_or_model).__name__}")
     model = _unwrap(preset_or_model)
     out: dict[str, dict] = {}
-    for names, _, _, v in _named_groups(model, _recipe_for(model, preset, {}, "official_param_groups")):
+    who = "official_param_groups"
+    for names, _, _, v in _named_groups(model, _recipe_for(model, preset, {}, who), who):
         for n in names:
             if n in out:
                 raise ValueError(f"official_param_groups: two parameters are named {n!r} (a parameter outside the PIIP "
