@@ -496,9 +496,10 @@ def test_fsdp_shards_are_the_master_weights(tmp_path):
 # Master weights kept in step with the parameters; clipping through either route
 
 
-def _bf16_model(seed=0, n=2):
+def _bf16_model(seed=0, n=2, official=False):
     torch.manual_seed(seed)
-    return PIIP(tiny_config(n, "detection")).to(torch.bfloat16)
+    cfg = tiny_config(n, "detection")
+    return PIIP(piip.official_config(cfg) if official else cfg).to(torch.bfloat16)
 
 
 def _set_grads(model, step, scale=1.0):
@@ -508,7 +509,7 @@ def _set_grads(model, step, scale=1.0):
 
 def _load_after(model, how, tmp_path):
     """Writes other weights into ``model`` the way ``how`` does; returns what was loaded."""
-    donor = _bf16_model(1)
+    donor = _bf16_model(1, official=how == "load_official_checkpoint")
     with torch.no_grad():
         for q in donor.parameters():
             q.add_(1.0)   # far from anything the optimizer has seen
@@ -536,7 +537,7 @@ def test_weights_loaded_after_the_optimizer_survive_the_next_step(how, tmp_path)
     """Weights written after the optimizer exists (and after it has stepped) are what the next
     step starts from: the step moves them by at most a few learning rates, never back to the
     masters of before."""
-    model = _bf16_model()
+    model = _bf16_model(official=how == "load_official_checkpoint")   # official checkpoints: the official form
     opt = build_optimizer(model, preset=SBL, lr=1e-3)
     _run(model, opt, 1)
     loaded = _load_after(model, how, tmp_path)
