@@ -17,6 +17,14 @@ units' deformable attention then runs in the parameters' dtype (bf16 with fp32
 accumulation in our kernels); without FSDP it runs in fp32, as the official code does.
 bench/memory.py plans the memory of exactly these units; DDP needs nothing from here
 (``torch.nn.parallel.DistributedDataParallel(model)`` works as for any module).
+
+A task model holding the PIIP (heads beside it): shard the PIIP, make the task model the
+root, then build the optimizer on the task model (fp32 shards are their own masters; bf16
+shards, from a model cast to bf16 before sharding, get fp32 masters per shard)::
+
+    piip.distributed.apply_fsdp(task.backbone.piip, mesh, param_dtype=torch.bfloat16)
+    fully_shard(task, mesh=mesh)
+    opt = piip.build_optimizer(task)
 """
 from __future__ import annotations
 
