@@ -26,6 +26,9 @@ from helpers import assert_derived_close
 from integration_helpers import OUR_OP, assert_equal_steps, assert_runs, move_offsets_off_centres, step
 from integration_helpers import one_thread  # noqa: F401  (an autouse fixture: small models run on one thread)
 
+# The main suite deselects these (scripts/test.sh: -m "not packages"); the second environment runs them.
+pytestmark = pytest.mark.packages
+
 
 def need(name):
     if os.environ.get("PIIP_REQUIRE_INTEGRATIONS") == "1":
