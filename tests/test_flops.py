@@ -56,6 +56,19 @@ def test_fvcore_and_flop_counter_mode_agree_on_tiny_piip():
     assert full_cost(meta, side=96)["macs"] == fc["macs"]
 
 
+def test_full_cost_restores_the_callers_modes():
+    """Training runs call full_cost: each submodule keeps its train/eval mode (drop path stays
+    on), also when the count fails."""
+    model = piip.PIIP(tiny_config(3)).train()
+    model.branches[0].eval()
+    modes = {n: m.training for n, m in model.named_modules()}
+    full_cost(model, side=96)
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        full_cost(model, side=97)
+    assert {n: m.training for n, m in model.named_modules()} == modes
+
+
 def test_paper_convention_on_tiny_model_by_hand():
     """One-branch classification model: every hooked layer and analytic term written out."""
     from piip import BranchConfig, PIIPConfig
