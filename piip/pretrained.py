@@ -54,7 +54,8 @@ def load_pretrained_branch(model: nn.Module, branch_index: int, path_or_state_di
     with a ValueError that lists them, and nothing is loaded. What plain checkpoints carry
     beside the backbone (classification heads and their norms, a class or distillation token
     the branch does not use, the rest of a CLIP or LLaVA model) is ignored. A branch built on
-    the meta device takes the checkpoint's tensors (assign) and must be filled completely.
+    the meta device takes the checkpoint's tensors (assign; copies of a dict passed in, in the
+    parameters' dtype) and must be filled completely.
 
     Returns ``{"loaded", "missing", "unexpected", "ignored", "resized"}``: our names loaded and
     missing, checkpoint names unexpected and ignored, and ``{our name: [checkpoint shape, our
@@ -90,6 +91,9 @@ def load_pretrained_branch(model: nn.Module, branch_index: int, path_or_state_di
                          + _listed(report, ("missing", "unexpected"))
                          + "\nPass allow_partial=True to load what matches and leave the rest as it is.")
     meta = any(t.is_meta for t in ours.values())
+    if meta:  # assigned: in the parameters' dtype, and never shared with a dict the caller keeps
+        new = {k: v.to(dtype=ours[k].dtype if v.is_floating_point() else v.dtype, copy=isinstance(path_or_state_dict, dict))
+               for k, v in new.items()}
     branch.load_state_dict(new, strict=False, assign=meta)
     if meta:
         check_materialized(branch, where)

@@ -186,9 +186,12 @@ def test_a_model_left_on_meta_is_an_error_naming_the_parameters():
     with torch.device("meta"):
         model = piip.PIIP(tiny_config(3))
     sd = _vit_ckpt(model.branches[0])
+    sd["blocks.0.attn.qkv.weight"] = sd["blocks.0.attn.qkv.weight"].double()
     piip.load_pretrained_branch(model, 0, sd, verbose=False)
     assert not any(p.is_meta for p in model.branches[0].parameters())
-    torch.testing.assert_close(model.branches[0].blocks[0].attn.qkv.weight.detach(), sd["blocks.0.attn.qkv.weight"])
+    qkv = model.branches[0].blocks[0].attn.qkv.weight
+    assert qkv.dtype == torch.float32 and qkv.data_ptr() != sd["blocks.0.attn.qkv.weight"].data_ptr()
+    torch.testing.assert_close(qkv.detach(), sd["blocks.0.attn.qkv.weight"].float())
     with torch.device("meta"):
         model = piip.PIIP(tiny_config(3))
     del sd["blocks.1.attn.qkv.weight"]
