@@ -170,6 +170,8 @@ def load_official_state_dict(model: nn.Module, state_dict: dict[str, Tensor], *,
 
 # BranchConfig / PIIPConfig fields of the official form that hold no parameters: a model
 # built without them computes another function of the same weights, and loading switches them.
+# Any other difference (branch 4 of the 4-branch detectors, the DINO backbones' extra level)
+# changes the parameters, and loading refuses.
 _BEHAVIOUR_FIELDS = ("pad_before_qkv", "head_reads_first_patch")
 
 
@@ -197,7 +199,7 @@ def _official_form_of(model: PIIP) -> PIIPConfig:
     want = official_config(model.cfg)
     diff = _parameter_differences(model.cfg, want)
     if diff:
-        raise ValueError("official weights need the official form of this model, whose parameters differ: " + "; ".join(diff)
+        raise ValueError("official weights need the official form of this model, which is defined otherwise: " + "; ".join(diff)
                          + ". Build that form with piip.build_model(piip.official_config(cfg)), or load by preset name "
                            "(piip.load_official_checkpoint(name, path)), which builds it.")
     return want
