@@ -162,6 +162,20 @@ def test_a_module_with_no_or_two_piip_models_is_refused():
         piip.load_official_checkpoint(two, sd)
     with pytest.raises(TypeError, match="preset name, a PIIPConfig or an nn.Module"):
         piip.load_official_checkpoint(3, sd)
+    with pytest.raises(TypeError, match="file path or a state dict"):
+        piip.load_official_checkpoint(piip.PIIP(tiny_config(3)), [sd])
+
+
+def test_from_official_errors_say_what_it_takes(tiny_preset):
+    sd = to_official_state_dict(piip.PIIP(tiny_config(3)))
+    with pytest.raises(KeyError, match="unknown PIIP preset 'tiny_test_tsb'.*did you mean"):
+        piip.from_official("tiny_test_tsb", sd)
+    with pytest.raises(ValueError, match="without a 'model' entry; pass a preset name"):
+        piip.from_official({"branches": []}, sd)
+    with pytest.raises(TypeError, match="config must be a preset name"):
+        piip.from_official(None, sd)
+    with pytest.raises(TypeError, match="use piip.load_official_checkpoint"):
+        piip.from_official(tiny_preset, "ckpt.pth")
 
 
 # ------------------------------------------------------------------ memory-light loading
