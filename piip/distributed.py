@@ -52,7 +52,10 @@ def apply_fsdp(model: nn.Module, mesh=None, param_dtype: torch.dtype | None = to
 
     if not hasattr(model, "set_grad_checkpointing"):
         raise TypeError(f"apply_fsdp expects a piip.PIIP model, got {type(model).__name__}")
-    model.set_grad_checkpointing(checkpointing)
+    # Checked before anything changes: on error the model is left as it was.
+    if mesh is None and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise RuntimeError("apply_fsdp: no process group; call torch.distributed.init_process_group(...) first "
+                           "(e.g. in a script launched with torchrun), or pass mesh=init_device_mesh(...)")
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     kw = dict(mp_policy=mp, reshard_after_forward=reshard_after_forward)
     if mesh is not None:
@@ -60,4 +63,5 @@ def apply_fsdp(model: nn.Module, mesh=None, param_dtype: torch.dtype | None = to
     for unit in fsdp_units(model):
         fully_shard(unit, **kw)
     fully_shard(model, **kw)
+    model.set_grad_checkpointing(checkpointing)
     return model
