@@ -52,7 +52,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import budgeted, device_name, progress, report, sync, timed_rounds, wait_idle  # noqa: E402
+from common import budgeted, device_name, progress, protocol_arguments, report, sync, timed_rounds, wait_idle  # noqa: E402
 
 import piip_kernels.hf as hf  # noqa: E402
 
@@ -160,6 +160,15 @@ def loss_of(out) -> torch.Tensor:
     return sum(t.float().masked_fill(~t.isfinite(), 0).square().mean() for t in float_outputs(out) if t.requires_grad)
 
 
+def interleaved_rounds(paths: dict, steps: int, device: torch.device, wait_s: float, name: str):
+    """common.timed_rounds for ``paths``: name -> (step, switch), the switch held around the
+    path's step, outside its timing. Returns (ms per path: a list per kept round, other
+    processes' CPU share per kept round, rounds redone)."""
+    rounds = timed_rounds({p: step for p, (step, _) in paths.items()}, steps, device, wait_s, name,
+                          around=lambda p: paths[p][1]())
+    return rounds.times, rounds.others, rounds.redone
+
+
 def blocks(model):
     """The deformable attention blocks: the modules that own the sampling-offset projection."""
     return [m for m in model.modules() if isinstance(getattr(m, "sampling_offsets", None), torch.nn.Linear)]
@@ -239,12 +248,11 @@ def run_case(name: str, batch: int, size: tuple[int, int], dtype: torch.dtype, d
         with switch():
             for _ in range(warmup):
                 step()
-    timed = timed_rounds({p: run[1] for p, run in runs.items()}, steps, device, wait_s, name,
-                         around=lambda p: runs[p][2]())
-    times, redone = timed.times, timed.redone
+    times, busy, redone = interleaved_rounds({path: (step, switch) for path, (_, step, switch, _) in runs.items()}, steps,
+                                             device, wait_s, name)
     if wait_s and device.type == "cpu":
         wait_idle(wait_s)  # before the profiled steps
-    others = timed.others_cpu
+    others = max((b for b in busy if b is not None), default=None)
     rows = []
     for path, (model, step, switch, label) in runs.items():
         note = [NOTES[name]] if name in NOTES else []
@@ -282,11 +290,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="timed steps per path (default 5 on the CPU, 6 on a GPU)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps per path (default 1 on the CPU, 2 on a GPU)")
     ap.add_argument("--tiny", action="store_true", help="tiny configs at 64x64, one thread: a dry run (nothing saved)")
-    ap.add_argument("--budget-s", type=float, default=None, help="stop starting new cases after this many seconds")
-    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
-                    help="shared machines: before each case and its profiled steps, wait up to S s for other processes to "
-                         "leave the CPUs idle, and run again a round they disturbed (above 5%% of the CPUs)")
-    ap.add_argument("--no-save", action="store_true")
+    protocol_arguments(ap, "before each case and its profiled steps")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if args.tiny:

@@ -39,7 +39,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import PeakMemory, budgeted, device_name, progress, report, sync, timed_rounds  # noqa: E402
+from common import PeakMemory, budgeted, device_name, progress, protocol_arguments, report, sync, timed_rounds  # noqa: E402
 
 import piip  # noqa: E402
 from piip.memory import allocation_peak, resident_bytes  # noqa: E402
@@ -223,14 +223,8 @@ def case_arguments(ap: argparse.ArgumentParser, dtype_help: str) -> None:
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help=dtype_help)
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 5 on the CPU, 10 on a GPU)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds (a step of each path) right before the timed ones")
-    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
-                    help="shared machines (CPU): wait up to S s for other processes to leave the CPUs idle before the "
-                         "warm-up (ladder: and each profiled step), and run again a round they disturbed (above 5%% of "
-                         "the CPUs)")
-    ap.add_argument("--budget-s", type=float, default=None,
-                    help="stop starting new cases (ladder: rows) after this many seconds; SIGTERM does the same")
+    protocol_arguments(ap, "before the warm-up (ladder: and each profiled step)", "new cases (ladder: rows)")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    ap.add_argument("--no-save", action="store_true")
 
 
 def cases_of(ap: argparse.ArgumentParser, args, device: torch.device, first_only: bool = False):
@@ -244,7 +238,7 @@ def cases_of(ap: argparse.ArgumentParser, args, device: torch.device, first_only
             ap.error("--tiny replaces --config")
         cases = [(TINY, 2, 1.0, "float32")]
     elif args.config:
-        names = piip.list_models(paper_only=True)
+        names = piip.list_models(include_paper_only=True)
         cases = []
         for c in args.config:
             match = [n for n in names if c == n] or [n for n in names if c in n]

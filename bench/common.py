@@ -7,6 +7,7 @@ git commit, so numbers are always traceable.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import json
@@ -201,6 +202,18 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(render_grid(columns, [[fmt(r.get(c, "")) for c in columns] for r in rows], markdown=True))
 
 
+def positive(kind):
+    """An argparse type: a number of ``kind`` above zero (a size of 0 or -5 is refused with a
+    message naming the argument, not a crash later)."""
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text} must be positive")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def render_grid(head: list[str], body: list[list[str]], markdown: bool, free_last: bool = False) -> list[str]:
     """Lines of a table of strings: markdown, or columns padded to a common width and joined
     by two spaces. ``free_last``: the last column (a note) is neither padded nor widens the
@@ -295,6 +308,17 @@ def wait_idle(max_s: float, busy: float = 0.1, window_s: float = 5.0) -> None:
             progress(f"  other processes still use {share:.0%} of the CPUs after {max_s:.0f} s of waiting: measuring anyway")
             return
         progress(f"  other processes use {share:.0%} of the CPUs: waiting")
+
+
+def protocol_arguments(ap: argparse.ArgumentParser, waits: str, stops: str = "new cases") -> None:
+    """--budget-s (``stops``: what it stops starting), --wait-idle (``waits``: when it waits)
+    and --no-save, as the benchmarks that time interleaved rounds (timed_rounds) take them."""
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help=f"stop starting {stops} after this many seconds; SIGTERM does the same")
+    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
+                    help=f"shared machines: {waits}, wait up to S s for other processes to leave the CPUs idle, and run "
+                         "again a round they disturbed (above 5%% of the CPUs)")
+    ap.add_argument("--no-save", action="store_true")
 
 
 @dataclass
