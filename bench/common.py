@@ -347,8 +347,8 @@ def timed_rounds(steps: dict[str, Callable[[], object]], rounds: int, device: to
     always runs after the same one. On the CPU, with ``wait_s``, the warm-up waits (at most
     wait_s) for an idle machine, and a round during which other processes took more than
     REDO_ABOVE of the CPUs is discarded and run again after waiting again, at most MAX_REDONE
-    times. ``stop()`` is asked before
-    each round after the first kept one (a budget, a SIGTERM): the rounds kept so far stand."""
+    times. ``stop()`` is asked before each round after the first kept one (a budget, a
+    SIGTERM): the rounds kept so far stand."""
     names = list(steps)
     held = around or (lambda name: contextlib.nullcontext())
     times = {n: [] for n in names}

@@ -3,7 +3,7 @@ speed-up added one at a time, on copies of one model (same weights), each with i
 optimizer, timed in interleaved rounds.
 
     python bench/ladder.py                           # the default case (bench_model.CASES' first)
-    python bench/ladder.py --device cpu --wait-idle 900   # the committed CPU rows (a shared machine)
+    python bench/ladder.py --device cpu --steps 9 --control --wait-idle 900 --profile DIR   # the CPU rows (shared machine)
     python bench/ladder.py --config mask_rcnn_deit_sbl_1568_1120_672_fpn_1x_coco_bs16 --batch 2 --dtype bfloat16
     python bench/ladder.py --tiny --device cpu --steps 1 --warmup 1   # a dry run in seconds
 
