@@ -284,18 +284,7 @@ class PIIPBackbone(BackboneMixin, PreTrainedModel):
         pyramid layers that ``out_indices`` leaves unbuilt (``fpn1.*``, ``fpn2.*``) are
         dropped with a log line; every other key must match.
         """
-        if isinstance(config, PIIPBackboneConfig):
-            if config_kwargs:
-                raise TypeError(f"from_official: give options in the PIIPBackboneConfig, not as {sorted(config_kwargs)}")
-            d = config.to_dict()
-            d.pop("model_type", None)
-            d["official"] = True
-            config = PIIPBackboneConfig(**d)
-        elif isinstance(config, str):
-            config = PIIPBackboneConfig(preset=config, official=True, **config_kwargs)
-        else:
-            config = PIIPBackboneConfig(piip_config=config, official=True, **config_kwargs)
-        model = cls(config, backend=backend)
+        model = cls(official_backbone_config(config, **config_kwargs), backend=backend)
         model.load_official_state_dict(state_dict)
         return model
 
@@ -310,3 +299,17 @@ class PIIPBackbone(BackboneMixin, PreTrainedModel):
                      "*, ".join(unbuilt), self.config.out_indices)
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith(unbuilt)}
         load_official_state_dict(self.piip, state_dict)
+
+
+def official_backbone_config(config, **config_kwargs) -> PIIPBackboneConfig:
+    """The official form (what released checkpoints need) of ``config``: a
+    :class:`PIIPBackboneConfig`, a preset name, a ``PIIPConfig`` or a neutral config dict of the
+    official fixtures; ``config_kwargs`` (``out_indices``, ...) go to :class:`PIIPBackboneConfig`."""
+    if isinstance(config, PIIPBackboneConfig):
+        if config_kwargs:
+            raise TypeError(f"give {sorted(config_kwargs)} in the PIIPBackboneConfig itself")
+        d = {k: v for k, v in config.to_dict().items() if k != "model_type"}
+        return PIIPBackboneConfig(**{**d, "official": True})
+    if isinstance(config, str):
+        return PIIPBackboneConfig(preset=config, official=True, **config_kwargs)
+    return PIIPBackboneConfig(piip_config=config, official=True, **config_kwargs)
