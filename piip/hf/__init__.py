@@ -7,9 +7,9 @@ DETR, RT-DETR or D-FINE. ``piip`` itself never imports transformers; this module
 """
 from transformers import AutoBackbone, AutoConfig
 
-from .backbone import PIIPBackbone, PIIPBackboneConfig, piip_config_from_dict, piip_config_to_dict
+from .backbone import PIIPBackbone, PIIPBackboneConfig, official_backbone_config, piip_config_from_dict, piip_config_to_dict
 
 AutoConfig.register(PIIPBackboneConfig.model_type, PIIPBackboneConfig, exist_ok=True)
 AutoBackbone.register(PIIPBackboneConfig, PIIPBackbone, exist_ok=True)
 
-__all__ = ["PIIPBackbone", "PIIPBackboneConfig", "piip_config_from_dict", "piip_config_to_dict"]
+__all__ = ["PIIPBackbone", "PIIPBackboneConfig", "official_backbone_config", "piip_config_from_dict", "piip_config_to_dict"]

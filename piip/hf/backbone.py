@@ -181,7 +181,7 @@ class PIIPBackbone(BackboneMixin, PreTrainedModel):
         self._piip_initialised = not any(t.is_meta for t in self.piip.parameters())
         self._reference = None
         self.num_features = _levels_of(config.to_piip_config())[0]
-        self._freeze_unreturned_levels()
+        self._freeze_unused()
         self.post_init()
 
     @property
@@ -193,11 +193,17 @@ class PIIPBackbone(BackboneMixin, PreTrainedModel):
         # transformers' (activation|gradient)_checkpointing_enable sets this attribute on every module.
         self.piip.set_grad_checkpointing(bool(enable))
 
-    def _freeze_unreturned_levels(self) -> None:
-        """A regular-FPN model merges after fixed stages, and each merge feeds one level: the
-        layers of levels that are not returned stay (the official weight layout has them) but
-        are frozen, so every trainable parameter reaches the output (DDP needs that)."""
+    def _freeze_unused(self) -> None:
+        """Freeze what cannot reach the returned maps, so that every trainable parameter gets a
+        gradient (DDP needs that; the optimizers skip frozen parameters, as the official
+        constructors skip parameters without gradients):
+          - a regular-FPN model merges after fixed stages and each merge feeds one level: the
+            layers of levels not returned stay (the official weight layout has them), frozen;
+          - ConvNeXt's final norm, which the official code builds and never applies."""
         cfg, keep = self.piip.cfg, set(self.config.out_indices)
+        for branch in self.piip.branches:
+            if hasattr(branch, "convnext"):
+                branch.convnext.norm.requires_grad_(False)
         if cfg.output != "detection" or cfg.fpn != "regular":
             return
         for level in range(3):

@@ -61,11 +61,11 @@ def deformable_detr_config(backbone, **overrides) -> DeformableDetrConfig:
     return DeformableDetrConfig(**{**kw, **overrides})
 
 
-def _rt_detr_family(cls, backbone, overrides: dict):
+def _rt_detr_family(cls, head: str, backbone, overrides: dict):
     bb = _backbone(backbone)
     n = len(bb.channels)
     if n != 3:
-        raise ValueError(f"{cls.__name__[:-6]} reads 3 backbone levels (strides 8/16/32); the backbone returns "
+        raise ValueError(f"{head} reads 3 backbone levels (strides 8/16/32); the backbone returns "
                          f"{bb.out_features} (pass out_indices=[1, 2, 3] to PIIPBackboneConfig)")
     hidden = overrides.get("encoder_hidden_dim", cls.__dataclass_fields__["encoder_hidden_dim"].default)
     kw = {"backbone_config": bb, "encoder_in_channels": bb.channels, "feat_strides": bb.strides,
@@ -76,9 +76,9 @@ def _rt_detr_family(cls, backbone, overrides: dict):
 def rt_detr_config(backbone, **overrides) -> RTDetrConfig:
     """RT-DETR on three levels (strides 8/16/32): ``encoder_in_channels`` and ``feat_strides``
     from the backbone, the decoder reading the hybrid encoder's width."""
-    return _rt_detr_family(RTDetrConfig, backbone, overrides)
+    return _rt_detr_family(RTDetrConfig, "RT-DETR", backbone, overrides)
 
 
 def d_fine_config(backbone, **overrides) -> DFineConfig:
     """D-FINE on three levels, filled in as :func:`rt_detr_config`."""
-    return _rt_detr_family(DFineConfig, backbone, overrides)
+    return _rt_detr_family(DFineConfig, "D-FINE", backbone, overrides)
