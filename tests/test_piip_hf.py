@@ -437,3 +437,29 @@ def test_load_official_checkpoint_into_a_backbone_and_a_task_model(tmp_path):
         for model in (backbone.eval(), upernet.backbone.eval()):
             for got, want in zip(model(img).feature_maps, fx["outputs"]["features"]):
                 assert rel_err(got, want) < 1e-4
+
+
+def test_bench_upernet_entry():
+    """bench_model's UperNet entry: the PIIP methods reach the backbone, to(bf16) keeps the
+    heads fp32 (the official recipe), and the step's loss is the same on both paths."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_model
+
+    torch.manual_seed(0)
+    model = bench_model.build(bench_model.UPERNET_TINY)
+    bench_model.move_offsets_off_pixel_centres(model)
+    x = torch.randn(2, 3, 64, 64)
+    losses = {}
+    for path in ("official", "ours"):
+        model.set_execution(path)
+        assert model.piip.eager_merge == (path == "official")
+        torch.manual_seed(1)
+        losses[path] = model(x)
+    assert losses["ours"].dim() == 0
+    torch.testing.assert_close(losses["ours"], losses["official"], rtol=1e-5, atol=0)
+    model.to(torch.bfloat16)
+    assert next(model.piip.parameters()).dtype == torch.bfloat16
+    assert {p.dtype for n, p in model.named_parameters() if "_head." in n} == {torch.float32}
+    opt = piip.build_optimizer(model, preset=bench_model.recipe_of(bench_model.UPERNET_TINY))
+    model(x.bfloat16()).backward()
+    opt.step()
