@@ -194,8 +194,8 @@ def test_gradient_checkpointing_switch():
 
 def test_construction_keeps_piip_initialisation():
     """post_init() leaves PIIP's own initialisation as it is: the same seed gives the same
-    tensors as a bare PIIP (transformers' default would redraw the Linear weights with std 0.02
-    and zero the layer scales' neighbours)."""
+    tensors as a bare PIIP (transformers' default would redraw every Linear and convolution
+    with std 0.02, the deformable attention's ring of sampling offsets included)."""
     cfg = H.PIIPBackboneConfig(piip_config=tiny_config(3))
     torch.manual_seed(3)
     ours = H.PIIPBackbone(cfg).piip.state_dict()
@@ -216,6 +216,7 @@ def _drop_keys(directory, pattern):
 
 
 def _check_piip_init(sd, dropped, cfg):
+    fresh = piip.PIIP(cfg).state_dict()
     for k in dropped:
         v = sd[k]
         assert torch.isfinite(v).all(), k
@@ -224,6 +225,9 @@ def _check_piip_init(sd, dropped, cfg):
             assert torch.all(v == cfg.branches[0].layer_scale), k
         elif leaf == "ca_gamma":
             assert torch.all(v == 0), k
+        elif k.endswith("sampling_offsets.bias"):  # the deformable attention's ring of offsets
+            ring = fresh[k.split("piip.", 1)[1]]
+            assert ring.abs().max() > 0 and torch.equal(v, ring), k
         elif "norm" in k and leaf == "weight":
             assert torch.all(v == 1), k
         else:  # trunc_normal(std=0.02) weights and position tables
@@ -237,7 +241,7 @@ def test_missing_keys_get_piip_initialisation(tmp_path):
     model = H.PIIPBackbone(cfg)
     model.save_pretrained(tmp_path)
     dropped = _drop_keys(tmp_path, lambda k: k.endswith(("blocks.0.ls1", "blocks.1.norm1.weight", "to_a.ca_gamma",
-                                                         "attn.qkv.weight", "pos_embed")))
+                                                         "attn.qkv.weight", "pos_embed", "0.0.to_b.attn.sampling_offsets.bias")))
     loaded = H.PIIPBackbone.from_pretrained(tmp_path)
     sd, want = loaded.state_dict(), model.state_dict()
     _check_piip_init(sd, dropped, cfg.to_piip_config())
