@@ -214,8 +214,8 @@ def main(argv=None):
         ddp_backend="gloo" if not use_cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,  # CPU processes
         # Every trainable parameter reaches the loss (PIIPBackbone freezes what cannot).
         ddp_find_unused_parameters=False,
-        # The official recipe does not clip (the DINO recipes do: piip.optim.RECIPES).
-        max_grad_norm=piip.optim.get_recipe(args.preset).grad_clip_max_norm or 0.0,
+        # The optimizer applies the recipe's clipping itself (none for UperNet; the DINO recipes clip).
+        max_grad_norm=0.0,
         # Precision is the recipe's (bf16 weights, not autocast), set on the model below.
         bf16=False, fp16=False,
         # UperNet takes **kwargs, so the Trainer would think it divides its loss by the labels

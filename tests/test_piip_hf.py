@@ -1,5 +1,6 @@
 """PIIP as a transformers backbone (piip.hf): the official fixtures through from_official, every
 detection/segmentation preset, the task models, save/load, initialisation and the recipe."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -467,3 +468,25 @@ def test_bench_upernet_entry():
     opt = piip.build_optimizer(model, preset=bench_model.recipe_of(bench_model.UPERNET_TINY))
     model(x.bfloat16()).backward()
     opt.step()
+
+
+def test_official_weights_into_a_paper_form_backbone_save_the_official_form(tmp_path):
+    """piip.load_official_checkpoint switches a backbone built in the paper form to the
+    official form (window padding before qkv): its config follows, so that save_pretrained /
+    from_pretrained rebuild the model the weights are used in, inside a task model too."""
+    from transformers import UperNetForSemanticSegmentation
+
+    fx = official_fixture("det_3branch_tiny.pt")
+    paper = piip.official.config_from_neutral(fx["config"])
+    paper = paper.replace(branches=tuple(dataclasses.replace(b, pad_before_qkv=False) for b in paper.branches))
+    model = UperNetForSemanticSegmentation(tasks.upernet_config(H.PIIPBackboneConfig(piip_config=paper), hidden_size=16,
+                                                                auxiliary_channels=8, num_labels=3))
+    assert not model.config.backbone_config.official
+    piip.load_official_checkpoint(model, _official_checkpoint(tmp_path, fx))
+    assert model.config.backbone_config.official
+    assert all(b["pad_before_qkv"] for b in model.config.backbone_config.piip_config["branches"])
+    model.save_pretrained(tmp_path / "saved")
+    loaded = UperNetForSemanticSegmentation.from_pretrained(tmp_path / "saved").eval()
+    with torch.no_grad():
+        for got, want in zip(loaded.backbone(fx["inputs"]["image"]).feature_maps, fx["outputs"]["features"]):
+            assert rel_err(got, want) < 1e-4

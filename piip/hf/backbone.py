@@ -174,7 +174,7 @@ class PIIPBackbone(BackboneMixin, PreTrainedModel):
 
     def __init__(self, config: PIIPBackboneConfig, backend: str | None = None):
         super().__init__(config)
-        self.piip = PIIP(config.to_piip_config(), backend=backend)
+        self.piip = _BackbonePIIP(config.to_piip_config(), backend, self._follow_piip_config)
         # PIIP initialises itself: the initialisation pass of post_init() must leave it alone.
         # Built on the meta device (from_pretrained) it holds no values yet, and _init_weights
         # gives whatever loading leaves missing PIIP's own initialisation.
@@ -183,6 +183,15 @@ class PIIPBackbone(BackboneMixin, PreTrainedModel):
         self.num_features = _levels_of(config.to_piip_config())[0]
         self._freeze_unused()
         self.post_init()
+
+    def _follow_piip_config(self, cfg: PIIPConfig) -> None:
+        """The PIIP's config was replaced (piip.use_official_form switches a model to the
+        official form when official weights are loaded into it): the backbone's config, which
+        save_pretrained writes (a task model's backbone_config is the same object), must
+        describe the model the weights are used in."""
+        levels = piip_config_from_dict(self.config.piip_config).fpn_levels  # the model's follow out_indices
+        self.config.piip_config = piip_config_to_dict(cfg.replace(fpn_levels=levels))
+        self.config.official = official_config(cfg).branches == cfg.branches
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -305,6 +314,20 @@ class PIIPBackbone(BackboneMixin, PreTrainedModel):
                      "*, ".join(unbuilt), self.config.out_indices)
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith(unbuilt)}
         load_official_state_dict(self.piip, state_dict)
+
+
+class _BackbonePIIP(PIIP):
+    """The PIIP of a :class:`PIIPBackbone`: it calls ``on_config(cfg)`` whenever its ``cfg`` is
+    replaced after construction, so that the backbone's config can follow."""
+
+    def __init__(self, cfg: PIIPConfig, backend: str | None, on_config):
+        super().__init__(cfg, backend=backend)
+        self._on_config = on_config
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name == "cfg" and "_on_config" in self.__dict__:
+            self._on_config(value)
 
 
 def official_backbone_config(config, **config_kwargs) -> PIIPBackboneConfig:
