@@ -133,7 +133,8 @@ class UperNetPIIP(torch.nn.Module):
     trains it: the backbone in the step's dtype, the heads in fp32 (``to()`` keeps them
     there; PIIPBackbone returns fp32 maps to them). ``forward(img)`` returns UperNet's loss
     (decode + 0.4 x auxiliary cross-entropy) on a 3-class label map derived from the image;
-    the PIIP methods the benchmark calls act on the backbone's PIIP."""
+    the PIIP methods the benchmark calls act on the backbone's PIIP. The ladder's TFLOP/s
+    count the backbone's MACs only (piip.flops), not the heads'."""
 
     def __init__(self, cfg: piip.PIIPConfig):
         super().__init__()
