@@ -57,6 +57,8 @@ COLUMNS = ["config", "path", "device", "dtype", "batch", "scale", "side", "check
            "msda_share", "peak_mem_mb", "peak_mem_source", "others_cpu"]
 
 TINY = "tiny"  # --tiny: a built-in 3-branch classification model for dry runs
+# The optimizer recipe of --tiny (a classification model like the TSB classifier).
+TINY_RECIPE = "piip_3branch_tsb_368-192-128_cls_token_deit1"
 
 
 def tiny_config() -> piip.PIIPConfig:
@@ -69,28 +71,121 @@ def tiny_config() -> piip.PIIPConfig:
     return piip.PIIPConfig(branches=branches, output="classification", deform_num_heads=4, num_classes=5)
 
 
-# The models, as data. CASES: what runs by default per device type, (preset or built-in
-# name, batch, input scale, dtype); the ladder takes each list's first. BUILT_IN: models that
-# are not presets, name -> config. A model is added by a line in each.
+# Task models (transformers' UperNet around a PIIP detection backbone, piip.hf): the
+# segmentation training step. Entry -> the backbone's preset (TINY: the tiny model as a
+# detection backbone, for dry runs); the optimizer follows that preset's official recipe.
+UPERNET_TSB, UPERNET_TINY = "upernet_tsb", "upernet_tiny"
+UPERNET = {UPERNET_TSB: "mask_rcnn_deit_tsb_1568_1120_672_fpn_1x_coco_bs16", UPERNET_TINY: TINY}
+
+
+class UperNetPIIP(torch.nn.Module):
+    """UperNetForSemanticSegmentation (transformers' default head: 512 wide, auxiliary head
+    256, 150 classes) around a PIIP backbone, trained as the official segmentation recipe
+    trains it: the backbone in the step's dtype, the heads in fp32 (``to()`` keeps them
+    there; PIIPBackbone returns fp32 maps to them). ``forward(img)`` returns UperNet's loss
+    (decode + 0.4 x auxiliary cross-entropy) on a 3-class label map derived from the image;
+    the PIIP methods the benchmark calls act on the backbone's PIIP. The ladder's TFLOP/s
+    count the backbone's MACs only (piip.flops), not the heads'."""
+
+    def __init__(self, cfg: piip.PIIPConfig):
+        super().__init__()
+        from transformers import UperNetForSemanticSegmentation
+
+        from piip.hf import PIIPBackboneConfig, tasks
+
+        self.model = UperNetForSemanticSegmentation(tasks.upernet_config(PIIPBackboneConfig(piip_config=cfg), num_labels=150))
+
+    @property
+    def piip(self) -> piip.PIIP:
+        return self.model.backbone.piip
+
+    def forward(self, img):
+        labels = (img[:, 0] > 0).long() + (img[:, 1] > 0).long()
+        return self.model(pixel_values=img.float(), labels=labels).loss
+
+    def to(self, *args, **kwargs):
+        super().to(*args, **kwargs)
+        for head in (self.model.decode_head, self.model.auxiliary_head):
+            head.float()
+        return self
+
+    def set_execution(self, *args, **kwargs):
+        self.piip.set_execution(*args, **kwargs)
+
+    def set_pos_embed_resize(self, *args, **kwargs):
+        self.piip.set_pos_embed_resize(*args, **kwargs)
+
+    def set_grad_checkpointing(self, *args, **kwargs):
+        self.piip.set_grad_checkpointing(*args, **kwargs)
+
+    def compile_blocks(self, **kwargs):
+        return self.piip.compile_blocks(**kwargs)
+
+
+# The models, as data. CASES: what runs by default per device type, (preset or model
+# entry, batch, input scale, dtype); the ladder takes each list's first. BUILT_IN: models
+# that are not presets, name -> config. A model is added by a line in each (a task model
+# around a PIIP backbone: an entry in UPERNET, or a table like it).
+_UPERNET_512 = 512 / piip.get_config(UPERNET[UPERNET_TSB]).branches[-1].image_size  # a 512-pixel input
 CASES = {
-    "cuda": [("mask_rcnn_deit_sbl_1568_1120_672_fpn_1x_coco_bs16", 2, 1.0, "bfloat16")],
+    "cuda": [("mask_rcnn_deit_sbl_1568_1120_672_fpn_1x_coco_bs16", 2, 1.0, "bfloat16"),
+             (UPERNET_TSB, 2, _UPERNET_512, "bfloat16")],
     "cpu": [("piip_3branch_tsb_368-192-128_cls_token_deit1", 2, 1.0, "float32"),
-            ("mask_rcnn_deit_tsb_1568_1120_672_fpn_1x_coco_bs16", 1, 0.25, "float32")],
+            ("mask_rcnn_deit_tsb_1568_1120_672_fpn_1x_coco_bs16", 1, 0.25, "float32"),
+            (UPERNET_TSB, 2, _UPERNET_512, "float32")],
 }
 BUILT_IN = {TINY: tiny_config}
 
 
 def default_cases(device: torch.device):
-    """(preset substring, batch, scale, dtype) per device type."""
+    """(preset substring or model entry, batch, scale, dtype) per device type."""
     return CASES["cuda" if device.type == "cuda" else "cpu"]
 
 
 def config_of(name: str) -> piip.PIIPConfig:
+    """The (backbone's) PIIPConfig of a preset or model entry."""
+    if name in UPERNET:
+        cfg = config_of(UPERNET[name])
+        if name == UPERNET_TINY:  # the tiny classification model as a detection backbone
+            from dataclasses import replace
+
+            cfg = cfg.replace(output="detection", branches=tuple(replace(b, cls_token=False) for b in cfg.branches))
+        return cfg
     return BUILT_IN[name]() if name in BUILT_IN else piip.get_config(name)
 
 
+def recipe_of(name: str) -> str:
+    """The preset whose official optimizer recipe a preset or model entry trains with."""
+    if name == UPERNET_TINY:
+        return UPERNET[UPERNET_TSB]
+    return TINY_RECIPE if name == TINY else UPERNET.get(name, name)
+
+
 def build(name: str) -> torch.nn.Module:
+    if name in UPERNET:
+        return UperNetPIIP(config_of(name))
     return piip.PIIP(BUILT_IN[name]()) if name in BUILT_IN else piip.create_model(name)
+
+
+def move_offsets_off_pixel_centres(model: torch.nn.Module, seed: int = 0) -> None:
+    """Weights on which the rows' differences mean something: sampling offsets moved off pixel
+    centres (bias by 0.1-0.4 pixel in a random direction, and a per-query part), non-zero
+    attention logits weights and injector gains (at zero the attention gets no gradient)."""
+    from piip_kernels import MSDeformAttn
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, MSDeformAttn):
+                b = m.sampling_offsets.bias
+                shift = (torch.rand(b.shape, generator=g) * 0.3 + 0.1) * torch.sign(torch.rand(b.shape, generator=g) - 0.5)
+                b.add_(shift.to(b))
+                for lin in (m.sampling_offsets, m.attention_weights):
+                    w = lin.weight
+                    w.copy_((torch.randn(w.shape, generator=g) * 0.3 / w.shape[1] ** 0.5).to(w))
+        for n, p in model.named_parameters():
+            if n.endswith(("ca_gamma", "cffn_gamma")):
+                p.copy_((torch.rand(p.shape, generator=g) * 0.1 + 0.05).to(p))
 
 
 def input_side(cfg, scale: float) -> int:
@@ -100,6 +195,8 @@ def input_side(cfg, scale: float) -> int:
 
 
 def loss_of(out, labels):
+    if torch.is_tensor(out) and out.dim() == 0:  # a model entry that computes its own loss (UperNetPIIP)
+        return out
     if isinstance(out, list):  # detection pyramid: a loss that reaches every level
         return sum(o.float().square().mean() for o in out)
     return torch.nn.functional.cross_entropy(out.float(), labels)
@@ -238,13 +335,13 @@ def cases_of(ap: argparse.ArgumentParser, args, device: torch.device, first_only
             ap.error("--tiny replaces --config")
         cases = [(TINY, 2, 1.0, "float32")]
     elif args.config:
-        names = piip.list_models(include_paper_only=True)
+        names = piip.list_models(include_paper_only=True) + list(UPERNET)
         cases = []
         for c in args.config:
             match = [n for n in names if c == n] or [n for n in names if c in n]
             if len(match) != 1:
                 ap.error(f"--config {c!r} matches {len(match)} presets: {match[:5]}")
-            d = default_cases(device)[0]
+            d = next((d for d in default_cases(device) if d[0] == match[0]), default_cases(device)[0])
             cases.append((match[0], d[1], d[2], d[3]))
     elif first_only:
         cases = cases[:1]

@@ -82,8 +82,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_model import (TINY, case_arguments, cases_of, config_of, build, fp32_msda, input_side, loss_of,  # noqa: E402
-                         official_msda, write_json)
+from bench_model import (TINY, UPERNET_TINY, build, case_arguments, cases_of, config_of, fp32_msda,  # noqa: E402
+                         input_side, loss_of, move_offsets_off_pixel_centres, official_msda, recipe_of, write_json)
 from common import REDO_ABOVE, PeakMemory, device_name, progress, report, sync, timed_rounds, wait_idle  # noqa: E402
 
 import piip  # noqa: E402
@@ -98,8 +98,6 @@ LADDER_COLUMNS = ["path", "step_ms", "min_ms", "speedup", "tflops", "peak_fracti
                   "copies", "copies_mb", "peak_mem_mb", "max_rel_diff", "max_rel_diff_step2", "others_cpu", "rounds_redone",
                   "note"]
 KINDS = ("GEMM", "attention", "our ops", "casts/copies", "optimizer", "norms", "elementwise", "other")
-# The optimizer recipe of --tiny (a classification model like the TSB classifier).
-TINY_RECIPE = "piip_3branch_tsb_368-192-128_cls_token_deit1"
 # Runtime calls that start work on the GPU (kernels, or a whole graph).
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch",
             "cudaLaunchCooperativeKernel", "cudaLaunchCooperativeKernelMultiDevice")
@@ -137,27 +135,6 @@ class _Budget:
         import signal
 
         signal.signal(signal.SIGTERM, self._old)
-
-
-def move_offsets_off_pixel_centres(model: torch.nn.Module, seed: int = 0) -> None:
-    """Weights on which the rows' differences mean something: sampling offsets moved off pixel
-    centres (bias by 0.1-0.4 pixel in a random direction, and a per-query part), non-zero
-    attention logits weights and injector gains (at zero the attention gets no gradient)."""
-    from piip_kernels import MSDeformAttn
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, MSDeformAttn):
-                b = m.sampling_offsets.bias
-                shift = (torch.rand(b.shape, generator=g) * 0.3 + 0.1) * torch.sign(torch.rand(b.shape, generator=g) - 0.5)
-                b.add_(shift.to(b))
-                for lin in (m.sampling_offsets, m.attention_weights):
-                    w = lin.weight
-                    w.copy_((torch.randn(w.shape, generator=g) * 0.3 / w.shape[1] ** 0.5).to(w))
-        for n, p in model.named_parameters():
-            if n.endswith(("ca_gamma", "cffn_gamma")):
-                p.copy_((torch.rand(p.shape, generator=g) * 0.1 + 0.05).to(p))
 
 
 def resized_tables(cfg, side: int) -> int:
@@ -410,7 +387,7 @@ def run_ladder(name: str, batch: int, scale: float, dtype: torch.dtype, device, 
                          f"choose from {RUNGS}")
     budget = _Budget(budget_s)
     cfg = config_of(name)
-    preset = TINY_RECIPE if name == TINY else name
+    preset = recipe_of(name)
     side = input_side(cfg, scale)
     low = dtype != torch.float32
     if low and device.type != "cuda":
@@ -444,7 +421,7 @@ def run_ladder(name: str, batch: int, scale: float, dtype: torch.dtype, device, 
         if budget.over(0.75):
             note.append("skipped: " + ("SIGTERM" if budget.stopped else f"budget of {budget_s:.0f} s") + " reached before its setup")
             continue
-        if rung == "cuda_graphs" and device.type != "cuda" and name != TINY:
+        if rung == "cuda_graphs" and device.type != "cuda" and name not in (TINY, UPERNET_TINY):
             note.append("needs CUDA: skipped (the --tiny dry run exercises its code on the CPU)")
             continue
         t0 = time.monotonic()

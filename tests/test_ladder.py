@@ -175,7 +175,7 @@ def test_the_gpu_recipe_runs_on_the_cpu(output):
 
     torch.manual_seed(0)
     model = piip.PIIP(tiny_config(3, output=output))
-    ladder.move_offsets_off_pixel_centres(model)
+    bench_model.move_offsets_off_pixel_centres(model)
     model = model.to(torch.bfloat16)
     side = model.cfg.branches[-1].image_size
     img = torch.randn(2, 3, side, side).to(torch.bfloat16)
@@ -188,7 +188,7 @@ def test_the_gpu_recipe_runs_on_the_cpu(output):
     for a, b in zip(outs["ours"], outs["official"]):
         assert a.dtype == b.dtype == torch.bfloat16
         assert ((a.float() - b.float()).abs().max() / b.float().abs().max()) < 3e-2
-    opt = piip.build_optimizer(model, ladder.TINY_RECIPE, fused=True)
+    opt = piip.build_optimizer(model, bench_model.TINY_RECIPE, fused=True)
     assert type(opt).__name__ == "MasterWeightAdamW"
     before = [p.detach().clone() for p in model.parameters()]
     opt.step()
