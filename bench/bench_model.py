@@ -1,7 +1,8 @@
 """Model-level benchmark: one training step (forward + backward + AdamW) of a preset, our
 path against the official path, with the same weights.
 
-    python bench/bench_model.py                       # CPU: TSB classification, TSB detection at 1/4 resolution
+    python bench/bench_model.py                       # CPU: TSB classification, TSB detection at 1/4 resolution,
+                                                      # UperNet around the TSB detection backbone at 512 px (CASES)
     python bench/bench_model.py --config deit_sbl_1568_1120_672 --batch 2 --dtype bfloat16   # GPU default
     python bench/bench_model.py --config tsb_368 --batch 4 --checkpointing --steps 5
     python bench/bench_model.py --tiny --device cpu --steps 1 --warmup 1   # a dry run in seconds
