@@ -52,7 +52,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import budgeted, device_name, progress, report, sync  # noqa: E402
+from common import budgeted, device_name, progress, protocol_arguments, report, sync, timed_rounds, wait_idle  # noqa: E402
 
 import piip_kernels.hf as hf  # noqa: E402
 
@@ -62,7 +62,6 @@ BACKWARD_OPS = {"ours": ("piip::ms_deform_attn_backward",), "default": ("aten::g
 COLUMNS = ["model", "path", "attention", "size", "batch", "dtype", "step_ms", "speedup", "vs_detr_live", "msda_share", "others_cpu",
            "note"]
 MODELS = ("deformable_detr", "mask2former", "rt_detr")
-REDO_ABOVE, MAX_REDONE = 0.05, 20  # --wait-idle: rounds disturbed by other processes are run again
 NOTES = {"rt_detr": "deformable attention in the decoder only (a small share)"}
 
 
@@ -161,88 +160,13 @@ def loss_of(out) -> torch.Tensor:
     return sum(t.float().masked_fill(~t.isfinite(), 0).square().mean() for t in float_outputs(out) if t.requires_grad)
 
 
-def _jiffies() -> tuple[int, int, int] | None:
-    """(busy, total) CPU time of the whole machine and this process's own, in clock ticks
-    (Linux /proc; None elsewhere)."""
-    try:
-        with open("/proc/stat") as f:
-            ticks = [int(x) for x in f.readline().split()[1:]]
-        with open("/proc/self/stat") as f:
-            own = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    idle = ticks[3] + ticks[4]  # idle + iowait
-    return sum(ticks) - idle, sum(ticks), int(own[11]) + int(own[12])  # utime + stime
-
-
-def others_busy(since) -> float | None:
-    """The share of the machine's CPU time that other processes used since ``since`` (a
-    _jiffies() reading): a shared machine's load, which falls unevenly on the timed paths."""
-    now = _jiffies()
-    if since is None or now is None or now[1] == since[1]:
-        return None
-    return max(0.0, ((now[0] - since[0]) - (now[2] - since[2])) / (now[1] - since[1]))
-
-
-def wait_idle(max_s: float, busy: float = 0.1, window_s: float = 5.0) -> None:
-    """Waits (at most max_s) until other processes use less than ``busy`` of the CPUs over
-    ``window_s`` (on shared machines, before each case)."""
-    deadline = time.monotonic() + max_s
-    while True:
-        start = _jiffies()
-        time.sleep(window_s)
-        share = others_busy(start)
-        if share is None or share < busy:
-            return
-        if time.monotonic() > deadline:
-            progress(f"  other processes still use {share:.0%} of the CPUs after {max_s:.0f} s of waiting: measuring anyway")
-            return
-        progress(f"  other processes use {share:.0%} of the CPUs: waiting")
-
-
-def protocol_arguments(ap: argparse.ArgumentParser, waits: str) -> None:
-    """--budget-s, --wait-idle (``waits``: when it waits) and --no-save, as the benchmarks that
-    time interleaved rounds take them."""
-    ap.add_argument("--budget-s", type=float, default=None, help="stop starting new cases after this many seconds")
-    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
-                    help=f"shared machines: {waits}, wait up to S s for other processes to leave the CPUs idle, and run "
-                         "again a round they disturbed (above 5%% of the CPUs)")
-    ap.add_argument("--no-save", action="store_true")
-
-
 def interleaved_rounds(paths: dict, steps: int, device: torch.device, wait_s: float, name: str):
-    """Timed rounds, one step of each path per round (``paths``: name -> (step, switch), the
-    switch held around the path's step, outside nothing else), so a drift of the machine
-    falls on all paths alike. With ``wait_s`` (the CPU on a shared machine) a round during
-    which other processes took more than REDO_ABOVE of the CPUs is discarded and run again,
-    after waiting for an idle machine (at most MAX_REDONE times).
-
-    Returns (ms per path: a list per round, other processes' CPU share per kept round, rounds redone)."""
-    times = {p: [] for p in paths}
-    busy, redone = [], 0
-    while len(busy) < steps:
-        start = _jiffies()
-        took = {}
-        for path, (step, switch) in paths.items():
-            with switch():
-                sync(device)
-                t0 = time.perf_counter()
-                step()
-                sync(device)
-                took[path] = (time.perf_counter() - t0) * 1e3
-        others = others_busy(start) if device.type == "cpu" else None
-        line = f"  {name} step {len(busy) + 1}/{steps}: " + ", ".join(f"{p} {t:.0f} ms" for p, t in took.items())
-        if wait_s and others is not None and others > REDO_ABOVE and redone < MAX_REDONE:
-            # Other processes took CPUs during this round: it falls unevenly on the paths.
-            redone += 1
-            progress(f"{line}; other processes took {others:.0%} of the CPUs: round discarded ({redone})")
-            wait_idle(wait_s)
-            continue
-        busy.append(others)
-        for path, t in took.items():
-            times[path].append(t)
-        progress(line)
-    return times, busy, redone
+    """common.timed_rounds for ``paths``: name -> (step, switch), the switch held around the
+    path's step, outside its timing. Returns (ms per path: a list per kept round, other
+    processes' CPU share per kept round, rounds redone)."""
+    rounds = timed_rounds({p: step for p, (step, _) in paths.items()}, steps, device, wait_s, name,
+                          around=lambda p: paths[p][1]())
+    return rounds.times, rounds.others, rounds.redone
 
 
 def blocks(model):
@@ -293,7 +217,7 @@ def run_case(name: str, batch: int, size: tuple[int, int], dtype: torch.dtype, d
     timings): Mask2Former's module-level function is rebound for the whole family while a
     handle is held. With ``wait_s`` (the CPU on a shared machine) a round during which other
     processes took more than REDO_ABOVE of the CPUs is discarded and run again, after
-    waiting for an idle machine (at most MAX_REDONE times; rows say how many)."""
+    waiting for an idle machine (at most MAX_REDONE times; rows say how many): common.timed_rounds."""
     torch.manual_seed(0)
     base = BUILDERS[name](tiny)
     g = torch.Generator().manual_seed(1)

@@ -8,6 +8,7 @@ git commit, so numbers are always traceable.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -17,7 +18,9 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -260,3 +263,144 @@ def report(name: str, device: torch.device, rows: list[dict], columns: list[str]
     if save:
         progress(f"results appended to {write_results(f'{name}_{device.type}', env, rows, table)}")
     print(table)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing on a shared machine: interleaved rounds, other processes' load, disturbed rounds redone
+
+REDO_ABOVE, MAX_REDONE = 0.05, 20  # with wait_s: rounds in which others took > 5 % of the CPUs are run again
+
+
+def _jiffies() -> tuple[int, int, int] | None:
+    """(busy, total) CPU time of the whole machine and this process's own, in clock ticks
+    (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        with open("/proc/self/stat") as f:
+            own = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return sum(ticks) - idle, sum(ticks), int(own[11]) + int(own[12])  # utime + stime
+
+
+def others_busy(since) -> float | None:
+    """The share of the machine's CPU time that other processes used since ``since`` (a
+    _jiffies() reading): a shared machine's load, which falls unevenly on the timed paths."""
+    now = _jiffies()
+    if since is None or now is None or now[1] == since[1]:
+        return None
+    return max(0.0, ((now[0] - since[0]) - (now[2] - since[2])) / (now[1] - since[1]))
+
+
+def wait_idle(max_s: float, busy: float = 0.1, window_s: float = 5.0) -> None:
+    """Waits (at most max_s) until other processes use less than ``busy`` of the CPUs over
+    ``window_s`` (on shared machines, before each case)."""
+    deadline = time.monotonic() + max_s
+    while True:
+        start = _jiffies()
+        time.sleep(window_s)
+        share = others_busy(start)
+        if share is None or share < busy:
+            return
+        if time.monotonic() > deadline:
+            progress(f"  other processes still use {share:.0%} of the CPUs after {max_s:.0f} s of waiting: measuring anyway")
+            return
+        progress(f"  other processes use {share:.0%} of the CPUs: waiting")
+
+
+def protocol_arguments(ap: argparse.ArgumentParser, waits: str, stops: str = "new cases") -> None:
+    """--budget-s (``stops``: what it stops starting), --wait-idle (``waits``: when it waits)
+    and --no-save, as the benchmarks that time interleaved rounds (timed_rounds) take them."""
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help=f"stop starting {stops} after this many seconds; SIGTERM does the same")
+    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
+                    help=f"shared machines: {waits}, wait up to S s for other processes to leave the CPUs idle, and run "
+                         "again a round they disturbed (above 5%% of the CPUs)")
+    ap.add_argument("--no-save", action="store_true")
+
+
+@dataclass
+class Rounds:
+    """What :func:`timed_rounds` measured: per name the step times (ms) of the kept rounds,
+    per kept round the share of the CPUs other processes took (None on a GPU), and how many
+    disturbed rounds were discarded and run again."""
+    times: dict[str, list[float]]
+    others: list[float | None] = field(default_factory=list)
+    redone: int = 0
+
+    @property
+    def others_cpu(self) -> float | None:
+        """The most other processes took in any kept round (None: not measured)."""
+        return max((b for b in self.others if b is not None), default=None)
+
+
+def timed_rounds(steps: dict[str, Callable[[], object]], rounds: int, device: torch.device, wait_s: float = 0.0,
+                 label: str = "", around: Callable[[str], contextlib.AbstractContextManager] | None = None,
+                 warmup: int = 0, rotate: bool = False, stop: Callable[[], bool] | None = None) -> Rounds:
+    """Times ``rounds`` rounds of one call of each step (interleaved: a drift of the machine
+    falls on every step alike), after ``warmup`` untimed rounds run right before them (so the
+    caches, allocator and lazily compiled code are warm when timing starts, however long the
+    setup took). ``around(name)``: a context held around each call, outside its timing (a
+    switch, a peak-memory reset). ``rotate``: round k starts at the k-th step, so no step
+    always runs after the same one. On the CPU, with ``wait_s``, the warm-up waits (at most
+    wait_s) for an idle machine, and a round during which other processes took more than
+    REDO_ABOVE of the CPUs is discarded and run again after waiting again, at most MAX_REDONE
+    times. ``stop()`` is asked before each round after the first kept one (a budget, a
+    SIGTERM): the rounds kept so far stand."""
+    names = list(steps)
+    held = around or (lambda name: contextlib.nullcontext())
+    times = {n: [] for n in names}
+    result = Rounds(times)
+    if names and wait_s and device.type == "cpu":
+        wait_idle(wait_s)
+    for w in range(warmup if names else 0):
+        progress(f"  {label} warm-up round {w + 1}/{warmup}")
+        for n in names:
+            with held(n):
+                steps[n]()
+        sync(device)
+    while names and len(result.others) < rounds:
+        if result.others and stop is not None and stop():
+            progress(f"  {label} timing stopped after {len(result.others)} of {rounds} rounds")
+            break
+        k = (len(result.others) + result.redone) % len(names) if rotate else 0
+        start = _jiffies()
+        took = {}
+        for n in names[k:] + names[:k]:
+            with held(n):
+                sync(device)
+                t0 = time.perf_counter()
+                steps[n]()
+                sync(device)
+                took[n] = (time.perf_counter() - t0) * 1e3
+        others = others_busy(start) if device.type == "cpu" else None
+        line = f"  {label} round {len(result.others) + 1}/{rounds}: " + ", ".join(f"{n} {t:.0f} ms" for n, t in took.items())
+        if wait_s and others is not None and others > REDO_ABOVE and result.redone < MAX_REDONE:
+            # Other processes took CPUs during this round: it falls unevenly on the steps.
+            result.redone += 1
+            progress(f"{line}; other processes took {others:.0%} of the CPUs: round discarded ({result.redone})")
+            wait_idle(wait_s)
+            continue
+        result.others.append(others)
+        for n, t in took.items():
+            times[n].append(t)
+        progress(line + (f"; others {others:.0%}" if others is not None else ""))
+    return result
+
+
+class PeakMemory:
+    """``around`` for :func:`timed_rounds`: on a GPU, the peak allocated memory (bytes) of each
+    name's steps in ``peaks``; nothing on other devices."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peaks = device, {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        yield
+        if self.device.type == "cuda":
+            self.peaks[name] = max(self.peaks.get(name, 0), torch.cuda.max_memory_allocated(self.device))

@@ -156,7 +156,7 @@ if [ "$DRY" = 1 ]; then
   INTER=(--device cpu --dtype bfloat16 --query-scale 0.01)
   MERGE=(--device cpu --dtype float32 bfloat16 --channel-scale 0.01)
   MODEL=(--device cpu --tiny --steps 1 --warmup 1)
-  LADDER=(--device cpu --tiny --ladder --steps 1 --warmup 1 --profile "$OUT/profile")
+  LADDER=(--device cpu --tiny --steps 1 --warmup 1 --profile "$OUT/profile")
   HF=(--device cpu --tiny)
   INTEGRATIONS=(--device cpu --tiny)
   MEMORY=(--config piip_3branch_tsb_368-192-128_cls_token_deit1 --side 64 --batch 1 --dtype bfloat16 --validate --device cpu --quiet)
@@ -165,7 +165,7 @@ else
   INTER=()
   MERGE=()
   MODEL=(--steps 6)
-  LADDER=(--ladder --config mask_rcnn_deit_sbl_1568_1120_672_fpn_1x_coco_bs16 --batch 2 --dtype bfloat16 --steps 5
+  LADDER=(--config mask_rcnn_deit_sbl_1568_1120_672_fpn_1x_coco_bs16 --batch 2 --dtype bfloat16 --steps 5
           --profile "$OUT/profile")
   HF=()
   INTEGRATIONS=()
@@ -180,7 +180,7 @@ b=$(share 30 180); stage "bench_branch_merge" bench_branch_merge.md timeout -k 1
 # (The dry run gives the model stages room for every rung: skipping one would leave its code unrun.)
 b=$(share 70 110); (( DRY )) && b=240; stage "bench_model (two paths)" bench_model.md timeout -k 10 "$(limit "$b" 0)" "$PY" bench/bench_model.py --budget-s "$b" "${MODEL[@]}"
 # (A cold inductor compile of the SBL model's block signatures alone may take a minute or two.)
-b=$(share 180 50); (( DRY )) && b=240; stage "bench_model --ladder" bench_model_ladder.md timeout -k 10 "$(limit "$b" 30)" "$PY" bench/bench_model.py --budget-s "$b" "${LADDER[@]}"
+b=$(share 180 50); (( DRY )) && b=240; stage "ladder" ladder.md timeout -k 10 "$(limit "$b" 30)" "$PY" bench/ladder.py --budget-s "$b" "${LADDER[@]}"
 # transformers' detectors on our kernel: the GPU tests of the three routes (CUDA, fp32 and bf16;
 # in the dry run they say they need CUDA), then one training step per model.
 stage "HF GPU tests" tests_hf.log timeout -k 10 "$(limit "$(share 60 60)" 0)" "$PY" -m pytest tests/test_hf.py -q \

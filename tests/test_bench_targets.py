@@ -181,13 +181,39 @@ def test_ladder_targets_judge_the_best_rung(tmp_path):
 
 def test_ladder_cpu_targets_and_any_config(tmp_path):
     rows = [{"config": "piip_3branch_tsb_368-192-128_cls_token_deit1", "batch": 2, "dtype": "float32", "path": p,
-             "speedup": s, "max_rel_diff": d} for p, s, d in (("official", 1.0, 0.0), ("ours", 1.1, 2e-7), ("compile", 1.5, 2e-5))]
+             "speedup": s, "max_rel_diff": d} for p, s, d in (("official", 1.0, 0.0), ("ours", 1.1, 2e-7), ("compile", 1.5, 2e-5),
+                                                               ("ours_again", 1.6, 0.0))]   # the control is no rung
     write(tmp_path, "model_ladder_cpu", rows)
     lines = {line.split(":")[1].strip(): s for s, line in targets.ladder_checks(rows, "cpu")}
     assert lines["best rung (compile) vs official"] == "PASS" and lines["every rung's max_rel_diff vs eager ours"] == "FAIL"
     tiny = [dict(r, config="tiny") for r in rows]
     assert targets.ladder_checks(tiny, "cpu")[0][0] == "MISSING"          # never judged as the preset
     assert targets.ladder_checks(tiny, "cpu", any_config=True)[0][0] == "PASS"
+
+
+def test_ladder_step2_bound():
+    """max_rel_diff_step2 (after one optimizer step) against 1e-5 + 2 lr_max: rounding-level
+    differences pass, an optimizer fault's fails, and a record without lr_max is MISSING
+    (never judged against a guessed bound). The speed lines need timed rows; these do not."""
+    def rows(step2, lr_max=3e-4, timed=True):
+        return [{"config": "piip_3branch_tsb_368-192-128_cls_token_deit1", "batch": 2, "dtype": "float32", "path": p,
+                 "max_rel_diff": 3e-6, "max_rel_diff_step2": d, "lr_max": lr_max,
+                 **({"speedup": 1.1} if timed and p != "official" else {})}
+                for p, d in (("official", 3.0e-5), ("ours", 0.0), ("fused_optimizer", step2))]
+
+    name = "every rung's max_rel_diff_step2 (after one optimizer step) vs eager ours"
+
+    def judged(rs):
+        return {line.split(": ", 1)[1].split(":")[0]: (s, line) for s, line in targets.ladder_checks(rs, "cpu")}
+
+    assert targets.step2_bound(3e-4) == 1e-5 + 6e-4
+    status, line = judged(rows(3.3e-5))[name]
+    assert status == "PASS" and "worst 3.3e-05" in line and "need <= 0.00061" in line
+    assert judged(rows(7e-4))[name][0] == "FAIL"                # above 6.1e-4
+    assert judged(rows(7e-4, lr_max=1e-3))[name][0] == "PASS"   # a recipe with a larger lr allows more
+    assert judged(rows(7e-4, lr_max=None))[name][0] == "MISSING"
+    untimed = judged(rows(7e-4, timed=False))
+    assert untimed[name][0] == "FAIL" and untimed["no measured rung"][0] == "MISSING"
 
 
 def test_hugging_face_targets(tmp_path):

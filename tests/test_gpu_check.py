@@ -129,8 +129,8 @@ def test_gpu_check_dry_run(tmp_path):
     stages = re.findall(r"^\| (.+?) \| (\d+) \| \d+ \| .+ \|$", table, re.M)
     names = [n for n, _ in stages]
     for want in ("GPU tests (meta)", "memcheck cases (meta, no sanitizer)", "bench_msda", "bench_interaction",
-                 "bench_branch_merge", "bench_model (two paths)", "bench_model --ladder", "HF GPU tests", "bench_hf", "bench_integrations", "memory --validate",
-                 "targets"):
+                 "bench_branch_merge", "bench_model (two paths)", "ladder", "HF GPU tests", "bench_hf", "bench_integrations",
+                 "memory --validate", "targets"):
         assert want in names, f"stage {want!r} did not run: {names}"
     assert all(rc == "0" for _, rc in stages), table
     assert re.search(r"\d+ passed", (out / "tests.log").read_text())
