@@ -21,11 +21,11 @@ template <> struct Device<c10::BFloat16> { using type = __nv_bfloat16; };
 
 template <typename T>
 const typename Device<T>::type* dev_ptr(const Tensor& t) {
-  return reinterpret_cast<const typename Device<T>::type*>(t.const_data_ptr<T>());
+  return reinterpret_cast<const typename Device<T>::type*>(ptr<T>(t));
 }
 template <typename T>
 typename Device<T>::type* dev_mut_ptr(Tensor& t) {
-  return reinterpret_cast<typename Device<T>::type*>(t.mutable_data_ptr<T>());
+  return reinterpret_cast<typename Device<T>::type*>(mut_ptr<T>(t));
 }
 
 // Calls f.template operator()<T, U>() for the dtype pairs the GPU kernels take:
@@ -67,10 +67,10 @@ struct GradValueAccumulator {
                        bool deterministic, cudaStream_t stream)
       : acc(alloc_zeros(sizes_of(value), deterministic ? ScalarType::Long : ScalarType::Float, value)) {
     if (!deterministic) {
-      gv.f32 = acc.mutable_data_ptr<float>();
+      gv.f32 = mut_ptr<float>(acc);
       return;
     }
-    gv.fixed = reinterpret_cast<unsigned long long*>(acc.mutable_data_ptr<int64_t>());
+    gv.fixed = reinterpret_cast<unsigned long long*>(mut_ptr<int64_t>(acc));
     // One buffer: [absmax bits of grad_output, of weights] as int32, then the scale as a double.
     scratch_ = alloc_zeros({2}, ScalarType::Double, value);
     auto* absmax = static_cast<unsigned int*>(scratch_.mutable_data_ptr());

@@ -29,17 +29,67 @@ namespace piip {
 using Tensor = torch::stable::Tensor;
 using torch::headeronly::ScalarType;
 
-// "[2, 3, 4]": the sizes of t, for error messages.
-inline std::string shape_str(const Tensor& t) {
-  std::ostringstream s;
-  s << '[';
-  for (int64_t d = 0; d < t.dim(); ++d) s << (d ? ", " : "") << t.size(d);
-  s << ']';
-  return s.str();
-}
+// What the checks read of a tensor, fetched once. Every accessor of the stable Tensor is
+// a call into torch (size(d) one per dimension), and the checks of an op read dozens: with
+// this, five calls per tensor.
+struct Meta {
+  int64_t dim = 0;
+  const int64_t* sizes = nullptr;  // borrowed: valid while the tensor lives
+  ScalarType dtype = ScalarType::Undefined;
+  int32_t device_type = 0;
+  int32_t device_index = 0;
 
-inline bool same_device(const Tensor& a, const Tensor& b) {
-  return a.is_cuda() == b.is_cuda() && a.get_device_index() == b.get_device_index();
+  explicit Meta(const Tensor& t) {
+    int64_t* s = nullptr;
+    int32_t dt = 0;
+    STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_dim(t.get(), &dim));
+    STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_sizes(t.get(), &s));
+    STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_dtype(t.get(), &dt));
+    STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_type(t.get(), &device_type));
+    STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_index(t.get(), &device_index));
+    sizes = s;
+    dtype = torch::stable::detail::to<ScalarType>(torch::stable::detail::from(dt));
+  }
+
+  int64_t size(int64_t d) const { return sizes[d]; }
+  bool is_cpu() const {
+    static const int32_t cpu = aoti_torch_device_type_cpu();
+    return device_type == cpu;
+  }
+  bool is_cuda() const {
+    static const int32_t cuda = aoti_torch_device_type_cuda();
+    return device_type == cuda;
+  }
+  bool same_device(const Meta& o) const { return device_type == o.device_type && device_index == o.device_index; }
+  // The first n sizes equal o's.
+  bool same_sizes(const Meta& o, int64_t n) const {
+    for (int64_t d = 0; d < n; ++d) {
+      if (sizes[d] != o.sizes[d]) return false;
+    }
+    return true;
+  }
+  // "[2, 3, 4]", for error messages.
+  std::string shape() const {
+    std::ostringstream s;
+    s << '[';
+    for (int64_t d = 0; d < dim; ++d) s << (d ? ", " : "") << sizes[d];
+    s << ']';
+    return s.str();
+  }
+};
+
+inline std::string shape_str(const Tensor& t) { return Meta(t).shape(); }
+
+inline bool same_device(const Tensor& a, const Tensor& b) { return Meta(a).same_device(Meta(b)); }
+
+// t's data as T (t's dtype already checked, as every glue function does when it dispatches).
+template <typename T>
+const T* ptr(const Tensor& t) {
+  return static_cast<const T*>(t.const_data_ptr());
+}
+template <typename T>
+T* mut_ptr(const Tensor& t) {
+  return static_cast<T*>(t.mutable_data_ptr());
 }
 
 // t itself when already contiguous. The stable contiguous() always goes through the

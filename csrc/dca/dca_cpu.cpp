@@ -19,10 +19,10 @@ Tensor dca_forward_cpu(const Tensor& value_, const Tensor& offsets_, const Tenso
   Tensor out = alloc({z.N, z.Lq(), z.M * z.D}, value.scalar_type(), value);
   cpu::dispatch_types("deform_cross_attn", value.scalar_type(), offsets.scalar_type(), [&]<typename T, typename U>() {
     using acc_t = typename cpu::Acc<T>::type;
-    const T* v = value.const_data_ptr<T>();
-    const U* off = offsets.const_data_ptr<U>();
-    const U* lg = logits.const_data_ptr<U>();
-    T* o = out.mutable_data_ptr<T>();
+    const T* v = ptr<T>(value);
+    const U* off = ptr<U>(offsets);
+    const U* lg = ptr<U>(logits);
+    T* o = mut_ptr<T>(out);
     cpu::parallel_for(0, z.N * z.Lq(), cpu::grain(z.M * z.P * 5 * z.D), [&](int64_t b, int64_t e) {
       std::vector<acc_t> acc(z.D), w(z.P);
       cpu::with_head_dim(z.D, [&]<int kD>() {
@@ -51,13 +51,13 @@ std::tuple<Tensor, Tensor, Tensor> dca_backward_cpu(const Tensor& grad_output, c
   Tensor glog = alloc_like(logits);
   cpu::dispatch_types("deform_cross_attn", value.scalar_type(), offsets.scalar_type(), [&]<typename T, typename U>() {
     using acc_t = typename cpu::Acc<T>::type;
-    const T* v = value.const_data_ptr<T>();
-    const U* off = offsets.const_data_ptr<U>();
-    const U* lg = logits.const_data_ptr<U>();
-    const T* g_out = go.const_data_ptr<T>();
-    acc_t* g_value = gv.mutable_data_ptr<acc_t>();
-    U* g_off = goff.mutable_data_ptr<U>();
-    U* g_log = glog.mutable_data_ptr<U>();
+    const T* v = ptr<T>(value);
+    const U* off = ptr<U>(offsets);
+    const U* lg = ptr<U>(logits);
+    const T* g_out = ptr<T>(go);
+    acc_t* g_value = mut_ptr<acc_t>(gv);
+    U* g_off = mut_ptr<U>(goff);
+    U* g_log = mut_ptr<U>(glog);
     // A task is one image and a block of heads, owning that slice of grad_value
     // (see the ms_deform_attn backward for why heads are split only as needed).
     const int64_t threads = cpu::num_threads();

@@ -33,10 +33,10 @@ template <typename T, typename acc_t>
 std::vector<Branch<T, acc_t>> branches(const std::vector<Tensor>& feats, const Tensor& weights, int64_t Ho,
                                        int64_t Wo, bool align_corners, bool backward) {
   const Tensor w = contig(cast(weights, ScalarType::Double));
-  const double* wd = w.const_data_ptr<double>();
+  const double* wd = ptr<double>(w);
   std::vector<Branch<T, acc_t>> br(feats.size());
   for (size_t i = 0; i < feats.size(); ++i) {
-    br[i].f = feats[i].const_data_ptr<T>();
+    br[i].f = ptr<T>(feats[i]);
     br[i].H = feats[i].size(2);
     br[i].W = feats[i].size(3);
     br[i].weight = static_cast<acc_t>(wd[i]);
@@ -73,7 +73,7 @@ Tensor merge_forward_cpu(const std::vector<Tensor>& features, const Tensor& weig
   dispatch(feats[0].scalar_type(), out_dtype, [&]<typename T, typename O>() {
     using acc_t = typename cpu::Acc<T>::type;
     auto br = branches<T, acc_t>(feats, weights, Ho, Wo, align_corners, false);
-    O* o = out.mutable_data_ptr<O>();
+    O* o = mut_ptr<O>(out);
     cpu::parallel_for(0, planes, cpu::grain(Ho * Wo * 4 * static_cast<int64_t>(br.size())), [&](int64_t b, int64_t e) {
       std::vector<acc_t> row(Wo);
       forward_planes<T, O, acc_t>(br, Ho, Wo, o, b, e, row.data());
@@ -102,10 +102,10 @@ std::tuple<std::vector<Tensor>, Tensor> merge_backward_cpu(const Tensor& grad_ou
     auto br = branches<T, acc_t>(feats, weights, Ho, Wo, align_corners, true);
     int64_t max_w = 0;
     for (const auto& b : br) max_w = std::max(max_w, b.W);
-    const O* g_out = go.const_data_ptr<O>();
-    acc_t* d = dots.mutable_data_ptr<acc_t>();
+    const O* g_out = ptr<O>(go);
+    acc_t* d = mut_ptr<acc_t>(dots);
     std::vector<T*> g_feat;
-    for (auto& g : grads) g_feat.push_back(g.mutable_data_ptr<T>());
+    for (auto& g : grads) g_feat.push_back(mut_ptr<T>(g));
     // One task walks every branch of a plane, so that plane of grad_output is read
     // from memory once and from cache for the other branches.
     cpu::parallel_for(0, planes, cpu::grain(Ho * Wo * 4 * static_cast<int64_t>(br.size())), [&](int64_t b, int64_t e) {

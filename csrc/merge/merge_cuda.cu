@@ -59,7 +59,7 @@ Tensor merge_forward_cuda(const std::vector<Tensor>& features, const Tensor& wei
       H[b] = feats[b].size(2);
       W[b] = feats[b].size(3);
     }
-    const auto p = cuda::forward_params<DT>(static_cast<int>(feats.size()), maps, H, W, w.const_data_ptr<float>(), N * C, Ho,
+    const auto p = cuda::forward_params<DT>(static_cast<int>(feats.size()), maps, H, W, ptr<float>(w), N * C, Ho,
                                             Wo, align_corners);
     cuda_glue::check_launch("branch_merge forward", cuda::launch_forward<DT, typename Device<O>::type>(p, dev_mut_ptr<O>(out), stream));
   });
@@ -89,7 +89,7 @@ std::tuple<std::vector<Tensor>, Tensor> merge_backward_cuda(const Tensor& grad_o
       Tensor gf = alloc_like(feats[b]);
       Tensor partial = alloc({cuda::backward_blocks(planes, H, W)}, ScalarType::Float, feats[b]);
       const auto p = cuda::backward_params<DT, DO>(dev_ptr<O>(go), dev_ptr<T>(feats[b]), dev_mut_ptr<T>(gf),
-                                                   partial.mutable_data_ptr<float>(), w.const_data_ptr<float>() + b, planes,
+                                                   mut_ptr<float>(partial), ptr<float>(w) + b, planes,
                                                    H, W, Ho, Wo, align_corners);
       cuda_glue::check_launch("branch_merge backward", cuda::launch_backward<DT, DO>(p, stream));
       grads.push_back(gf);

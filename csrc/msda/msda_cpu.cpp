@@ -28,8 +28,8 @@ struct Args {
 
   template <typename T, typename U>
   Inputs<T, U> get() const {
-    return {value.const_data_ptr<T>(), shapes.const_data_ptr<int64_t>(),
-            starts.const_data_ptr<int64_t>(), loc.const_data_ptr<U>(), attn.const_data_ptr<U>()};
+    return {ptr<T>(value), ptr<int64_t>(shapes),
+            ptr<int64_t>(starts), ptr<U>(loc), ptr<U>(attn)};
   }
 };
 
@@ -37,7 +37,7 @@ template <typename T, typename U>
 void forward_impl(const Sizes& z, const Args& args, Tensor& out) {
   using acc_t = typename Acc<T>::type;
   const Inputs<T, U> in = args.get<T, U>();
-  T* o = out.mutable_data_ptr<T>();
+  T* o = mut_ptr<T>(out);
   parallel_for(0, z.N * z.Lq, grain(z.M * z.L * z.P * 4 * z.D), [&](int64_t b, int64_t e) {
     std::vector<acc_t> acc(z.D);
     with_head_dim(z.D, [&]<int kD>() {
@@ -51,10 +51,10 @@ void backward_impl(const Sizes& z, const Args& args, const Tensor& grad_out, Ten
                    Tensor& grad_loc, Tensor& grad_attn) {
   using acc_t = typename Acc<T>::type;
   const Inputs<T, U> in = args.get<T, U>();
-  const T* go = grad_out.const_data_ptr<T>();
-  acc_t* gv = grad_value_acc.mutable_data_ptr<acc_t>();
-  U* gl = grad_loc.mutable_data_ptr<U>();
-  U* ga = grad_attn.mutable_data_ptr<U>();
+  const T* go = ptr<T>(grad_out);
+  acc_t* gv = mut_ptr<acc_t>(grad_value_acc);
+  U* gl = mut_ptr<U>(grad_loc);
+  U* ga = mut_ptr<U>(grad_attn);
   // A task is one image and a block of heads; it owns that slice of
   // grad_value. Heads are split only as far as needed to feed every thread:
   // one task walking all heads of a query reads whole rows of value, which

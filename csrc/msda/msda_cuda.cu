@@ -18,7 +18,7 @@ template <typename T, typename U>
 cuda::Params<typename Device<T>::type, typename Device<U>::type> params(const Sizes& z, const Tensor& value,
                                                                        const Tensor& shapes, const Tensor& starts,
                                                                        const Tensor& loc, const Tensor& attn) {
-  return {dev_ptr<T>(value), shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(), dev_ptr<U>(loc),
+  return {dev_ptr<T>(value), ptr<int64_t>(shapes), ptr<int64_t>(starts), dev_ptr<U>(loc),
           dev_ptr<U>(attn), z.N, z.S, z.M, z.D, z.Lq, z.L, z.P};
 }
 
