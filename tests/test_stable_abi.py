@@ -82,30 +82,33 @@ def tool(name):
     return path
 
 
-@needs_ext
-@pytest.mark.parametrize("which", ["_C", "_C_cuda"])
-def test_no_torch_cxx_symbols(which):
+def binary(which: str) -> Path:
     so = [b for b in binaries() if b.name.startswith(which + ".")]
     if not so:
         pytest.skip(f"{which} was not built")
-    out = subprocess.run([tool("nm"), "-D", "-C", str(so[0])], capture_output=True, text=True, check=True).stdout
+    return so[0]
+
+
+@needs_ext
+@pytest.mark.parametrize("which", ["_C", "_C_cuda"])
+def test_no_torch_cxx_symbols(which):
+    so = binary(which)
+    out = subprocess.run([tool("nm"), "-D", "-C", str(so)], capture_output=True, text=True, check=True).stdout
     cxx = [line for line in out.splitlines() if re.search(r"\b(at|c10|torch)::", line)]
-    assert not cxx, f"{so[0].name} uses torch's C++ ABI:\n" + "\n".join(cxx[:20])
+    assert not cxx, f"{so.name} uses torch's C++ ABI:\n" + "\n".join(cxx[:20])
     exported = [line.split()[-1] for line in out.splitlines() if re.match(r"[0-9a-f]+ T ", line)]
-    assert exported == [f"PyInit_{which}"], f"{so[0].name} exports more than its module init: {exported[:10]}"
+    assert exported == [f"PyInit_{which}"], f"{so.name} exports more than its module init: {exported[:10]}"
 
 
 @needs_ext
 @pytest.mark.parametrize("which", ["_C", "_C_cuda"])
 def test_needed_libraries(which):
-    so = [b for b in binaries() if b.name.startswith(which + ".")]
-    if not so:
-        pytest.skip(f"{which} was not built")
-    out = subprocess.run([tool("readelf"), "-d", str(so[0])], capture_output=True, text=True, check=True).stdout
+    so = binary(which)
+    out = subprocess.run([tool("readelf"), "-d", str(so)], capture_output=True, text=True, check=True).stdout
     needed = re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", out)
     assert "libtorch_cpu.so" in needed
     forbidden = [n for n in needed if re.match(r"lib(gomp|torch_python|torch_cuda|c10_cuda|cudart|python3)", n)]
-    assert not forbidden, f"{so[0].name} needs {forbidden} (all NEEDED: {needed})"
+    assert not forbidden, f"{so.name} needs {forbidden} (all NEEDED: {needed})"
 
 
 @needs_ext
