@@ -42,11 +42,11 @@ struct Meta {
   explicit Meta(const Tensor& t) {
     int64_t* s = nullptr;
     int32_t dt = 0;
-    STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_dim(t.get(), &dim));
-    STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_sizes(t.get(), &s));
-    STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_dtype(t.get(), &dt));
-    STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_type(t.get(), &device_type));
-    STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_index(t.get(), &device_index));
+    TORCH_ERROR_CODE_CHECK(aoti_torch_get_dim(t.get(), &dim));
+    TORCH_ERROR_CODE_CHECK(aoti_torch_get_sizes(t.get(), &s));
+    TORCH_ERROR_CODE_CHECK(aoti_torch_get_dtype(t.get(), &dt));
+    TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_type(t.get(), &device_type));
+    TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_index(t.get(), &device_index));
     sizes = s;
     dtype = torch::stable::detail::to<ScalarType>(torch::stable::detail::from(dt));
   }
@@ -106,10 +106,10 @@ inline Tensor alloc(const std::vector<int64_t>& sizes, ScalarType dtype, const T
     step *= sizes[d] > 0 ? sizes[d] : 1;
   }
   int32_t device_type = 0;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_type(like.get(), &device_type));
+  TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_type(like.get(), &device_type));
   const int32_t dt = torch::stable::detail::to<int32_t>(torch::stable::detail::from(dtype));
   AtenTensorHandle h = nullptr;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(static_cast<int64_t>(sizes.size()), sizes.data(), strides.data(), dt,
+  TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(static_cast<int64_t>(sizes.size()), sizes.data(), strides.data(), dt,
                                                   device_type, like.get_device_index(), &h));
   return Tensor(h);
 }
@@ -125,7 +125,7 @@ inline Tensor cast(const Tensor& t, ScalarType dtype) {
 
 inline Tensor alloc_zeros(const std::vector<int64_t>& sizes, ScalarType dtype, const Tensor& like) {
   Tensor t = alloc(sizes, dtype, like);
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_zero_(t.get()));
+  TORCH_ERROR_CODE_CHECK(aoti_torch_zero_(t.get()));
   return t;
 }
 
