@@ -16,6 +16,8 @@
 #    torch, the wheel installed with --no-deps (no rebuild), the CPU op tests run against it,
 #    and the CUDA kernels either loaded and registered (a CUDA 13 torch: no GPU is needed for
 #    that) or refused with the reason backend_report() gives (any other torch).
+# 5. build/hub, loaded by the kernels library of the active environment ($PIIP_HUB_PYTHON,
+#    default python): the variant its resolver picks, computing what the reference does.
 # Environments live in $PIIP_CHECK_VENVS/torch-<version>[-py<python>] (default
 # build/check-venvs) and are reused when present.
 set -euo pipefail
@@ -117,6 +119,34 @@ EOF
   grep -qE '^[0-9]+ passed' "$WORK/pytest.log" && ! grep -qE 'failed|error' "$WORK/pytest.log" \
     && echo "ok: op tests pass under torch $T" || fail "op tests under torch $T"
 done
+
+# 5. The hub build beside the wheel (build/hub), loaded by the kernels library of the active
+#    environment: its resolver picks the variant for that torch, and the variant computes.
+HUBPY="${PIIP_HUB_PYTHON:-python}"
+if [ -d "$ROOT/build/hub/build" ] && "$HUBPY" -c "import kernels, torch" 2>/dev/null; then
+  echo "== hub: build/hub with the kernels library of $("$HUBPY" -c 'import sys; print(sys.prefix)')"
+  (cd "$WORK" && "$HUBPY" - "$ROOT/build/hub" <<'EOF') || fail "the hub build did not load or compute"
+import sys
+from pathlib import Path
+
+import kernels
+import torch
+from kernels._internals.variants import get_variants_local, resolve_variant
+
+variant, _ = resolve_variant(get_variants_local(Path(sys.argv[1]) / "build"))
+kernel = kernels.get_local_kernel(Path(sys.argv[1]))
+print(f"   variants: {', '.join(sorted(p.name for p in (Path(sys.argv[1]) / 'build').iterdir()))}")
+print(f"   the resolver picks {variant.variant_str} for torch {torch.__version__}; ops under torch.ops.{kernel.NAMESPACE}")
+shapes = torch.tensor([[6, 5], [3, 2]])
+starts = torch.tensor([0, 30])
+value, loc, attn = torch.randn(2, 36, 2, 8), torch.rand(2, 7, 2, 2, 3, 2), torch.rand(2, 7, 2, 2, 3)
+sys.path.insert(0, str(Path(sys.argv[1]) / "build" / variant.variant_str))
+from reference import ms_deform_attn_reference  # the variant's own copy of the specification
+torch.testing.assert_close(kernel.ms_deform_attn(value, shapes, starts, loc, attn),
+                           ms_deform_attn_reference(value, shapes, starts, loc, attn))
+print("ok: the hub variant matches the reference")
+EOF
+fi
 
 [ "$FAIL" = 0 ] && echo "== check_wheel: all checks passed" || echo "== check_wheel: FAILED"
 exit "$FAIL"
