@@ -123,6 +123,29 @@ def test_shared_math_headers_compile_for_sm90(tmp_path):
     nvcc(tmp_path, src)
 
 
+BEFORE_SM90 = r"""
+#include "msda/msda_cuda.cuh"
+#include "dca/dca_cuda.cuh"
+template cudaError_t piip::msda::cuda::launch_backward<float, float, 4>(
+    const piip::msda::cuda::Params<float, float>&, const float*, const piip::msda::cuda::GradValue&, float*, float*,
+    float*, cudaStream_t);
+template cudaError_t piip::dca::cuda::launch_backward<__half, float, 8>(
+    const piip::dca::cuda::Params<__half, float>&, const __half*, const piip::msda::cuda::GradValue&, float*, float*,
+    __half*, cudaStream_t);
+"""
+
+
+def test_scatter_compiles_before_sm90(tmp_path):
+    """The wheel's oldest arch, sm_75, has no float4 atomicAdd: the scatter's vector path must
+    not even be looked up there (an unused `if constexpr` branch still was, and the wheel build
+    for sm_75..sm_120 failed)."""
+    src = tmp_path / "before_sm90.cu"
+    src.write_text(BEFORE_SM90)
+    cmd = [NVCC or "nvcc", "-c", *build_flags(), "-arch=sm_75", "-I", str(CSRC), str(src), "-o", str(tmp_path / "b.o")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+
+
 def test_cuda_kernels_compile_for_sm90_for_every_dtype(tmp_path):
     """Every instantiation compiles, and the compiler's resource report holds what the
     kernels' comments promise (a static property of the build, not a timing): no register
