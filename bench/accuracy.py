@@ -5,9 +5,15 @@
     python bench/accuracy.py ... --limit 500                 # a quick check on the first 500 images
     torchrun --nproc-per-node 8 bench/accuracy.py ...        # one process per GPU, same arguments
 
-``--data`` is any folder of class subfolders (ImageNet's val split after the usual
-re-organisation): the sorted folder names give the class indices, images are taken in sorted
-order, as torchvision's ImageFolder does. Under torchrun every rank evaluates the images
+``--data`` is a folder of class subfolders, whose names give the class indices:
+  - numbers (ImageNetV2's layout): folder '10' holds class 10;
+  - WordNet ids (ImageNet's val split after the usual re-organisation): the standard
+    ImageNet-1k index of the id (bench/data/imagenet1k_wnids.txt; the sorted order of the
+    1000 ids), so a subset of the folders keeps the right indices;
+  - any other names: their sorted order (torchvision's ImageFolder rule), only when there is
+    one folder per class of the model.
+A dataset with fewer classes than the model is refused unless ``--allow-subset`` is given;
+images are taken in sorted order within each class. Under torchrun every rank evaluates the images
 rank, rank + world, rank + 2 * world, ... and the counts are summed, so each image is counted
 exactly once whatever the world size (no padding of the last batch, unlike a DistributedSampler).
 
@@ -24,7 +30,8 @@ Preprocessing is the official evaluation's (OpenGVLab/PIIP @ 7a8eceb, classifica
 The transforms are ours (PIL and torch only; no torchvision). The official evaluation runs
 under fp16 autocast (engine.evaluate); ``--dtype`` picks fp32 (default), bf16 or fp16 autocast.
 
-The JSON records config, checkpoint, top1, top5, image count, dtype, device, world size,
+The JSON records config, checkpoint, top1, top5, image count, class count and how folders
+were labelled ("index", "wordnet" or "sorted"), dtype, device, world size,
 versions, commit, the preprocessing, and the published top-1 for comparison.
 """
 from __future__ import annotations
@@ -32,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -45,18 +53,60 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-def class_folder_samples(root: str) -> tuple[list[str], list[tuple[str, int]]]:
-    """(class names, [(image path, class index)]): sorted subfolder names are the classes,
-    images of each class are found recursively and taken in sorted order."""
+WNIDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "imagenet1k_wnids.txt")
+
+
+def imagenet_wnids(path: str = WNIDS) -> list[str]:
+    """The ImageNet-1k WordNet ids in class-index order."""
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip() and not line.startswith("#")]
+
+
+def folder_labels(names: list[str], num_classes: int | None = None, allow_subset: bool = False) -> tuple[dict[str, int], str]:
+    """({folder name: class index}, the rule used: "index" | "wordnet" | "sorted") for the class
+    folders ``names`` of a dataset evaluated by a model of ``num_classes`` outputs (None: the
+    folders are all the classes). Raises ValueError for names no rule maps, and for a subset of
+    the model's classes unless ``allow_subset``."""
+    if all(n.isdigit() for n in names):
+        labels, rule = {n: int(n) for n in names}, "index"
+        top = num_classes if num_classes is not None else len(names)
+        bad = [n for n in names if labels[n] >= top]
+        if bad:
+            raise ValueError(f"class folders {bad[:5]} are not class indices 0..{top - 1}")
+    elif all(re.fullmatch(r"n\d{8}", n) for n in names):
+        index = {w: i for i, w in enumerate(imagenet_wnids())}
+        bad = [n for n in names if n not in index]
+        if bad:
+            raise ValueError(f"class folders {bad[:5]} are not ImageNet-1k WordNet ids (bench/data/imagenet1k_wnids.txt)")
+        if num_classes is not None and num_classes != len(index):
+            raise ValueError(f"WordNet-id folders name ImageNet-1k classes, but the model has {num_classes} outputs")
+        labels, rule = {n: index[n] for n in names}, "wordnet"
+    else:
+        if num_classes is not None and len(names) != num_classes:
+            raise ValueError(f"{len(names)} folders for a model of {num_classes} classes, named neither by class index "
+                             "nor by WordNet id: their class indices are unknown (rename the folders to their indices)")
+        labels, rule = {n: i for i, n in enumerate(sorted(names))}, "sorted"
+    if num_classes is not None and len(names) < num_classes and not allow_subset:
+        raise ValueError(f"the dataset has {len(names)} of the model's {num_classes} classes; top-1 over a subset is not "
+                         "the benchmark's figure: pass --allow-subset (allow_subset=True) to evaluate it anyway")
+    return labels, rule
+
+
+def class_folder_samples(root: str, num_classes: int | None = None, allow_subset: bool = False
+                         ) -> tuple[list[str], list[tuple[str, int]]]:
+    """(class folder names in class order, [(image path, class index)]): the folders' indices
+    from :func:`folder_labels`; images of each class are found recursively, in sorted order."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"--data {root!r} is not a folder")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-    if not classes:
+    names = [e.name for e in os.scandir(root) if e.is_dir()]
+    if not names:
         raise ValueError(f"--data {root!r} has no class subfolders")
+    labels, _ = folder_labels(names, num_classes, allow_subset)
+    classes = sorted(names, key=lambda n: labels[n])
     samples = []
-    for idx, name in enumerate(classes):
+    for name in classes:
         for dirpath, _, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
-            samples += [(os.path.join(dirpath, f), idx) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+            samples += [(os.path.join(dirpath, f), labels[name]) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
     return classes, samples
 
 
@@ -161,14 +211,15 @@ def _progress(done: int, total: int, start: float, counts: Tensor) -> None:
 
 def main(argv=None) -> int:
     import piip
-    from common import environment
+    from common import environment, positive
     from flops import published_results
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="a classification preset (piip.list_models('cls'))")
     ap.add_argument("--checkpoint", required=True, help="official checkpoint file")
     ap.add_argument("--data", required=True, help="folder of class subfolders (ImageNet val)")
-    ap.add_argument("--limit", type=int, help="only the first N images (sorted order)")
+    ap.add_argument("--limit", type=positive(int), help="only the first N images (class order, then sorted file names)")
+    ap.add_argument("--allow-subset", action="store_true", help="evaluate a dataset with fewer classes than the model")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--device", default=None, help="default: cuda (this rank's GPU under torchrun) if available, else cpu")
@@ -189,11 +240,12 @@ def main(argv=None) -> int:
     device = args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
-    classes, samples = class_folder_samples(args.data)
+    try:
+        classes, samples = class_folder_samples(args.data, cfg.num_classes, args.allow_subset)
+    except (ValueError, FileNotFoundError) as e:
+        ap.error(str(e))
     if args.limit:
         samples = samples[:args.limit]
-    if cfg.num_classes < len(classes):
-        ap.error(f"the dataset has {len(classes)} classes but the model {cfg.num_classes} outputs")
     input_size = cfg.branches[-1].image_size
     model = piip.load_official_checkpoint(args.config, args.checkpoint)
     dataset = ImageShard(samples, eval_transform(input_size, args.eval_crop_ratio), rank, world)
@@ -209,6 +261,7 @@ def main(argv=None) -> int:
     pub = published_results().get(args.config, {}).get("metrics", {}).get("top1")
     record = {"config": args.config, "checkpoint": os.path.abspath(args.checkpoint), "data": os.path.abspath(args.data),
               "top1": res["top1"], "top5": res["top5"], "images": res["images"], "classes": len(classes),
+              "class_labels": folder_labels(classes, cfg.num_classes, True)[1],
               "dtype": args.dtype, "device": device, "world_size": world, "published_top1": pub,
               "preprocessing": {"input_size": input_size, "resize_short_side": int(input_size / args.eval_crop_ratio),
                                 "interpolation": "bicubic", "center_crop": input_size, "mean": IMAGENET_MEAN, "std": IMAGENET_STD},

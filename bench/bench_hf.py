@@ -200,6 +200,51 @@ def wait_idle(max_s: float, busy: float = 0.1, window_s: float = 5.0) -> None:
         progress(f"  other processes use {share:.0%} of the CPUs: waiting")
 
 
+def protocol_arguments(ap: argparse.ArgumentParser, waits: str) -> None:
+    """--budget-s, --wait-idle (``waits``: when it waits) and --no-save, as the benchmarks that
+    time interleaved rounds take them."""
+    ap.add_argument("--budget-s", type=float, default=None, help="stop starting new cases after this many seconds")
+    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
+                    help=f"shared machines: {waits}, wait up to S s for other processes to leave the CPUs idle, and run "
+                         "again a round they disturbed (above 5%% of the CPUs)")
+    ap.add_argument("--no-save", action="store_true")
+
+
+def interleaved_rounds(paths: dict, steps: int, device: torch.device, wait_s: float, name: str):
+    """Timed rounds, one step of each path per round (``paths``: name -> (step, switch), the
+    switch held around the path's step, outside nothing else), so a drift of the machine
+    falls on all paths alike. With ``wait_s`` (the CPU on a shared machine) a round during
+    which other processes took more than REDO_ABOVE of the CPUs is discarded and run again,
+    after waiting for an idle machine (at most MAX_REDONE times).
+
+    Returns (ms per path: a list per round, other processes' CPU share per kept round, rounds redone)."""
+    times = {p: [] for p in paths}
+    busy, redone = [], 0
+    while len(busy) < steps:
+        start = _jiffies()
+        took = {}
+        for path, (step, switch) in paths.items():
+            with switch():
+                sync(device)
+                t0 = time.perf_counter()
+                step()
+                sync(device)
+                took[path] = (time.perf_counter() - t0) * 1e3
+        others = others_busy(start) if device.type == "cpu" else None
+        line = f"  {name} step {len(busy) + 1}/{steps}: " + ", ".join(f"{p} {t:.0f} ms" for p, t in took.items())
+        if wait_s and others is not None and others > REDO_ABOVE and redone < MAX_REDONE:
+            # Other processes took CPUs during this round: it falls unevenly on the paths.
+            redone += 1
+            progress(f"{line}; other processes took {others:.0%} of the CPUs: round discarded ({redone})")
+            wait_idle(wait_s)
+            continue
+        busy.append(others)
+        for path, t in took.items():
+            times[path].append(t)
+        progress(line)
+    return times, busy, redone
+
+
 def blocks(model):
     """The deformable attention blocks: the modules that own the sampling-offset projection."""
     return [m for m in model.modules() if isinstance(getattr(m, "sampling_offsets", None), torch.nn.Linear)]
@@ -279,30 +324,8 @@ def run_case(name: str, batch: int, size: tuple[int, int], dtype: torch.dtype, d
         with switch():
             for _ in range(warmup):
                 step()
-    times = {p: [] for p in runs}
-    busy, redone = [], 0
-    while len(busy) < steps:
-        start = _jiffies()
-        took = {}
-        for path, (_, step, switch, _) in runs.items():
-            with switch():
-                sync(device)
-                t0 = time.perf_counter()
-                step()
-                sync(device)
-                took[path] = (time.perf_counter() - t0) * 1e3
-        others = others_busy(start) if device.type == "cpu" else None
-        line = f"  {name} step {len(busy) + 1}/{steps}: " + ", ".join(f"{p} {t:.0f} ms" for p, t in took.items())
-        if wait_s and others is not None and others > REDO_ABOVE and redone < MAX_REDONE:
-            # Other processes took CPUs during this round: it falls unevenly on the paths.
-            redone += 1
-            progress(f"{line}; other processes took {others:.0%} of the CPUs: round discarded ({redone})")
-            wait_idle(wait_s)
-            continue
-        busy.append(others)
-        for path, t in took.items():
-            times[path].append(t)
-        progress(line)
+    times, busy, redone = interleaved_rounds({path: (step, switch) for path, (_, step, switch, _) in runs.items()}, steps,
+                                             device, wait_s, name)
     if wait_s and device.type == "cpu":
         wait_idle(wait_s)  # before the profiled steps
     others = max((b for b in busy if b is not None), default=None)
@@ -343,11 +366,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="timed steps per path (default 5 on the CPU, 6 on a GPU)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps per path (default 1 on the CPU, 2 on a GPU)")
     ap.add_argument("--tiny", action="store_true", help="tiny configs at 64x64, one thread: a dry run (nothing saved)")
-    ap.add_argument("--budget-s", type=float, default=None, help="stop starting new cases after this many seconds")
-    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
-                    help="shared machines: before each case and its profiled steps, wait up to S s for other processes to "
-                         "leave the CPUs idle, and run again a round they disturbed (above 5%% of the CPUs)")
-    ap.add_argument("--no-save", action="store_true")
+    protocol_arguments(ap, "before each case and its profiled steps")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if args.tiny:

@@ -808,7 +808,7 @@ def main(argv=None) -> int:
             ap.error("--tiny replaces --config")
         cases = [(TINY, 2, 1.0, "float32")]
     elif args.config:
-        names = piip.list_models(paper_only=True)
+        names = piip.list_models(include_paper_only=True)
         cases = []
         for c in args.config:
             match = [n for n in names if c == n] or [n for n in names if c in n]

@@ -7,6 +7,7 @@ git commit, so numbers are always traceable.
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -196,6 +197,18 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
         return "" if v is None else str(v)
 
     return "\n".join(render_grid(columns, [[fmt(r.get(c, "")) for c in columns] for r in rows], markdown=True))
+
+
+def positive(kind):
+    """An argparse type: a number of ``kind`` above zero (a size of 0 or -5 is refused with a
+    message naming the argument, not a crash later)."""
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text} must be positive")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def render_grid(head: list[str], body: list[list[str]], markdown: bool, free_last: bool = False) -> list[str]:

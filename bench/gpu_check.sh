@@ -2,7 +2,7 @@
 # One prepared GPU check, meant to run in a single call on a lent GPU machine
 # (H200, torch with CUDA, no internet):
 #   build for sm_90 only -> backend table -> GPU tests -> memcheck -> kernel benchmarks ->
-#   model step (two paths, then the ladder) -> Hugging Face step -> memory-planner check ->
+#   model step (two paths, then the ladder) -> Hugging Face step -> detector integrations -> memory-planner check ->
 #   targets -> a short table of the stages.
 # Everything fits GPU_CHECK_BUDGET_S seconds (default 560, under a 10-minute call): each
 # stage gets a share of what is left, and the benchmarks measure our backends first and
@@ -189,6 +189,7 @@ if [ "$DRY" = 1 ]; then
   MODEL=(--device cpu --tiny --steps 1 --warmup 1)
   LADDER=(--device cpu --tiny --ladder --steps 1 --warmup 1 --profile "$OUT/profile")
   HF=(--device cpu --tiny)
+  INTEGRATIONS=(--device cpu --tiny)
   MEMORY=(--config piip_3branch_tsb_368-192-128_cls_token_deit1 --side 64 --batch 1 --dtype bfloat16 --validate --device cpu --quiet)
 else
   MSDA=()
@@ -198,6 +199,7 @@ else
   LADDER=(--ladder --config mask_rcnn_deit_sbl_1568_1120_672_fpn_1x_coco_bs16 --batch 2 --dtype bfloat16 --steps 5
           --profile "$OUT/profile")
   HF=()
+  INTEGRATIONS=()
   MEMORY=(--config deit_tsb_1568_1120_672 --batch 1 --dtype bfloat16 --validate --quiet)
 fi
 b=$(share 150 250); stage "bench_msda" bench_msda.md timeout -k 20 "$(limit "$b" 30)" "$PY" bench/bench_msda.py --budget-s "$b" "${MSDA[@]}"
@@ -215,8 +217,13 @@ b=$(share 180 50); (( DRY )) && b=240; stage "bench_model --ladder" bench_model_
 stage "HF GPU tests" tests_hf.log timeout -k 10 "$(limit "$(share 60 60)" 0)" "${PYTEST[@]}" tests/test_hf.py -q \
   -p no:cacheprovider -m gpu -rs
 if [ -f bench/bench_hf.py ]; then
-  b=$(share 90 30); stage "bench_hf" bench_hf.md timeout -k 10 "$(limit "$b" 20)" "$PY" bench/bench_hf.py --budget-s "$b" "${HF[@]}"
+  b=$(share 90 90); stage "bench_hf" bench_hf.md timeout -k 10 "$(limit "$b" 20)" "$PY" bench/bench_hf.py --budget-s "$b" "${HF[@]}"
 fi
+# The detector integrations: Deformable DETR's encoder through our extension stand-in against
+# the compiled Deformable DETR op (its stand-in in the dry run), and Ultralytics RT-DETR-l and
+# RF-DETR (with the bit-identical deterministic check) where those packages are installed.
+b=$(share 60 30); stage "bench_integrations" bench_integrations.md timeout -k 10 "$(limit "$b" 30)" \
+  "$PY" bench/bench_integrations.py --budget-s "$b" "${INTEGRATIONS[@]}"
 # The memory planner against the measured peak on one full-size preset.
 b=$(share 30 5); stage "memory --validate" memory_validation.md timeout -k 10 "$(limit "$b" 0)" "$PY" bench/memory.py "${MEMORY[@]}"
 if [ "$DRY" = 0 ]; then cp -r bench/results "$OUT/results"; fi

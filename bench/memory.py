@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import piip  # noqa: E402
-from common import render_grid  # noqa: E402
+from common import positive, render_grid  # noqa: E402
 from piip.memory import plan_memory  # noqa: E402
 
 GIB = 2 ** 30
@@ -103,19 +103,20 @@ def validate(rows, device: torch.device) -> list[dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", action="append", default=[], help="presets whose name contains this (repeatable; default all)")
-    ap.add_argument("--batch", type=int, nargs="+", default=[1], help="images per GPU")
-    ap.add_argument("--side", type=int, nargs="+", default=[None], help="input side (default: the preset's largest resolution)")
+    ap.add_argument("--batch", type=positive(int), nargs="+", default=[1], help="images per GPU")
+    ap.add_argument("--side", type=positive(int), nargs="+", default=[None],
+                    help="input side (default: the preset's largest resolution)")
     ap.add_argument("--dtype", nargs="+", default=["bfloat16"], choices=["float32", "bfloat16", "float16"], help="autocast dtype")
     ap.add_argument("--checkpointing", choices=["no", "yes", "both"], default="no")
-    ap.add_argument("--world-size", type=int, nargs="+", default=[1], help="FSDP world sizes (1: no sharding)")
-    ap.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory for the 'fits' column")
+    ap.add_argument("--world-size", type=positive(int), nargs="+", default=[1], help="FSDP world sizes (1: no sharding)")
+    ap.add_argument("--gpu-gib", type=positive(float), default=80.0, help="GPU memory for the 'fits' column")
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--markdown", metavar="PATH")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--validate", action="store_true", help="measure each case for real and compare (world size 1)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for --validate")
     args = ap.parse_args(argv)
-    names = piip.list_models(paper_only=True) if args.config else piip.list_models()
+    names = piip.list_models(include_paper_only=True) if args.config else piip.list_models()
     if args.config:
         names = [n for n in names if any(c in n for c in args.config)]
         if not names:

@@ -6,10 +6,14 @@
     python bench/paper_tables.py --markdown docs/paper_tables.md --json rows.json
 
 The printed rows come from bench/data/paper/paper_tables.md (arXiv 2501.07783). Every row
-that a preset can express (``piip.list_models(paper_only=True)``) shows our #Param / #FLOPs,
+that a preset can express (``piip.list_models(include_paper_only=True)``) shows our #Param / #FLOPs,
 counted in the paper's convention (piip.flops.paper_cost), next to the printed figures with
-the deviation in %; a row we cannot express says why. Accuracy columns are the paper's;
-``--results`` adds a "measured" column from bench/accuracy.py's JSON (one object or a list).
+the deviation in %; a row we cannot express says why. "#Param built" is the
+parameter count of the model ``piip.create_model`` builds (detection presets: with the conv
+merge and the pyramid, which the paper's count, taken on the classification form, leaves
+out). Accuracy columns are the paper's; ``--results`` adds a "measured top-1" column from
+bench/accuracy.py's JSON (one object or a list), each figure with its image count and, when
+on fewer images than ImageNet-1k val's 50,000, flagged as a small sample with its 95% interval.
 Table X's module breakdown is compared module by module. The "=" columns say whether our
 figure, rounded to the printed digits, is the printed figure ("x" where it is not; the row's
 note then says why).
@@ -140,6 +144,13 @@ def _dev(ours: float | None, printed: float | None) -> float | None:
     return None if ours is None or not printed else 100.0 * (ours / printed - 1.0)
 
 
+def built_params(name: str) -> int:
+    """Parameters of the model ``piip.create_model(name)`` builds (counted on the meta device)."""
+    import piip
+
+    return sum(p.numel() for p in piip.create_model(name, device="meta").parameters())
+
+
 def _cost(name: str, cache: dict) -> dict:
     from piip.flops import paper_cost
 
@@ -176,6 +187,7 @@ def table_rows(key: str, tables: dict, measured: dict, cache: dict) -> tuple[str
         if preset:
             c = _cost(preset, cache)
             row["params_m"], row["flops_g"] = c["params"] / 1e6, c["macs"] / 1e9
+            row["params_built_m"] = built_params(preset) / 1e6
             row["dev_params_pct"] = _dev(row["params_m"], row["printed_params_m"])
             row["dev_flops_pct"] = _dev(row["flops_g"], row["printed_flops_g"])
             row["params_match_print"] = rounds_to(row["params_m"], row["printed_params"])
@@ -191,7 +203,7 @@ def table_rows(key: str, tables: dict, measured: dict, cache: dict) -> tuple[str
             row["seg_preset"], row["printed_seg_flops_g"] = seg, printed_number(cells[len(header) - 1 - header[::-1].index(flops_col)])
             row["seg_flops_g"] = _cost(seg, cache)["macs"] / 1e9
             row["note"] += f"; segmentation at crop 512 ({seg}): {row['seg_flops_g']:.1f}G against the printed {row['printed_seg_flops_g']:.0f}G"
-            if preset not in piip.list_models(paper_only=True):
+            if preset not in piip.list_models(include_paper_only=True):
                 raise KeyError(preset)
         out.append(row)
     return heading, acc_cols, out
@@ -247,8 +259,9 @@ def _f(v, spec=".1f"):
 def render(blocks: list[tuple[str, list[str], list[dict]]], breakdown: list[dict] | None, markdown: bool) -> str:
     lines = []
     for heading, acc_cols, rows in blocks:
-        head = ["model", "resolution", "preset", "#Param printed", "#Param ours", "dev %", "=", "#FLOPs printed",
-                "#FLOPs ours", "dev %", "="] + acc_cols + (["measured"] if any("measured" in r for r in rows) else []) + ["note"]
+        head = ["model", "resolution", "preset", "#Param printed", "#Param ours (paper count)", "dev %", "=", "#Param built",
+                "#FLOPs printed", "#FLOPs ours", "dev %", "="] + acc_cols
+        head += (["measured top-1"] if any("measured" in r for r in rows) else []) + ["note"]
         body = []
         for r in rows:
             flops_ours = r.get("flops_g")
@@ -256,11 +269,11 @@ def render(blocks: list[tuple[str, list[str], list[dict]]], breakdown: list[dict
             note = r["note"]
             cells = [r["model"] + (f" [{r['branches']}]" if r.get("branches") else ""), r["resolution"], r["preset"] or "—",
                      _f(r["printed_params_m"]), _f(r.get("params_m")), _f(r.get("dev_params_pct"), "+.2f"),
-                     _match(r.get("params_match_print")), _f(r["printed_flops_g"]), _f(flops_ours), _f(dev_f, "+.2f"),
-                     _match(r.get("flops_match_print"))]
+                     _match(r.get("params_match_print")), _f(r.get("params_built_m")), _f(r["printed_flops_g"]), _f(flops_ours),
+                     _f(dev_f, "+.2f"), _match(r.get("flops_match_print"))]
             cells += [_f(r["accuracy"][h], "g") for h in acc_cols]
-            if "measured" in head:
-                cells.append(_f(r.get("measured"), "g"))
+            if "measured top-1" in head:
+                cells.append(measured_cell(r.get("measured")))
             body.append(cells + [note])
         lines += _table(heading, head, body, markdown)
     if breakdown:
@@ -277,14 +290,32 @@ def _table(title: str, head: list[str], body: list[list[str]], markdown: bool) -
     return ([f"### {title}", ""] if markdown else [title]) + render_grid(head, body, markdown, free_last=True) + [""]
 
 
-def load_measured(path: str | None) -> dict[str, float]:
-    """{config: top-1} from bench/accuracy.py's JSON (an object or a list of them)."""
+# The paper's top-1 is measured on the 50,000 images of ImageNet-1k val; a figure on fewer
+# images is flagged with the widest binomial 95% interval (p = 0.5) of its image count.
+FULL_VAL_IMAGES = 50000
+
+
+def measured_cell(rec: dict | None) -> str:
+    """A measured top-1 with its image count: '82.1 (50000 images)', flagged when small."""
+    if not rec:
+        return "—"
+    top1, n = f"{rec['top1']:g}", rec.get("images")
+    if n is None:
+        return f"{top1} (image count unknown)"
+    if n < FULL_VAL_IMAGES:
+        return f"{top1} ({n} images; SMALL SAMPLE, 95% interval +-{100 * 1.96 * (0.25 / n) ** 0.5:.1f})"
+    return f"{top1} ({n} images)"
+
+
+def load_measured(path: str | None) -> dict[str, dict]:
+    """{config: {"top1", "images"}} from bench/accuracy.py's JSON (an object or a list of them);
+    "images" is None where a record lacks it."""
     if not path:
         return {}
     with open(path) as f:
         data = json.load(f)
     records = data if isinstance(data, list) else [data]
-    return {r["config"]: r["top1"] for r in records}
+    return {r["config"]: {"top1": r["top1"], "images": r.get("images")} for r in records}
 
 
 def main(argv=None) -> int:

@@ -17,6 +17,14 @@ units' deformable attention then runs in the parameters' dtype (bf16 with fp32
 accumulation in our kernels); without FSDP it runs in fp32, as the official code does.
 bench/memory.py plans the memory of exactly these units; DDP needs nothing from here
 (``torch.nn.parallel.DistributedDataParallel(model)`` works as for any module).
+
+A task model holding the PIIP (heads beside it): shard the PIIP, make the task model the
+root, then build the optimizer on the task model (fp32 shards are their own masters; bf16
+shards, from a model cast to bf16 before sharding, get fp32 masters per shard)::
+
+    piip.distributed.apply_fsdp(task.backbone.piip, mesh, param_dtype=torch.bfloat16)
+    fully_shard(task, mesh=mesh)
+    opt = piip.build_optimizer(task)
 """
 from __future__ import annotations
 
@@ -44,7 +52,10 @@ def apply_fsdp(model: nn.Module, mesh=None, param_dtype: torch.dtype | None = to
 
     if not hasattr(model, "set_grad_checkpointing"):
         raise TypeError(f"apply_fsdp expects a piip.PIIP model, got {type(model).__name__}")
-    model.set_grad_checkpointing(checkpointing)
+    # Checked before anything changes: on error the model is left as it was.
+    if mesh is None and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise RuntimeError("apply_fsdp: no process group; call torch.distributed.init_process_group(...) first "
+                           "(e.g. in a script launched with torchrun), or pass mesh=init_device_mesh(...)")
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     kw = dict(mp_policy=mp, reshard_after_forward=reshard_after_forward)
     if mesh is not None:
@@ -52,4 +63,5 @@ def apply_fsdp(model: nn.Module, mesh=None, param_dtype: torch.dtype | None = to
     for unit in fsdp_units(model):
         fully_shard(unit, **kw)
     fully_shard(model, **kw)
+    model.set_grad_checkpointing(checkpointing)
     return model

@@ -297,7 +297,8 @@ def _flop_counter(**kw):
 
 def full_cost(model_or_name, side: int | tuple[int, int] | None = None) -> dict:
     """MACs of a real forward at batch 1 (default: the preset's largest resolution), counted on
-    the meta device. Returns ``{"params", "macs", "by_op", "breakdown"}``."""
+    the meta device (a model passed in: on its own device, in eval mode; each submodule's
+    train/eval mode is restored afterwards). Returns ``{"params", "macs", "by_op", "breakdown"}``."""
     if isinstance(model_or_name, nn.Module):
         model = model_or_name
         cfg = model.cfg
@@ -307,13 +308,20 @@ def full_cost(model_or_name, side: int | tuple[int, int] | None = None) -> dict:
 
         with torch.device("meta"):
             model = build_model(cfg)
-    model.eval()
     side = side or cfg.branches[-1].image_size
     hw = (side, side) if isinstance(side, int) else tuple(side)
     dev = next(model.parameters()).device
     img = torch.empty(1, 3, *hw, device=dev)
-    with torch.no_grad(), _flop_counter() as fc:
-        model(img)
+    # Counted in eval mode (no drop path); the caller's mode of every submodule comes back,
+    # also on error, so a training run that counts keeps training.
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad(), _flop_counter() as fc:
+            model(img)
+    finally:
+        for m, training in modes:
+            m.training = training
     counts = fc.get_flop_counts()
     root = type(model).__name__
 

@@ -18,16 +18,22 @@ which :func:`official_config` sets:
 """
 from __future__ import annotations
 
+import logging
+import os
 import re
-from dataclasses import replace
+import zipfile
+from dataclasses import fields, replace
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from .layers.attention import Attention
 from .models.config import BranchConfig, PIIPConfig, convnext_stage_groups
 from .models.convnext import convnext_official_key
-from .models.keys import check_state_dict
-from .models.piip import PIIP
+from .models.keys import check_materialized, check_state_dict, strip_ddp_prefix
+from .models.piip import PIIP, find_piip
+
+log = logging.getLogger("piip")
 
 _UNIT_RE = re.compile(r"^interactions\.(\d+)\.(\d+)\.(to_a_proj|to_b_proj|to_a|to_b)\.(.*)$")
 _BRANCH_RE = re.compile(r"^branches\.(\d+)\.(.*)$")
@@ -108,25 +114,109 @@ def to_official_state_dict(model: PIIP) -> dict[str, Tensor]:
     return {ok: (sd[k] if i is None else sd[k][i]) for ok, (k, i) in official_names(model).items()}
 
 
-def load_official_state_dict(model: PIIP, state_dict: dict[str, Tensor]) -> None:
+def load_official_state_dict(model: nn.Module, state_dict: dict[str, Tensor], *, official_form: bool = True,
+                             dtype: torch.dtype | None = None, device=None, copy: bool = True) -> None:
     """Fill ``model`` from an official state dict; raise listing every unused, missing or
     mis-shaped key. A whole PIIP-LLaVA checkpoint may be given: only its encoder and
-    projector keys are taken."""
-    ours = model.state_dict()
-    target = official_names(model)
-    if model.cfg.output == "llava":
+    projector keys are taken.
+
+    ``model`` is a :class:`PIIP` or any module holding exactly one (a backbone wrapper, a task
+    model): the weights go into that one. Released weights were trained in the official form,
+    so by default the model is switched to it first (:func:`use_official_form`: window padding
+    before qkv, classification heads on patch token 0; no parameter changes), and a model whose
+    official form has other parameters is refused with what to build instead.
+    ``official_form=False`` keeps the model as built: it then computes another function of the
+    same weights (0.25-0.33 relative off the official outputs with released qkv biases).
+
+    A model on the meta device (``with torch.device("meta"):``) takes the tensors themselves
+    (``load_state_dict(assign=True)``; copies when ``copy``), each cast to ``dtype`` (default:
+    the parameter's own) and moved to ``device``, so no second copy of the weights is made;
+    a materialised model is filled in place and then moved with ``.to(device, dtype)`` when
+    either is given. Anything left on the meta device is an error naming it.
+    """
+    target = find_piip(model, "load_official_state_dict")
+    form = _official_form_of(target) if official_form else target.cfg
+    if target.cfg.output == "llava":
         # Stock timm names the ConvNeXt layer scale "gamma"; the official checkpoints "weight".
         state_dict = {re.sub(r"(convnext_model\.stages\.\d+\.blocks\.\d+)\.gamma$", r"\1.weight", k): v
                       for k, v in state_dict.items() if k.startswith((LLAVA_ENCODER_PREFIX, LLAVA_PROJECTOR_PREFIX))}
+    ours = target.state_dict()
+    names = official_names(target)
     check_state_dict("official state dict", {ok: ours[k].shape if i is None else ours[k][i].shape
-                                             for ok, (k, i) in target.items()}, state_dict)
-    new = {k: v.clone() if k in ("merge_weights", "inter_merge_weights") else None for k, v in ours.items()}
-    for ok, (k, i) in target.items():
+                                             for ok, (k, i) in names.items()}, state_dict)
+    _switch_form(target, form)  # after every check: a refused load leaves the model as it was
+    assign = any(t.is_meta for t in ours.values())
+
+    def place(v: Tensor, like: Tensor) -> Tensor:
+        if not assign:
+            return v
+        want = (dtype or like.dtype) if v.is_floating_point() else v.dtype
+        return v.to(device=device or v.device, dtype=want, copy=copy)
+
+    new = {}
+    for ok, (k, i) in names.items():
+        v = place(state_dict[ok], ours[k])
         if i is None:
-            new[k] = state_dict[ok]
-        else:
-            new[k][i] = state_dict[ok]
-    model.load_state_dict(new, strict=True)
+            new[k] = v
+        else:  # one official scalar per branch of a merge-weight vector
+            if k not in new:
+                new[k] = torch.empty(ours[k].shape, dtype=v.dtype, device=v.device)
+            new[k][i] = v
+    target.load_state_dict(new, strict=True, assign=assign)
+    check_materialized(target, "load_official_state_dict")
+    if not assign and (dtype is not None or device is not None):
+        target.to(device=device, dtype=dtype)
+
+
+# BranchConfig / PIIPConfig fields of the official form that hold no parameters: a model
+# built without them computes another function of the same weights, and loading switches them.
+# Any other difference (branch 4 of the 4-branch detectors, the DINO backbones' extra level)
+# changes the parameters, and loading refuses.
+_BEHAVIOUR_FIELDS = ("pad_before_qkv", "head_reads_first_patch")
+
+
+def _parameter_differences(have: PIIPConfig, want: PIIPConfig) -> list[str]:
+    out = []
+    for i, (a, b) in enumerate(zip(have.branches, want.branches)):
+        out += [f"branch {i + 1} {f.name}: {getattr(a, f.name)!r} here, {getattr(b, f.name)!r} officially"
+                for f in fields(BranchConfig) if f.name not in _BEHAVIOUR_FIELDS and getattr(a, f.name) != getattr(b, f.name)]
+    if bool(have.extra.get("build_all_fpn")) != bool(want.extra.get("build_all_fpn")):
+        out.append("the official backbone builds the unused 4x pyramid level")
+    return out
+
+
+def use_official_form(model: nn.Module) -> bool:
+    """Switch a PIIP model (or the one inside ``model``) in place to the form the official code
+    builds, where that changes no parameter: window padding before qkv in every ViT block,
+    classification heads reading patch token 0 (see :func:`official_config`). Returns whether
+    anything changed. Raises ValueError when the official form has other parameters (the
+    4-branch detectors' branch 4, the DINO backbones' extra pyramid level), naming them."""
+    target = find_piip(model, "use_official_form")
+    return _switch_form(target, _official_form_of(target))
+
+
+def _official_form_of(model: PIIP) -> PIIPConfig:
+    want = official_config(model.cfg)
+    diff = _parameter_differences(model.cfg, want)
+    if diff:
+        raise ValueError("official weights need the official form of this model, which is defined otherwise: " + "; ".join(diff)
+                         + ". Build that form with piip.build_model(piip.official_config(cfg)), or load by preset name "
+                           "(piip.load_official_checkpoint(name, path)), which builds it.")
+    return want
+
+
+def _switch_form(model: PIIP, want: PIIPConfig) -> bool:
+    if want == model.cfg and want.extra == model.cfg.extra:
+        return False
+    for branch, b in zip(model.branches, want.branches):
+        branch.cfg = b
+        for m in branch.modules():
+            if isinstance(m, Attention):
+                m.pad_before_qkv = b.pad_before_qkv
+    model.cfg = want
+    log.info("switched the model to the official form (window padding before qkv, heads on patch token 0), "
+             "which the official weights were trained with")
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,15 +342,30 @@ def official_config(cfg: PIIPConfig, official_branch4_from_branch3: bool = True)
     return replace(cfg, branches=tuple(branches), head_reads_first_patch=cfg.output == "classification", extra=extra)
 
 
-def from_official(config, state_dict: dict[str, Tensor], backend: str | None = None) -> PIIP:
-    """Build a model from a neutral config dict (as stored with the official fixtures) or a
-    PIIPConfig, and load an official state dict into it (checked: see load_official_state_dict)."""
-    from .models.presets import build_model
+def from_official(config, state_dict: dict[str, Tensor], backend: str | None = None, *, official_form: bool = True,
+                  dtype: torch.dtype | None = None, device=None) -> PIIP:
+    """Build a model and load an official state dict into it (checked: see
+    :func:`load_official_state_dict`). ``config`` is a preset name, a :class:`PIIPConfig`, or a
+    neutral config dict as stored with the official fixtures. The model is built in the official
+    form (:func:`official_config`; ``official_form=False`` builds ``config`` as it is) on the meta
+    device and takes copies of the state dict's tensors, in ``dtype`` (default fp32) on
+    ``device``."""
+    if isinstance(config, str):
+        from .models.presets import get_config
 
-    cfg = config if isinstance(config, PIIPConfig) else config_from_neutral(config)
-    model = build_model(cfg, backend=backend)
-    load_official_state_dict(model, state_dict)
-    return model
+        config = get_config(config)
+    elif isinstance(config, dict):
+        if "model" not in config:
+            raise ValueError("from_official: config is a dict without a 'model' entry; pass a preset name, a PIIPConfig "
+                             "(piip.get_config(name)) or a neutral config dict as stored with the official fixtures")
+        config = config_from_neutral(config)
+    elif not isinstance(config, PIIPConfig):
+        raise TypeError(f"from_official: config must be a preset name, a PIIPConfig or a neutral config dict, "
+                        f"got {type(config).__name__}")
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"from_official: state_dict must be a dict of tensors, got {type(state_dict).__name__} "
+                        "(for a checkpoint file use piip.load_official_checkpoint(name_or_model, path))")
+    return load_official_checkpoint(config, state_dict, backend, official_form=official_form, dtype=dtype, device=device)
 
 
 def _unwrap_checkpoint(obj) -> dict[str, Tensor]:
@@ -269,26 +374,56 @@ def _unwrap_checkpoint(obj) -> dict[str, Tensor]:
             obj = obj[key]
     if not isinstance(obj, dict):
         raise ValueError("checkpoint holds no state dict")
+    obj = strip_ddp_prefix(obj)
     if any(k.startswith("backbone.") for k in obj):
         obj = {k[len("backbone."):]: v for k, v in obj.items() if k.startswith("backbone.")}
     return obj
 
 
-def load_official_checkpoint(name_or_model, path: str, backend: str | None = None) -> PIIP:
-    """Build the official form of a preset (or take a model) and load an official checkpoint file.
+def read_checkpoint(checkpoint, mmap: bool = True) -> dict:
+    """A checkpoint file's contents (on the CPU, tensors only; memory-mapped when ``mmap`` and the
+    file is in torch's zip format, so its tensors are read from disk as they are used), or a
+    dict as it is."""
+    if isinstance(checkpoint, dict):
+        return checkpoint
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        raise TypeError(f"checkpoint must be a file path or a state dict, got {type(checkpoint).__name__}")
+    mmap = mmap and zipfile.is_zipfile(checkpoint)  # the legacy (pre-1.6) format cannot be mapped
+    return torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=mmap)
 
-    Handles files that store the model under ``state_dict`` or ``model``, mmdet checkpoints
-    whose backbone keys start with ``backbone.`` (the neck and heads are ignored), and whole
-    PIIP-LLaVA checkpoints (only the vision tower and projector keys are taken).
+
+def load_official_checkpoint(model_or_name, checkpoint, backend: str | None = None, *, official_form: bool = True,
+                             dtype: torch.dtype | None = None, device=None, mmap: bool = True):
+    """Load an official checkpoint (a file path, or its contents as a dict) into a model.
+
+    ``model_or_name``:
+      - a preset name or a :class:`PIIPConfig`: its official form (:func:`official_config`) is
+        built on the meta device and takes the checkpoint's tensors, read memory-mapped from the
+        file, cast to ``dtype`` (default: fp32, as built) and moved to ``device`` one by one: the peak
+        memory is about one copy of the weights, which the 6B presets need;
+      - a :class:`PIIP`, or any module holding exactly one (a backbone wrapper such as
+        ``piip.hf.PIIPBackbone``, a whole task model): that model is filled (switched to the
+        official form first, see :func:`load_official_state_dict`); a model on the meta
+        device is filled as above.
+
+    Handles files that store the model under ``state_dict``, ``model`` or ``module``, DDP's
+    ``module.`` prefix, mmdet checkpoints whose backbone keys start with ``backbone.`` (the
+    neck and heads are ignored), and whole PIIP-LLaVA checkpoints (only the vision tower and
+    projector keys are taken). Returns the built model, or the module passed in. A state dict
+    passed in is copied, never shared with the model.
     """
-    from .models.presets import get_config
+    from .models.presets import build_model, get_config
 
-    from .models.presets import build_model
-
-    if isinstance(name_or_model, PIIP):
-        model = name_or_model
+    if isinstance(model_or_name, (str, PIIPConfig)):
+        cfg = get_config(model_or_name) if isinstance(model_or_name, str) else model_or_name
+        with torch.device("meta"):
+            model = build_model(official_config(cfg) if official_form else cfg, backend=backend)
+    elif isinstance(model_or_name, nn.Module):
+        model = model_or_name
     else:
-        model = build_model(official_config(get_config(name_or_model)), backend=backend)
-    sd = _unwrap_checkpoint(torch.load(path, map_location="cpu", weights_only=True))
-    load_official_state_dict(model, sd)
+        raise TypeError(f"load_official_checkpoint: the first argument must be a preset name, a PIIPConfig or an nn.Module "
+                        f"holding a piip.PIIP model, got {type(model_or_name).__name__}")
+    sd = _unwrap_checkpoint(read_checkpoint(checkpoint, mmap))
+    load_official_state_dict(model, sd, official_form=official_form, dtype=dtype, device=device,
+                             copy=isinstance(checkpoint, dict))
     return model

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
@@ -126,7 +128,8 @@ _add("piip_3branch_sbl_320-160-96_cls_token_augreg piip_3branch_sbl_384-192-128_
      notes=("main.py also keeps a model EMA (decay 0.99996) by default; not part of the optimizer",))
 
 # Recipe fields a caller may override; everything else goes to torch.optim.AdamW.
-_RECIPE_KEYS = ("lr", "betas", "eps", "weight_decay", "num_layers", "layer_decay_rate", "skip_stride", "lr_ratio")
+_RECIPE_KEYS = ("lr", "betas", "eps", "weight_decay", "num_layers", "layer_decay_rate", "skip_stride", "lr_ratio",
+                "grad_clip_max_norm")
 
 
 def get_recipe(preset: str) -> Recipe:
@@ -190,11 +193,14 @@ class _Assigner:
         self.r = recipe
         self.scales: dict = {}  # group key -> scale, set by the group's first member
 
-    def assign(self, name: str, ndim: int):
+    def assign(self, name: str, ndim: int, outside: bool = False):
+        """``outside``: a parameter outside the backbone (a task model's neck or head), which the
+        constructors give the last layer id (layer decay: scale 1) or the from-scratch ratio
+        (classification), whatever its name; its name still decides its weight decay."""
         r = self.r
         if r.rule == "classification":
             if r.lr_ratio != 1.0:
-                ratio = 1 if name.startswith(_SCRATCH_KEEP) else r.lr_ratio
+                ratio = r.lr_ratio if outside or not name.startswith(_SCRATCH_KEEP) else 1
                 return ("ratio", ratio), {"layer_id": 0, "lr_scale": ratio, "weight_decay": r.weight_decay}
             # Ratio 1: main.py hands timm the model, and timm exempts 1-D tensors and biases
             # (the official PIIP classifier defines no no_weight_decay()).
@@ -205,7 +211,7 @@ class _Assigner:
         num_layers = r.num_layers + 2
         skip = r.skip_stride if r.skip_stride is not None else 1
         decay = not _no_decay(name, ndim)
-        raw = vit_layer_id(name, num_layers, skip)
+        raw = num_layers - 1 if outside else vit_layer_id(name, num_layers, skip)
         key = (int("%d" % raw), decay)
         if key not in self.scales:
             self.scales[key] = r.layer_decay_rate ** (num_layers - raw - 1)
@@ -232,38 +238,89 @@ def _official_groups_cached(preset: str):
                  for on, (k, i) in official_names(model).items())
 
 
-def official_param_groups(preset: str) -> dict[str, dict]:
-    """Official parameter name -> ``{"layer_id": int, "lr_scale": float, "weight_decay": float}``
-    for every parameter of the preset's official model, as the official constructor assigns them.
+def official_param_groups(preset_or_model, preset: str | None = None) -> dict[str, dict]:
+    """Name -> ``{"layer_id": int, "lr_scale": float, "weight_decay": float}`` as the official
+    constructor assigns them.
+
+    Given a preset name: every parameter of the preset's official model, under its official
+    name. Given a model (a :class:`piip.PIIP`, or a task model holding one at any prefix, e.g. a
+    segmenter whose ``backbone`` wraps the PIIP; DDP / DataParallel / ``torch.compile`` wrappers
+    are looked through) and optionally the preset (default: the PIIP's own): its trainable
+    parameters, as :func:`build_optimizer` groups them. The PIIP's parameters get exactly the
+    groups of a bare PIIP, under their official names (relative to the PIIP); every other
+    parameter is outside the backbone, under its name in the model: the last layer id and scale
+    1 (classification: the from-scratch ratio), decayed unless 1-D or named ``*.bias``.
 
     Detection and segmentation names carry the ``backbone.`` prefix the constructor sees;
     classification names are bare. Classification has no layer ids (``layer_id`` is 0) and
     ``lr_scale`` is 1 for the pretrained branches and the lr ratio (10) for the rest.
     """
-    get_recipe(preset)  # a clear error before building anything
-    return {n: dict(v) for n, v in _official_groups_cached(preset)}
+    if isinstance(preset_or_model, str):
+        if preset is not None:
+            raise TypeError("official_param_groups: pass a preset name or a model (with preset=), not two presets")
+        get_recipe(preset_or_model)  # a clear error before building anything
+        return {n: dict(v) for n, v in _official_groups_cached(preset_or_model)}
+    if not isinstance(preset_or_model, nn.Module):
+        raise TypeError(f"official_param_groups: expected a preset name or an nn.Module, got {type(preset_or_model).__name__}")
+    model = _unwrap(preset_or_model)
+    out: dict[str, dict] = {}
+    who = "official_param_groups"
+    for names, _, _, v in _named_groups(model, _recipe_for(model, preset, {}, who), who):
+        for n in names:
+            if n in out:
+                raise ValueError(f"official_param_groups: two parameters are named {n!r} (a parameter outside the PIIP "
+                                 "has an official PIIP name)")
+            out[n] = dict(v)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
 # The optimizer
 
 
-def _find_piip(model: nn.Module):
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP / DataParallel / ``torch.compile`` wrappers: the names the rules see."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _find_piip(model: nn.Module, who: str = "build_optimizer"):
+    """The PIIP in ``model`` (or ``model`` itself). PIIPs whose parameters are all frozen (a
+    teacher) are not trained, so they are left out; two trained PIIPs are refused."""
     from .models.piip import PIIP
 
-    for m in model.modules():
-        if isinstance(m, PIIP):
-            return m
-    raise TypeError(f"build_optimizer: no piip.PIIP inside {type(model).__name__}")
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, PIIP)]
+    if not found:
+        raise TypeError(f"{who}: no piip.PIIP inside {type(model).__name__}")
+    trained = [(n, m) for n, m in found if any(p.requires_grad for p in m.parameters())]
+    if len(trained) > 1:
+        where = ", ".join(repr(n or "<the model itself>") for n, _ in trained)
+        raise ValueError(f"{who}: {type(model).__name__} holds {len(trained)} trainable PIIP models (at {where}); the "
+                         "official recipe has one backbone: build one optimizer per PIIP, or freeze the ones not trained")
+    return (trained or found)[0][1]
 
 
-def _named_groups(model: nn.Module, recipe: Recipe):
-    """(name the rule saw, parameter, group key, group values) for every trainable parameter,
-    in parameter order: the PIIP's parameters under their official names, the rest under
-    their own names in ``model`` (neck and heads, outside the backbone)."""
+def _recipe_for(model: nn.Module, preset: str | None, overrides: dict, who: str) -> Recipe:
+    preset = preset or _find_piip(model, who).cfg.name
+    if not preset:
+        raise ValueError(f"{who}: the model records no preset name (it was not built by piip.create_model); "
+                         "pass preset=<official config name>")
+    return replace(get_recipe(preset), **overrides)
+
+
+def _named_groups(model: nn.Module, recipe: Recipe, who: str = "build_optimizer"):
+    """(names the rule saw, parameter, group key, group values) for every trainable parameter,
+    in parameter order: the PIIP's parameters under their official names (several for a
+    tensor that holds several official parameters, the merge-weight vectors), the rest
+    under their own names in ``model``, as parameters outside the backbone (neck and heads)."""
     from .official import official_names
 
-    piip_model = _find_piip(model)
+    piip_model = _find_piip(model, who)
     prefix = _official_prefix(recipe)
     ours = dict(piip_model.named_parameters())
     official_of: dict[str, list] = {}
@@ -283,9 +340,9 @@ def _named_groups(model: nn.Module, recipe: Recipe):
             # one group for all of them; the official rules never split one.
             if len({key for _, key, _ in found}) != 1:
                 raise ValueError(f"parameter {k!r} holds official parameters of different groups: {[f[0] for f in found]}")
-            out.append((found[0][0], p, found[0][1], found[0][2]))
+            out.append(([on for on, _, _ in found], p, found[0][1], found[0][2]))
         else:
-            out.append((name, p, *a.assign(name, p.dim())))
+            out.append(([name], p, *a.assign(name, p.dim(), outside=True)))
     return out
 
 
@@ -324,11 +381,15 @@ def build_optimizer(model: nn.Module, preset: str | None = None, fused: bool | N
     """AdamW with the official parameter groups and hyperparameters of ``preset``.
 
     Args:
-        model: a :class:`piip.PIIP`, or any module containing one (a detector with neck and
-            heads): the PIIP's parameters are grouped under their official names, every other
-            parameter by the official rule for names outside the backbone, under its own name.
-            Frozen parameters are left out. Works on a model sharded by ``piip.distributed.apply_fsdp``.
-        preset: the recipe to follow; None takes the model's preset (``model.cfg.name``, which
+        model: a :class:`piip.PIIP`, or any module holding one at any prefix (a detector or
+            segmenter with neck and heads, e.g. a transformers task model whose ``backbone``
+            wraps the PIIP; DDP / DataParallel / ``torch.compile`` wrappers are looked through):
+            the PIIP's parameters get exactly the groups of a bare PIIP, under their official
+            names; every other parameter follows the official rule for names outside the
+            backbone, under its own name (see :func:`official_param_groups`). Frozen parameters
+            are left out; a module with two trainable PIIPs is refused. Works on models sharded
+            by FSDP2 (``piip.distributed.apply_fsdp``, ``fully_shard``) and inside DDP.
+        preset: the recipe to follow; None takes the PIIP's preset (``cfg.name``, which
             ``piip.create_model`` records).
         fused: None: torch's default AdamW implementation (what the official code runs);
             True: torch's fused AdamW (CUDA, and the CPU from torch 2.4); it raises, naming the
@@ -339,20 +400,25 @@ def build_optimizer(model: nn.Module, preset: str | None = None, fused: bool | N
             bf16/fp16. fp32 parameters are their own masters, so under ``apply_fsdp`` (fp32 shards)
             nothing is copied. False with bf16 parameters: plain AdamW on the bf16 tensors.
         **overrides: recipe fields (lr, betas, eps, weight_decay, num_layers, layer_decay_rate,
-            skip_stride, lr_ratio) and other torch.optim.AdamW options (amsgrad, foreach, ...).
+            skip_stride, lr_ratio, grad_clip_max_norm) and other torch.optim.AdamW options
+            (amsgrad, foreach, ...).
 
-    Every group carries ``lr_scale``, ``layer_id`` and ``group_name`` besides torch's keys; its
-    ``lr`` is ``lr_scale * lr`` as in the official constructors.
+    Gradient clipping: the recipe's ``grad_clip_max_norm`` (0.1 in the DINO configs) is applied
+    by the optimizer, inside ``step()``, to the global 2-norm of the fp32 gradients, so a trainer
+    that clips too (transformers' ``max_grad_norm``, mmengine's ``clip_grad``) changes nothing at
+    the same norm; ``grad_clip_max_norm=None`` turns it off for a trainer that clips itself, and
+    ``opt.grad_clip_max_norm`` tells such a trainer the recipe's value. The optimizer is then a
+    :class:`MasterWeightAdamW` (with ``master_weights=False`` it steps the parameters as they
+    are); without masters and clipping it is a plain ``torch.optim.AdamW``.
+
+    Every group carries ``lr_scale``, ``layer_id``, ``group_name`` and ``param_names`` besides
+    torch's keys; its ``lr`` is ``lr_scale * lr`` as in the official constructors.
     """
-    piip_model = _find_piip(model)
-    preset = preset or piip_model.cfg.name
-    if not preset:
-        raise ValueError("build_optimizer: the model records no preset name (it was not built by piip.create_model); "
-                         "pass preset=<official config name>")
+    model = _unwrap(model)
     recipe_kw, torch_kw = _check_options(dict(overrides))
-    recipe = replace(get_recipe(preset), **recipe_kw)
+    recipe = _recipe_for(model, preset, recipe_kw, "build_optimizer")
     groups: dict = {}
-    for name, p, key, v in _named_groups(model, recipe):
+    for (name, *_), p, key, v in _named_groups(model, recipe):
         g = groups.get(key)
         if g is None:
             if recipe.rule == "classification":
@@ -380,92 +446,237 @@ def build_optimizer(model: nn.Module, preset: str | None = None, fused: bool | N
             if reasons:
                 raise ValueError("build_optimizer(fused=True): torch's fused AdamW cannot run here: " + "; ".join(reasons))
         kw["fused"] = bool(fused)
-    cls = MasterWeightAdamW if master_weights else torch.optim.AdamW
-    return cls(list(groups.values()), **kw)
+    if master_weights or recipe.grad_clip_max_norm is not None:
+        return MasterWeightAdamW(list(groups.values()), master_weights=master_weights,
+                                 grad_clip_max_norm=recipe.grad_clip_max_norm, **kw)
+    return torch.optim.AdamW(list(groups.values()), **kw)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's shard on this rank (FSDP2 parameters), any other tensor itself."""
+    return getattr(t, "_local_tensor", t)
+
+
+def _mark(p: torch.Tensor) -> tuple:
+    """What changes when a parameter is written outside the optimizer: its version counter
+    (in-place writes: ``load_state_dict``, ``copy_``, ``_foreach_copy_``) and its storage
+    (``param.data = ...``, ``torch.utils.swap_tensors``), and its dtype."""
+    return p._version, _local(p).data_ptr(), p.dtype
+
+
+def _adamw_step(opt: torch.optim.AdamW) -> None:
+    # torch wraps an optimizer class's step() with the step hooks once an instance exists;
+    # MasterWeightAdamW.step has run them already, so call AdamW's own step without them.
+    step = torch.optim.AdamW.step
+    (step.__wrapped__ if getattr(step, "hooked", False) else step)(opt)
+
+
+def _rekey(state, mapping: dict):
+    out = defaultdict(dict)
+    for k, v in state.items():
+        out[mapping.get(k, k) if isinstance(k, torch.Tensor) else k] = v
+    return out
 
 
 class MasterWeightAdamW(torch.optim.AdamW):
     """AdamW stepping fp32 master copies of bf16/fp16 parameters (the DeepSpeed ZeRO-1 bf16
-    scheme, on one device or per shard): each step casts the parameters' gradients to fp32,
-    steps the masters (torch's AdamW, any implementation: default, foreach or fused), and
+    scheme, on one device or per FSDP2 shard): each step casts the parameters' gradients to
+    fp32, steps the masters (torch's AdamW, any implementation: default, foreach or fused) and
     writes the masters back rounded to the parameters' dtype. fp32 parameters are their own
-    masters (no copy).
+    masters (no copy); ``master_weights=False`` makes every parameter its own master.
 
-    ``param_groups[i]["params"]`` hold the masters; the model's parameters are in
-    ``model_params`` (same order). ``zero_grad`` clears the model's gradients. ``state_dict``
-    adds the masters under ``"master_weights"``; ``load_state_dict`` restores them and writes
-    them back to the parameters (a state dict without them keeps the current masters).
+    From outside it is a plain AdamW over the model's parameters: ``param_groups`` hold the
+    parameters (so clipping over the optimizer's parameters, as mmengine's ``OptimWrapper``
+    does, and over ``model.parameters()``, as transformers' ``Trainer`` does, clip the same
+    gradients, the ones the step applies), ``state`` is keyed by them (fp32 moments), and
+    ``add_param_group`` gives new bf16/fp16 parameters masters.
+
+    The parameters are authoritative: a parameter written outside ``step()`` (``load_state_dict``,
+    ``piip.load_pretrained_branch``, ``piip.load_official_checkpoint``, an EMA swap that
+    assigns ``param.data`` or copies into the parameter) is seen by its version counter or its
+    storage at the next ``step()`` or ``state_dict()``, and its master re-reads it: elementwise,
+    the master keeps its fp32 bits where it still rounds to the parameter and takes the
+    parameter's value elsewhere. Writes that no version counter records (in place through
+    ``param.data``, e.g. ``param.data.copy_(x)``) are not seen: call :meth:`sync_masters` after them.
+
+    ``grad_clip_max_norm``: clip the global 2-norm of the fp32 gradients inside ``step()``
+    (after any clipping the caller did; clipping twice at one norm is clipping once), as the
+    official recipes that clip do (:func:`build_optimizer` passes the recipe's value).
+
+    GradScaler (``torch.amp.GradScaler``) works with fp16 weights: ``scaler.step(opt)`` hands
+    the scale to this optimizer, which unscales the fp32 gradients and skips the step when the
+    scaler found an inf or NaN. ``scaler.unscale_(opt)`` refuses fp16 gradients (torch's
+    "Attempting to unscale FP16 gradients"): with fp16 weights, clip with ``grad_clip_max_norm``.
+
+    ``state_dict()`` is torch's, with each stepped parameter's master in its state under
+    ``"master"``; ``load_state_dict`` accepts it and plain AdamW checkpoints (masters then come
+    from the parameters), in either order with the model's own ``load_state_dict``. A saved
+    master is kept where it rounds to the parameter, which a plain AdamW also loads (it ignores
+    the extra entry).
     """
 
-    def __init__(self, params, **kw):
-        groups = [dict(g) for g in params] if isinstance(params, (list, tuple)) and params and isinstance(params[0], dict) \
-            else [{"params": list(params)}]
-        self.model_params: list[torch.Tensor] = []
-        for g in groups:
-            masters = []
-            for p in g["params"]:
-                self.model_params.append(p)
-                masters.append(p.detach().float() if p.dtype in LOW_PRECISION else p)
-            g["params"] = masters
-        super().__init__(groups, **kw)
-        masters = [m for g in self.param_groups for m in g["params"]]
-        self._pairs = [(p, m) for p, m in zip(self.model_params, masters) if m is not p]
+    def __init__(self, params, *args, master_weights: bool = True, grad_clip_max_norm: float | None = None, **kw):
+        if grad_clip_max_norm is not None and not grad_clip_max_norm > 0:
+            raise ValueError(f"MasterWeightAdamW: grad_clip_max_norm must be positive or None, got {grad_clip_max_norm!r}")
+        self.master_weights = bool(master_weights)
+        self.grad_clip_max_norm = grad_clip_max_norm
+        self._masters: dict = {}   # low-precision parameter -> its fp32 master
+        self._seen: dict = {}      # parameter -> _mark at the last write-back or check
+        super().__init__(params, *args, **kw)   # calls add_param_group for each group
+        self._step_supports_amp_scaling = True  # GradScaler passes grad_scale / found_inf
+
+    def __getstate__(self):
+        # torch pickles only defaults, state and groups; the masters and options go along.
+        return {**super().__getstate__(), "master_weights": self.master_weights, "_masters": self._masters,
+                "grad_clip_max_norm": self.grad_clip_max_norm, "_step_supports_amp_scaling": True}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._seen = dict.fromkeys(self._masters)   # checked against the parameters at the next step
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if self.master_weights:
+            for p in self.param_groups[-1]["params"]:
+                if p.dtype in LOW_PRECISION:
+                    self._masters[p] = p.detach().float()
+                    self._seen[p] = _mark(p)
+
+    @property
+    def masters(self) -> dict:
+        """Parameter -> its fp32 master, for the bf16/fp16 parameters."""
+        return dict(self._masters)
+
+    @property
+    def _pairs(self) -> list:
+        return list(self._masters.items())
 
     @torch.no_grad()
-    def _grads_to_masters(self) -> None:
-        have = [(p, m) for p, m in self._pairs if p.grad is not None]
-        for p, m in self._pairs:
-            m.grad = None
-        if have:
-            grads32 = [torch.empty_like(m) for _, m in have]
-            torch._foreach_copy_(grads32, [p.grad for p, _ in have])   # bf16 -> fp32, one multi-tensor call
-            for (_, m), g in zip(have, grads32):
-                m.grad = g
+    def sync_masters(self, changed_only: bool = False) -> None:
+        """Re-read the parameters into the masters: every parameter (after a write that no
+        version counter records, such as ``param.data.copy_(x)``), or with ``changed_only``
+        those whose version or storage changed since the optimizer last wrote them (what
+        ``step()`` and ``state_dict()`` do). Where a master still rounds to its parameter it
+        keeps its fp32 bits, elsewhere it takes the parameter's value."""
+        for p, m in self._masters.items():
+            if changed_only and _mark(p) == self._seen[p]:
+                continue
+            if p.shape != m.shape or p.device != m.device:
+                raise RuntimeError(f"MasterWeightAdamW: a parameter of shape {tuple(m.shape)} on {m.device} is now "
+                                   f"{tuple(p.shape)} on {p.device}: build the optimizer after moving or resizing the model")
+            lp, lm = _local(p), _local(m)
+            lm.copy_(torch.where(lm.to(lp.dtype) == lp, lm, lp))
+            self._seen[p] = _mark(p)
+
+    @contextmanager
+    def _on_masters(self):
+        """torch's AdamW sees the masters in place of the parameters (groups and state)."""
+        if not self._masters:
+            yield
+            return
+        outer = [g["params"] for g in self.param_groups]
+        for g in self.param_groups:
+            g["params"] = [self._masters.get(p, p) for p in g["params"]]
+        self.state = _rekey(self.state, self._masters)
+        try:
+            yield
+        finally:
+            # load_state_dict replaces the group dicts: restore by position.
+            for g, ps in zip(self.param_groups, outer):
+                g["params"] = ps
+            self.state = _rekey(self.state, {m: p for p, m in self._masters.items()})
 
     @torch.no_grad()
-    def _masters_to_params(self) -> None:
-        if self._pairs:
-            torch._foreach_copy_([p for p, _ in self._pairs], [m for _, m in self._pairs])  # fp32 -> bf16, rounded
-
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._grads_to_masters()
-        super().step()
-        self._masters_to_params()
-        for _, m in self._pairs:
-            m.grad = None  # the fp32 gradients live only during the step
+        # Set by GradScaler.step for optimizers that handle the scale themselves.
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if found_inf is not None and bool(found_inf):
+            return loss   # an inf or NaN gradient: skip the step, as torch's fused AdamW does
+        self.sync_masters(changed_only=True)
+        pairs = [(p, m) for p, m in self._masters.items() if p.grad is not None]
+        if pairs:
+            grads32 = [torch.empty_like(m) for _, m in pairs]
+            # bf16 -> fp32, one multi-tensor call (on the shards: DTensor has no _foreach_copy_)
+            torch._foreach_copy_([_local(g) for g in grads32], [_local(p.grad) for p, _ in pairs])
+            for (_, m), g in zip(pairs, grads32):
+                m.grad = g
+        stepped = [m for _, m in pairs] + [p for g in self.param_groups for p in g["params"]
+                                           if p.grad is not None and p not in self._masters]
+        try:
+            if grad_scale is not None:
+                for device, grads in _by_device([t.grad for t in stepped]).items():
+                    torch._foreach_div_(grads, grad_scale.to(device))
+            if self.grad_clip_max_norm is not None and stepped:
+                torch.nn.utils.clip_grad_norm_(stepped, self.grad_clip_max_norm)
+            if grad_scale is not None or found_inf is not None:
+                self.grad_scale = self.found_inf = None   # handled: torch's AdamW must not apply them again
+            with self._on_masters():
+                _adamw_step(self)
+        finally:
+            if grad_scale is not None or found_inf is not None:
+                self.grad_scale, self.found_inf = grad_scale, found_inf   # GradScaler deletes them
+            for _, m in pairs:
+                m.grad = None   # the fp32 gradients live only during the step
+        if pairs:
+            torch._foreach_copy_([_local(p) for p, _ in pairs], [_local(m) for _, m in pairs])   # fp32 -> bf16, rounded
+            for p, _ in pairs:
+                self._seen[p] = _mark(p)
         return loss
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        super().zero_grad(set_to_none)
-        for p, _ in self._pairs:
-            if set_to_none:
-                p.grad = None
-            elif p.grad is not None:
-                p.grad.zero_()
-
     def state_dict(self):
+        self.sync_masters(changed_only=True)
         sd = super().state_dict()
-        sd["master_weights"] = [m.detach().clone() for _, m in self._pairs]
+        order = (p for g in self.param_groups for p in g["params"])
+        for i, p in zip((i for g in sd["param_groups"] for i in g["params"]), order):
+            m = self._masters.get(p)
+            # Only stepped parameters have state; a master differs from its parameter only
+            # after a step.
+            if m is not None and i in sd["state"]:
+                sd["state"][i] = {**sd["state"][i], "master": m}
         return sd
 
     def load_state_dict(self, state_dict) -> None:
         state_dict = dict(state_dict)
-        masters = state_dict.pop("master_weights", None)
-        super().load_state_dict(state_dict)
-        if masters is None:
-            return
-        if len(masters) != len(self._pairs):
-            raise ValueError(f"state dict holds {len(masters)} master weights, this optimizer has {len(self._pairs)}")
+        saved, state = {}, {}
+        for i, s in state_dict["state"].items():
+            s = dict(s)
+            if "master" in s:
+                saved[i] = s.pop("master")
+            if s:
+                state[i] = s
+        state_dict["state"] = state
+        # Loaded onto the masters, so torch casts the moments to fp32, not to the parameters' dtype.
+        with self._on_masters():
+            super().load_state_dict(state_dict)
+        params = (p for g in self.param_groups for p in g["params"])
         with torch.no_grad():
-            for (p, m), saved in zip(self._pairs, masters):
-                if saved.shape != m.shape:
-                    raise ValueError(f"master weight of shape {tuple(saved.shape)} for a parameter of shape {tuple(m.shape)}")
-                m.copy_(saved)
-            self._masters_to_params()
+            for i, p in zip((i for g in state_dict["param_groups"] for i in g["params"]), params):
+                m = self._masters.get(p)
+                if m is None:
+                    continue
+                v = saved.get(i)
+                if v is None:
+                    _local(m).copy_(_local(p))   # a plain AdamW checkpoint: the parameter's value
+                    self._seen[p] = _mark(p)
+                    continue
+                if tuple(v.shape) != tuple(m.shape):
+                    raise ValueError(f"MasterWeightAdamW.load_state_dict: the master of parameter {i} has shape "
+                                     f"{tuple(v.shape)}, the parameter {tuple(m.shape)}")
+                m.copy_(v)
+                # Kept only where it rounds to the parameter, checked at the next step (the model's
+                # weights may be loaded after the optimizer's).
+                self._seen[p] = None
+
+
+def _by_device(tensors) -> dict:
+    out: dict = {}
+    for t in tensors:
+        out.setdefault(t.device, []).append(t)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,10 +20,10 @@ from PIL import Image  # noqa: E402  (requirements-dev: pillow)
 N_CLASSES = 7
 
 
-def make_dataset(root: Path, per_class=(2, 1, 3, 1, 2, 1, 1), size=(40, 30)):
+def make_dataset(root: Path, per_class=(2, 1, 3, 1, 2, 1, 1), size=(40, 30), names=None):
     """Class c's images are filled with the grey level 30 * c + i (i-th image), so a model can
     read the label back from the pixels. Folder names sort differently from their creation order."""
-    names = [f"n{9 - c:02d}_cls" for c in range(N_CLASSES)]  # created in reverse sorted order
+    names = names or [f"n{9 - c:02d}_cls" for c in range(N_CLASSES)]  # created in reverse sorted order
     for c, name in enumerate(names):
         d = root / name
         d.mkdir(parents=True)
@@ -59,6 +59,53 @@ def test_class_folders_sorted_like_imagefolder(tmp_path):
     assert [label for _, label in samples] == sorted(label for _, label in samples)
     with pytest.raises(FileNotFoundError):
         acc.class_folder_samples(str(tmp_path / "missing"))
+
+
+def _folders(root: Path, names):
+    for name in names:
+        (root / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(root / name / "a.png")
+
+
+def test_numeric_folders_are_the_class_index(tmp_path):
+    """ImageNetV2's layout: folder '10' holds class 10 (sorted names would give it 2)."""
+    names = [str(i) for i in range(12)]
+    _folders(tmp_path, names)
+    classes, samples = acc.class_folder_samples(str(tmp_path), num_classes=12)
+    assert {os.path.basename(os.path.dirname(p)): label for p, label in samples} == {n: int(n) for n in names}
+
+
+def test_wordnet_folders_map_through_the_imagenet_order(tmp_path):
+    """A subset of WordNet-id folders (asked for) keeps the ImageNet-1k indices: n01443537 is 1
+    and n15075141 is 999, whatever other folders are present."""
+    _folders(tmp_path, ["n15075141", "n01443537", "n04589890"])
+    with pytest.raises(ValueError, match="3 of the model's 1000 classes.*--allow-subset"):
+        acc.class_folder_samples(str(tmp_path), num_classes=1000)
+    _, samples = acc.class_folder_samples(str(tmp_path), num_classes=1000, allow_subset=True)
+    got = {os.path.basename(os.path.dirname(p)): label for p, label in samples}
+    assert got == {"n01443537": 1, "n04589890": 904, "n15075141": 999}
+    wnids = acc.imagenet_wnids()
+    assert len(wnids) == 1000 and wnids == sorted(wnids) and wnids[0] == "n01440764"
+
+
+def test_unknown_or_mixed_folder_names_are_refused(tmp_path):
+    _folders(tmp_path / "a", ["n99999999", "n01443537"])
+    with pytest.raises(ValueError, match="n99999999.*not ImageNet-1k"):
+        acc.class_folder_samples(str(tmp_path / "a"), num_classes=1000, allow_subset=True)
+    _folders(tmp_path / "b", ["cat", "dog"])
+    with pytest.raises(ValueError, match="2 folders for a model of 5 classes"):
+        acc.class_folder_samples(str(tmp_path / "b"), num_classes=5, allow_subset=True)
+    _folders(tmp_path / "c", ["3", "12"])
+    with pytest.raises(ValueError, match="'12'.*0..9"):
+        acc.class_folder_samples(str(tmp_path / "c"), num_classes=10, allow_subset=True)
+
+
+@pytest.mark.parametrize("limit", ["-5", "0"])
+def test_rejects_a_non_positive_limit(tmp_path, limit):
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "accuracy.py"), "--config",
+                          "piip_3branch_tsb_368-192-128_cls_token_deit1", "--checkpoint", "x.pth", "--data", str(tmp_path),
+                          "--limit", limit], capture_output=True, text=True)
+    assert res.returncode == 2 and "--limit" in res.stderr and "must be positive" in res.stderr
 
 
 def test_transform_against_hand_computed_pixels():
@@ -155,10 +202,11 @@ def test_full_size_preset_smoke(tmp_path):
     torch.save({"model": piip.to_official_state_dict(model)}, ckpt)
     del model
     data = tmp_path / "data"
-    make_dataset(data, size=(400, 380))
+    make_dataset(data, size=(400, 380), names=[str(c) for c in range(N_CLASSES)])
     out = tmp_path / "acc.json"
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "accuracy.py"), "--config", name, "--checkpoint", str(ckpt),
-                          "--data", str(data), "--limit", "4", "--batch-size", "2", "--workers", "0", "--json", str(out)],
+                          "--data", str(data), "--limit", "4", "--batch-size", "2", "--workers", "0", "--json", str(out),
+                          "--allow-subset"],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     record = json.loads(out.read_text())

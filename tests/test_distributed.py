@@ -109,3 +109,11 @@ def test_fsdp_units_are_blocks_and_interaction_units():
     model = PIIP(tiny_config(3))
     units = piip.memory.fsdp_units(model)
     assert sum(isinstance(u, Block) for u in units) == 6 and sum(isinstance(u, InteractionUnit) for u in units) == 4
+
+
+def test_apply_fsdp_without_a_process_group_says_what_to_do_and_changes_nothing():
+    model = PIIP(tiny_config(3))
+    with pytest.raises(RuntimeError, match=r"init_process_group.*or pass mesh="):
+        piip.distributed.apply_fsdp(model, checkpointing=True)
+    assert not model.grad_checkpointing and not any(b.grad_checkpointing for b in model.branches)
+    assert not any(type(m).__name__.startswith("FSDP") for m in model.modules())

@@ -56,6 +56,19 @@ def test_fvcore_and_flop_counter_mode_agree_on_tiny_piip():
     assert full_cost(meta, side=96)["macs"] == fc["macs"]
 
 
+def test_full_cost_restores_the_callers_modes():
+    """Training runs call full_cost: each submodule keeps its train/eval mode (drop path stays
+    on), also when the count fails."""
+    model = piip.PIIP(tiny_config(3)).train()
+    model.branches[0].eval()
+    modes = {n: m.training for n, m in model.named_modules()}
+    full_cost(model, side=96)
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        full_cost(model, side=97)
+    assert {n: m.training for n, m in model.named_modules()} == modes
+
+
 def test_paper_convention_on_tiny_model_by_hand():
     """One-branch classification model: every hooked layer and analytic term written out."""
     from piip import BranchConfig, PIIPConfig
@@ -168,6 +181,12 @@ def test_flops_script_json(tmp_path):
         assert abs(sum(r["breakdown"].values()) - r["flops_g_full"]) < 0.1
         assert all(r["breakdown"][f"branch{i}"] > 0 for i in (1, 2, 3)) and r["breakdown"]["interactions"] > 0
     assert "453.3" in res.stdout and "| config |" in md.read_text()
+    # Both parameter counts, each labelled: the paper's (the counted classification form) and
+    # the model create_model builds (TSB: 148.8M against 175.0M).
+    tsb = next(r for r in rows if r["config"].startswith("mask_rcnn"))
+    assert (tsb["params_m"], tsb["params_m_built"]) == (148.8, 175.0)
+    head = next(line for line in md.read_text().splitlines() if line.startswith("| config |"))
+    assert "#Param paper count (M)" in head and "#Param built (M)" in head and "| 175.0 |" in md.read_text()
     # The published results travel with the rows and into the tables.
     by_name = {r["config"]: r for r in rows}
     assert by_name["mask_rcnn_deit_tsb_1568_1120_672_fpn_1x_coco_bs16"]["metrics"] == {"box_ap": 46.5, "mask_ap": 41.3}

@@ -129,12 +129,13 @@ def test_gpu_check_dry_run(tmp_path):
     stages = re.findall(r"^\| (.+?) \| (\d+) \| \d+ \| .+ \|$", table, re.M)
     names = [n for n, _ in stages]
     for want in ("GPU tests (meta)", "memcheck cases (meta, no sanitizer)", "bench_msda", "bench_interaction",
-                 "bench_branch_merge", "bench_model (two paths)", "bench_model --ladder", "HF GPU tests", "bench_hf", "memory --validate", "targets"):
+                 "bench_branch_merge", "bench_model (two paths)", "bench_model --ladder", "HF GPU tests", "bench_hf", "bench_integrations", "memory --validate",
+                 "targets"):
         assert want in names, f"stage {want!r} did not run: {names}"
     assert all(rc == "0" for _, rc in stages), table
     assert re.search(r"\d+ passed", (out / "tests.log").read_text())
     assert "commit " in (out / "device.txt").read_text() and "dry run" in (out / "device.txt").read_text()
-    for name in ("msda", "interaction", "branch_merge", "memory_validation", "hf"):
+    for name in ("msda", "interaction", "branch_merge", "memory_validation", "hf", "integrations"):
         text = (out / "results" / f"{name}_cpu.jsonl").read_text()
         assert '"dry_run"' in text, name
     assert "detr stand-in" in (out / "bench_msda.md").read_text()

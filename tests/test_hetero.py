@@ -248,7 +248,7 @@ def test_load_pretrained_convnext_and_clip_branches():
     sd = {"convnext." + k: v for k, v in hf.state_dict().items()}
     sd["classifier.weight"] = torch.zeros(10, b.cfg.embed_dim)
     report = piip.load_pretrained_branch(model, 1, sd, verbose=False)
-    assert report["missing"] == [] and report["unexpected"] == ["classifier.weight"]
+    assert report["missing"] == [] and report["unexpected"] == [] and report["ignored"] == ["classifier.weight"]
     torch.testing.assert_close(b.convnext.stages[2].blocks[1].pwconv1.weight,
                                hf.encoder.stages[2].layers[1].pwconv1.weight)
     timm = {convnext_official_key(k[len("convnext."):], "timm"): torch.randn_like(v) for k, v in b.state_dict().items()}

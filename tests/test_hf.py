@@ -15,34 +15,24 @@ import logging
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 transformers = pytest.importorskip("transformers", reason="transformers is these tests' reference (requirements-dev.txt)")
 
 import piip_kernels.hf as hf  # noqa: E402
-from piip_kernels.hf import functions as hf_functions  # noqa: E402
+from piip_kernels import _swap  # noqa: E402
 from piip_kernels.hf.install import LAYER_NAME  # noqa: E402
 
 from helpers import assert_derived_close  # noqa: E402
+from integration_helpers import OUR_OP, CountOps, assert_runs, assert_same, move_offsets_off_centres  # noqa: E402
+from integration_helpers import one_thread  # noqa: E402,F401  (an autouse fixture: small models run on one thread)
 
 SIDE = 64  # input images are SIDE x SIDE
-OUR_OP, THEIR_OP = "piip::ms_deform_attn", "aten::grid_sampler_2d"
 
 
 def kernels_usable() -> bool:
     from transformers.utils.import_utils import is_kernels_available
 
     return is_kernels_available()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Models this small spend their time starting OpenMP teams, and stall when the
-    # machine's cores are busy; one thread runs them in milliseconds.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,27 +217,10 @@ def build(family, **kw):
     torch.manual_seed(0)
     model, extra = FAMILIES[family](**kw)
     model = model.double()
-    g = torch.Generator().manual_seed(1)
-    found = blocks(model)
-    assert found, f"{family}: no deformable attention block (sampling_offsets) found"
-    with torch.no_grad():
-        for m in found:
-            for p, spread in ((m.sampling_offsets.bias, 0.3), (m.sampling_offsets.weight, 0.05)):
-                p.add_(spread * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    assert blocks(model), f"{family}: no deformable attention block (sampling_offsets) found"
+    move_offsets_off_centres(model)
+    g = torch.Generator().manual_seed(2)
     return model, {"pixel_values": torch.randn(1, 3, SIDE, SIDE, generator=g, dtype=torch.float64), **extra}
-
-
-class CountOps(TorchDispatchMode):
-    """Counts the operators that run (after autograd), by name."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name
-        self.counts[name] = self.counts.get(name, 0) + 1
-        return func(*args, **(kwargs or {}))
 
 
 def float_tensors(out):
@@ -294,30 +267,6 @@ def run(model, inputs, train: bool, count: bool = True):
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return {"outputs": [t.detach() for t in outputs], "blocks": [t.detach() for t in block_outputs], "grads": grads,
             "ops": ops.counts}
-
-
-def assert_same(got, want, what: str, names=None):
-    """Equal to float64 rounding: within 1e-9 of each tensor's largest finite magnitude,
-    plus 1e-12 of the largest in the list (gradients that are zero mathematically, such
-    as a bias's before a normalisation, are rounding noise); the same non-finite entries."""
-    assert len(got) == len(want), f"{what}: {len(got)} tensors against {len(want)}"
-
-    def scale(t):
-        finite = t[t.isfinite()]
-        return finite.abs().max().item() if finite.numel() else 0.0
-
-    largest = max((scale(w) for w in want), default=0.0)
-    for i, (g, w) in enumerate(zip(got, want)):
-        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9 * scale(w) + 1e-12 * largest + 1e-300, equal_nan=True,
-                                   msg=lambda m, i=i: f"{what} {names[i] if names else f'[{i}]'}: {m}")
-
-
-def assert_runs(result, ours: bool, what: str):
-    ran = {op: result["ops"].get(op, 0) for op in (OUR_OP, THEIR_OP)}
-    if ours:
-        assert ran[OUR_OP] > 0 and ran[THEIR_OP] == 0, f"{what}: expected our op only, ran {ran}"
-    else:
-        assert ran[OUR_OP] == 0 and ran[THEIR_OP] > 0, f"{what}: expected transformers' grid_sample only, ran {ran}"
 
 
 def assert_equal_runs(got, want, what: str):
@@ -402,22 +351,71 @@ def test_whole_model_compiles(family):
 # The switch itself
 
 def release_in_turn(model, inputs, released, holder, what):
-    """``released.remove()`` while ``holder`` still holds ours: the model still runs ours and
-    refuses another core; after ``holder.remove()`` it runs transformers' code again."""
+    """``released.remove()`` while ``holder`` still holds ours: the model still runs ours
+    (also after the mode switches that re-kernelize) and refuses another core; after
+    ``holder.remove()`` it runs transformers' code again."""
     released.remove()
-    assert_runs(run(model, inputs, False), ours=True, what=f"{what}: after the first remove()")
+    assert not released.swapped and holder.swapped, (released, holder)
+    for train in (False, True):
+        assert_runs(run(model, inputs, train), ours=True, what=f"{what}: after the first remove(), train={train}")
     with pytest.raises(RuntimeError, match="another implementation"):
         hf.use_in_transformers(model, msda=lambda *args: None)
     holder.remove()
     assert_runs(run(model, inputs, False), ours=False, what=f"{what}: after the last remove()")
 
 
-def test_second_switch_and_remove():
-    model, inputs = build("deformable_detr")
-    first = hf.use_in_transformers(model)
-    second = hf.use_in_transformers(model)
-    assert first.swapped["layer"] == 2 and not second.swapped and second.already == 2 + first.swapped["kernel_config"]
-    release_in_turn(model, inputs, second, first, "a second switch of one model")  # second changed nothing
+def _kernels_on(model):
+    if kernels_usable():  # as from_pretrained leaves a model: .train()/.eval() re-kernelize
+        model.set_use_kernels(True)
+    return model
+
+
+# Each way a handle takes hold: (family, whether the second handle is on a copy of the model)
+HOLDS = {"layers and kernel_config": ("deformable_detr", False), "bound function": ("d_fine", False),
+         "family function, one model": ("mask2former", False), "family function, two models": ("mask2former", True)}
+
+
+@pytest.mark.parametrize("first_out", ["first taken", "last taken"])
+@pytest.mark.parametrize("hold", HOLDS)
+def test_two_handles_removed_in_either_order(hold, first_out):
+    """Two handles on the same swaps: each holds them; whichever is removed first, the model
+    keeps running ours until the other one is removed."""
+    family, on_a_copy = HOLDS[hold]
+    model, inputs = build(family)
+    _kernels_on(model)
+    other = copy.deepcopy(model) if on_a_copy else model
+    handles = []
+    try:
+        handles.append(hf.use_in_transformers(model))
+        handles.append(hf.use_in_transformers(other))
+        first, second = handles
+        assert sum(first.swapped.values()) > 0 and first.already == 0, first
+        if not on_a_copy:
+            assert second.swapped == first.swapped and second.already == sum(first.swapped.values()), (first, second)
+        released, holder = handles if first_out == "first taken" else handles[::-1]
+        release_in_turn(model, inputs, released, holder, f"{hold}, {first_out} removed first")
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("first_out", ["switch", "model's handle"])
+def test_switch_then_a_model_handle_in_either_order(first_out):
+    """The switch for new models, then a handle on a model built under it: removing either
+    one first leaves the model on ours."""
+    handles = []
+    try:
+        handles.append(hf.use_in_transformers())
+        model, inputs = build("d_fine")
+        _kernels_on(model)
+        handles.append(hf.use_in_transformers(model))
+        switch, own = handles
+        assert own.swapped["bound function"] == 1 and own.already == sum(own.swapped.values()), own
+        released, holder = handles if first_out == "switch" else handles[::-1]
+        release_in_turn(model, inputs, released, holder, f"{first_out} removed first")
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def test_a_failed_switch_changes_nothing():
@@ -434,11 +432,22 @@ def test_a_failed_switch_changes_nothing():
 
 def test_family_function_is_held_until_the_last_handle():
     """A rebound family function stays ours while any handle holds it, and only then goes back."""
+    from transformers.models.mask2former import modeling_mask2former
+
+    theirs = modeling_mask2former.multi_scale_deformable_attention
     a, inputs = build("mask2former")
     b = copy.deepcopy(a)
-    first, second = hf.use_in_transformers(a), hf.use_in_transformers(b)
-    assert first.swapped["function by name"] == 1 and second.already == 1
-    release_in_turn(a, inputs, first, second, "Mask2Former held by a second handle")
+    handles = []
+    try:
+        handles.append(hf.use_in_transformers(a))
+        handles.append(hf.use_in_transformers(b))
+        first, second = handles
+        assert first.swapped["function by name"] == 1 and second.swapped["function by name"] == 1 and second.already == 1
+        release_in_turn(a, inputs, first, second, "Mask2Former held by a second handle")
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert modeling_mask2former.multi_scale_deformable_attention is theirs
 
 
 def test_switch_for_new_models():
@@ -621,7 +630,7 @@ def test_dtypes_against_float64(dtype):
 
 
 def test_discrete_method_stays_on_transformers(monkeypatch, caplog):
-    monkeypatch.setattr(hf_functions, "_logged", set())
+    monkeypatch.setattr(_swap, "_logged", set())
     theirs = _theirs_v2()
     tensors, shapes = _v2_inputs((2, 3, 1))
     want = theirs(*tensors[:1], shapes, *tensors[1:], [2, 3, 1], "discrete")
@@ -635,7 +644,7 @@ def test_discrete_method_stays_on_transformers(monkeypatch, caplog):
 
 def test_discrete_model_stays_on_transformers(monkeypatch, caplog):
     """D-FINE with decoder_method='discrete': transformers' numbers, its code, one log line."""
-    monkeypatch.setattr(hf_functions, "_logged", set())
+    monkeypatch.setattr(_swap, "_logged", set())
     model, inputs = build("d_fine", method="discrete")
     ours = copy.deepcopy(model)
     want = run(model, inputs, True)
@@ -676,7 +685,7 @@ def test_a_changed_signature_stays_on_transformers(monkeypatch, caplog):
     with one log line."""
     from transformers.integrations import use_kernel_forward_from_hub
 
-    monkeypatch.setattr(hf_functions, "_logged", set())
+    monkeypatch.setattr(_swap, "_logged", set())
 
     @use_kernel_forward_from_hub(LAYER_NAME)
     class Changed(nn.Module):
@@ -697,7 +706,7 @@ def test_a_changed_signature_stays_on_transformers(monkeypatch, caplog):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_check.sh)")
 @pytest.mark.parametrize("route", ["use_in_transformers", "kernel_config", "local_kernels"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_routes(route, dtype, kernels_lib, monkeypatch):
+def test_gpu_routes(route, dtype, kernels_lib, monkeypatch, request):
     """On CUDA, through each route (transformers' KernelConfig and its default mapping with
     LOCAL_KERNELS map accelerators only): our op runs, in eval and train mode for the routes
     whose mapping covers both (KernelConfig maps the mode it was given), and the attention
@@ -712,7 +721,7 @@ def test_gpu_routes(route, dtype, kernels_lib, monkeypatch):
     theirs = run(model, inputs, False)
     assert_runs(theirs, ours=False, what="transformers on CUDA")
     if route == "use_in_transformers":
-        hf.use_in_transformers(model)
+        request.addfinalizer(hf.use_in_transformers(model).remove)  # given back however the test ends
         # Kernels on, as from_pretrained leaves them: every mode switch re-kernelizes, from the
         # model's kernel_config over transformers' mapping (whose hub kernel, offline, would
         # fail to load rather than fall back).

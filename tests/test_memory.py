@@ -84,3 +84,11 @@ def test_memory_script(tmp_path):
 
     rows = json.loads(out.read_text())
     assert [r["world_size"] for r in rows] == [1, 8] and rows[1]["total"] < rows[0]["total"]
+
+
+@pytest.mark.parametrize("args,match", [(["--batch", "0"], "--batch"), (["--world-size", "0"], "--world-size"),
+                                        (["--side", "-16"], "--side"), (["--gpu-gib", "0"], "--gpu-gib")])
+def test_memory_script_rejects_non_positive_sizes(args, match):
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "memory.py"), "--config", "tsb_368", "--quiet", *args],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and match in res.stderr and "must be positive" in res.stderr and "Traceback" not in res.stderr

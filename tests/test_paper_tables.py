@@ -80,7 +80,7 @@ def test_mapping_guards_against_changed_data(tables):
 
 def test_paper_only_presets_listed_separately():
     official = piip.list_models()
-    everything = piip.list_models(paper_only=True)
+    everything = piip.list_models(include_paper_only=True)
     extra = sorted(set(everything) - set(official))
     assert extra == sorted(piip.models.presets.PAPER_ONLY) and len(extra) == 5
     cost = paper_cost("vit_l_224_augreg")
@@ -89,12 +89,23 @@ def test_paper_only_presets_listed_separately():
 
 def test_script_with_measured_results(tmp_path):
     measured = tmp_path / "acc.json"
-    measured.write_text(json.dumps([{"config": "piip_3branch_tsb_368-192-128_cls_token_deit1", "top1": 81.95, "top5": 95.9}]))
+    measured.write_text(json.dumps([{"config": "piip_3branch_tsb_368-192-128_cls_token_deit1", "top1": 81.95, "top5": 95.9,
+                                     "images": 50000}]))
     md = tmp_path / "tables.md"
     out = tmp_path / "rows.json"
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "paper_tables.py"), "--table", "VIII", "--results", str(measured),
                           "--markdown", str(md), "--json", str(out)], capture_output=True, text=True, check=True)
     assert "measured" in res.stdout and "81.95" in res.stdout
     rows = json.loads(out.read_text())["tables"][0]["rows"]
-    assert next(r for r in rows if r["preset"] == "piip_3branch_tsb_368-192-128_cls_token_deit1")["measured"] == 81.95
-    assert "| model |" in md.read_text()
+    row = next(r for r in rows if r["preset"] == "piip_3branch_tsb_368-192-128_cls_token_deit1")
+    assert row["measured"] == {"top1": 81.95, "images": 50000}
+    assert "| model |" in md.read_text() and "81.95 (50000 images)" in md.read_text()
+    # Both parameter counts, labelled: the paper's convention and the model create_model builds.
+    assert "#Param ours (paper count)" in res.stdout and "#Param built" in res.stdout
+
+
+def test_measured_top1_shows_its_image_count_and_flags_a_small_sample():
+    assert pt.measured_cell({"top1": 50.0, "images": 6}) == "50 (6 images; SMALL SAMPLE, 95% interval +-40.0)"
+    assert pt.measured_cell({"top1": 82.1, "images": 50000}) == "82.1 (50000 images)"
+    assert pt.measured_cell({"top1": 82.1}) == "82.1 (image count unknown)"
+    assert pt.measured_cell(None) == "—"

@@ -192,3 +192,17 @@ def test_official_execution_path_computes_the_same(output):
     assert model.eager_merge and all(m.unfused_msda is not None for m in model.modules() if hasattr(m, "unfused_msda"))
     with pytest.raises(ValueError, match="ours"):
         model.set_execution("fast")
+
+
+@pytest.mark.parametrize("output", ["detection", "classification"])
+def test_bf16_model_takes_an_fp32_image_like_the_cnn_branches(output):
+    """The ViT stem casts the image to its weights' dtype, as the ConvNeXt and CLIP stems do."""
+    torch.manual_seed(0)
+    model = piip.PIIP(tiny_config(3, output)).eval()
+    img = _img(3, batch=1)
+    with torch.no_grad():
+        want = model(img)
+        got = model.to(torch.bfloat16)(img)
+    for g, w in zip(*(([got], [want]) if output != "detection" else (got, want))):
+        assert g.dtype == torch.bfloat16
+        assert ((g.float() - w).abs().max() / w.abs().max()).item() < 5e-2

@@ -90,3 +90,30 @@ def test_unknown_preset_suggests_names():
 def test_overrides():
     cfg = piip.get_config("mask_rcnn_deit_tsb_1568_1120_672_fpn_1x_coco_bs16", drop_path_rate=0.0, num_classes=3)
     assert all(b.drop_path_rate == 0.0 for b in cfg.branches) and cfg.num_classes == 3
+
+
+def test_create_model_on_a_device_and_dtype():
+    model = piip.create_model("mask_rcnn_internvit_h6b_1024_512_fpn_1x_coco_bs16_ms", device="meta", dtype=torch.bfloat16)
+    assert {p.device.type for p in model.parameters()} == {"meta"} and {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with pytest.raises(TypeError, match="dtype must be a torch.dtype"):
+        piip.create_model("mask_rcnn_deit_tsb_1568_1120_672_fpn_1x_coco_bs16", device="meta", dtype="bf16")
+    with pytest.raises(ValueError, match="floating-point"):
+        piip.create_model("mask_rcnn_deit_tsb_1568_1120_672_fpn_1x_coco_bs16", device="meta", dtype=torch.int8)
+
+
+def test_build_model_on_the_cpu_in_float64():
+    from helpers import tiny_config
+
+    model = piip.build_model(tiny_config(2), device="cpu", dtype=torch.float64)
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    out = model(torch.randn(1, 3, 48, 48, dtype=torch.float64))
+    assert out[0].dtype == torch.float64
+
+
+def test_list_models_paper_only_lists_the_paper_only_rows():
+    from piip.models.presets import PAPER_ONLY
+
+    assert piip.list_models(paper_only=True) == sorted(PAPER_ONLY)
+    everything = piip.list_models(include_paper_only=True)
+    assert set(everything) == set(piip.list_models()) | PAPER_ONLY and not set(piip.list_models()) & PAPER_ONLY
+    assert piip.list_models("scratch", paper_only=True) == ["piip_3branch_b_512-256-128_scratch", "vit_b_224_scratch"]

@@ -12,7 +12,7 @@ def _preset_shapes():
     """(stored grid, live grid) of every ViT/CLIP branch of every preset at its resolution
     whose position embedding is resized (unique)."""
     shapes = set()
-    for name in piip.list_models(paper_only=True):
+    for name in piip.list_models(include_paper_only=True):
         cfg = piip.get_config(name)
         last = cfg.branches[-1]
         for b in cfg.branches:

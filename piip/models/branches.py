@@ -74,8 +74,9 @@ class ViTBranch(nn.Module):
         self.pos_embed_resize = "interpolate"
 
     def embed(self, img: Tensor) -> tuple[Tensor, tuple[int, int], Tensor | None]:
-        """img [B, 3, h, w] -> tokens [B, H*W, C] with position embedding, (H, W) = (h//p, w//p), cls."""
-        x = self.patch_embed(img)
+        """img [B, 3, h, w] -> tokens [B, H*W, C] with position embedding, (H, W) = (h//p, w//p), cls.
+        The image is cast to the weights' dtype (an fp32 image into a bf16 model), as the other stems do."""
+        x = self.patch_embed(img.to(self.patch_embed.weight.dtype))
         H, W = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)
         cls = self.cls_token.expand(img.shape[0], -1, -1) if self.cls_token is not None else None

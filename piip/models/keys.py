@@ -17,3 +17,21 @@ def check_state_dict(what: str, expected: dict[str, tuple], given: dict[str, Ten
             if items:
                 lines.append(f"  {title}: " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
         raise ValueError("\n".join(lines))
+
+
+def strip_ddp_prefix(sd: dict) -> dict:
+    """A state dict saved from ``DistributedDataParallel`` (every key under ``module.``) without
+    that prefix; any other dict unchanged."""
+    if sd and all(isinstance(k, str) and k.startswith("module.") for k in sd):
+        return {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def check_materialized(module, what: str) -> None:
+    """Raise RuntimeError naming every parameter or buffer of ``module`` still on the meta
+    device (a load that left them without values)."""
+    left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"{what}: {len(left)} parameter(s) or buffer(s) are still on the meta device, without values: "
+                           + ", ".join(left[:20]) + (" ..." if len(left) > 20 else "")
+                           + ". Load a checkpoint that holds them, or build the model on a real device.")

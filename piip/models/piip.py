@@ -318,6 +318,25 @@ class PIIP(nn.Module):
         return self.forward_head(self.forward_features(img))
 
 
+def find_piip(module: nn.Module, what: str = "load") -> PIIP:
+    """The one :class:`PIIP` model in ``module``: the module itself, or the only PIIP among its
+    submodules (a backbone wrapper such as ``piip.hf.PIIPBackbone``, or a whole task model).
+    Raise TypeError when there is none, ValueError when there are several."""
+    if isinstance(module, PIIP):
+        return module
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{what}: expected a piip.PIIP model or a module holding one, got {type(module).__name__}")
+    found = [(n, m) for n, m in module.named_modules() if isinstance(m, PIIP)]
+    # A PIIP inside another PIIP is part of it: keep the outermost ones.
+    found = [(n, m) for n, m in found if not any(o != n and n.startswith(o + ".") for o, _ in found)]
+    if not found:
+        raise TypeError(f"{what}: {type(module).__name__} holds no piip.PIIP model")
+    if len(found) > 1:
+        raise ValueError(f"{what}: {type(module).__name__} holds {len(found)} piip.PIIP models ({', '.join(n for n, _ in found)}); "
+                         "pass the one to fill")
+    return found[0][1]
+
+
 def _merge_layers(cin: int, cout: int, convs: int) -> nn.Sequential:
     """``convs`` x (conv 3x3 without bias -> GroupNorm(32) -> ReLU); convs=0: GroupNorm(32) -> ReLU
     on the map as it is (branch 1 of the regular-FPN merges)."""

@@ -12,7 +12,10 @@ whose parameter count matches the official one exactly.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
+
+import torch
 
 from .config import BranchConfig, PIIPConfig, convnext_stage_groups
 from .convnext import CONVNEXT_SIZES
@@ -272,12 +275,16 @@ ALIASES = {
 }
 
 
-def list_models(pattern: str | None = None, paper_only: bool = False) -> list[str]:
-    """Preset names of the official configs, optionally filtered by a substring or fnmatch
-    pattern; ``paper_only=True`` adds the paper-only rows (no official config file)."""
+def list_models(pattern: str | None = None, paper_only: bool = False, include_paper_only: bool = False) -> list[str]:
+    """Preset names, optionally filtered by a substring or fnmatch pattern: those of the official
+    configs; ``paper_only=True``: only the paper-only rows (configurations the papers report
+    without an official config file); ``include_paper_only=True``: both."""
     import fnmatch
 
-    names = sorted(n for n in PRESETS if paper_only or n not in PAPER_ONLY)
+    if paper_only and include_paper_only:
+        raise ValueError("list_models: paper_only=True lists only the paper-only rows; include_paper_only=True adds them "
+                         "to the official ones; pass one of them")
+    names = sorted(n for n in PRESETS if (n in PAPER_ONLY) == paper_only or include_paper_only)
     if pattern:
         names = [n for n in names if fnmatch.fnmatch(n, pattern) or pattern in n]
     return names
@@ -301,18 +308,28 @@ def get_config(name: str, **overrides) -> PIIPConfig:
     return replace(cfg, **overrides) if overrides else cfg
 
 
-def create_model(name: str, backend: str | None = None, **overrides):
+def create_model(name: str, backend: str | None = None, *, device=None, dtype: torch.dtype | None = None, **overrides):
     """Build a preset: ``piip.create_model("mask_rcnn_deit_tsb_1568_1120_672_fpn_1x_coco_bs16")``.
 
-    Build on the meta device (``with torch.device("meta"):``) to count parameters without memory.
+    ``device``: where the parameters are created (``"meta"``: no memory, e.g. to count
+    parameters or to fill from a checkpoint with ``piip.load_official_checkpoint``);
+    ``dtype``: a floating-point dtype the parameters are cast to. Keyword overrides go to
+    :func:`get_config`.
     """
-    return build_model(get_config(name, **overrides), backend=backend)
+    return build_model(get_config(name, **overrides), backend=backend, device=device, dtype=dtype)
 
 
-def build_model(cfg: PIIPConfig, backend: str | None = None):
+def build_model(cfg: PIIPConfig, backend: str | None = None, *, device=None, dtype: torch.dtype | None = None):
     """The model class a config needs: :class:`~piip.models.llava.PIIPLLaVA` for
-    ``output="llava"``, :class:`~piip.models.piip.PIIP` otherwise."""
+    ``output="llava"``, :class:`~piip.models.piip.PIIP` otherwise; built on ``device`` and cast
+    to ``dtype`` (see :func:`create_model`)."""
     from .llava import PIIPLLaVA
     from .piip import PIIP
 
-    return (PIIPLLaVA if cfg.output == "llava" else PIIP)(cfg, backend=backend)
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype such as torch.bfloat16, got {dtype!r}")
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = (PIIPLLaVA if cfg.output == "llava" else PIIP)(cfg, backend=backend)
+    return model if dtype is None else model.to(dtype)

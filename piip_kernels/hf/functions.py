@@ -17,18 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from piip_kernels import _swap
 from piip_kernels.compat import _level_starts
 from piip_kernels.msda.api import ms_deform_attn
 
 logger = logging.getLogger("piip_kernels.hf")
-_logged: set[str] = set()
 
 
 def log_once(message: str) -> None:
     """One warning per distinct message for the life of the process."""
-    if message not in _logged:
-        _logged.add(message)
-        logger.warning(message)
+    _swap.log_once(message, logger)
 
 
 @functools.lru_cache(maxsize=64)

@@ -22,6 +22,11 @@ transformers 5.x reaches the op three ways, and each is swapped where it is look
    per instance, over a copy of the module's globals, breaks ``torch.compile``'s guards,
    which read globals from the module itself). The last ``remove()`` puts it back.
 
+Every swap goes through piip_kernels' one swap mechanism (``piip_kernels._swap``): each
+place is held by every handle that asked for it and goes back to transformers' code when
+the last of them is removed, in any order; a call that stops on an error puts back what it
+had swapped.
+
 The lookups go by transformers' names, not by a list of model families, so a new model
 that reaches the op one of these ways is covered too. Whatever does not match what we
 implement (a changed signature, the "discrete" sampling method) stays on transformers'
@@ -31,13 +36,12 @@ from __future__ import annotations
 
 import functools
 import inspect
-import weakref
-from collections import Counter
 from pathlib import Path
 from types import MethodType
 
 from torch import nn
 
+from piip_kernels import _swap
 from piip_kernels.hf import functions
 from piip_kernels.hf.functions import log_once, logger
 from piip_kernels.hf.layers import MultiScaleDeformableAttention
@@ -54,7 +58,7 @@ FUNCTIONS = {
 }
 # The `kernels` library device types our layer is registered for in a model's kernel_config.
 KERNEL_DEVICES = ("cpu", "cuda")
-_MISSING = object()
+OWNER = "use_in_transformers"
 
 
 def kernel_repo_path() -> Path:
@@ -63,57 +67,24 @@ def kernel_repo_path() -> Path:
     return Path(__file__).resolve().parent
 
 
-class Handle:
-    """What :func:`use_in_transformers` changed; ``remove()`` puts it back (also as a
-    context manager, on leaving the ``with`` block).
+class Handle(_swap.Handle):
+    """What :func:`use_in_transformers` swapped (piip_kernels' shared swap mechanism):
+    ``remove()`` gives it back (also as a context manager, on leaving the ``with`` block).
+    Each swapped place is counted across handles and goes back to transformers' code only
+    when the last handle holding it is removed, in any order.
 
     Attributes:
-        swapped: how many of each kind now run ours: "layer", "bound function",
-            "function by name" (a family's module-level function), "kernel_config"
-            (transformers models whose kernel setup now maps our layer), "new models"
-            (the switch for models built afterwards).
-        already: how many were ours already (a second call on the same model, a family
-            function rebound by another handle, a model built under the switch).
+        swapped: what this handle holds, by kind: "layer", "bound function", "function by
+            name" (a family's module-level function), "kernel_config" (transformers models
+            whose kernel setup maps our layer), "new models" (the switch for models built
+            afterwards).
+        already: how many of those were ours already (held by another handle: a second
+            call on the same model, a family function, a model built under the switch),
+            plus layers found running ours with no handle's swap (not held).
     """
 
     def __init__(self):
-        self.swapped: Counter = Counter()
-        self.already = 0
-        self._undo: list = []
-
-    def remove(self) -> None:
-        for undo in reversed(self._undo):
-            undo()
-        self._undo.clear()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
-
-    def __repr__(self):
-        return f"Handle(swapped={dict(self.swapped)}, already={self.already})"
-
-
-def _set(handle: Handle, obj, attr: str, value) -> None:
-    """obj.attr = value, undone by handle.remove() (an attribute absent before is deleted
-    again). The undo holds obj weakly: the switch for new models must not keep every
-    model it touched alive."""
-    previous = obj.__dict__.get(attr, _MISSING)
-    setattr(obj, attr, value)
-    ref = weakref.ref(obj)
-
-    def undo():
-        target = ref()
-        if target is None:
-            return
-        if previous is _MISSING:
-            target.__dict__.pop(attr, None)
-        else:
-            setattr(target, attr, previous)
-
-    handle._undo.append(undo)
+        super().__init__(OWNER)
 
 
 def _parameters(fn) -> tuple[str, ...]:
@@ -137,21 +108,6 @@ def _ours_function(obj):
 def _is_our_forward(obj) -> bool:
     fn = getattr(obj, "__func__", obj)
     return fn is MultiScaleDeformableAttention.forward or getattr(fn, "func", None) is _layer_forward_with
-
-
-def _installed_msda(obj):
-    """The ``msda=`` that one of ours was installed with (None: our kernel)."""
-    fn = getattr(obj, "__func__", obj)
-    return getattr(fn, "keywords", {}).get("msda")
-
-
-def _already(handle: Handle, obj, msda, what: str) -> None:
-    """Counts one of ours found in place; a different core installed by a handle still
-    held is an error rather than a silent keep."""
-    if _installed_msda(obj) is not msda:
-        raise RuntimeError(f"use_in_transformers: {what} already runs another implementation (msda=) installed by "
-                           "a handle still held; remove() it first")
-    handle.already += 1
 
 
 def _layer_forward_with(self, value, value_spatial_shapes, value_spatial_shapes_list, level_start_index,
@@ -178,67 +134,67 @@ def _signature_differs(theirs, expected: tuple[str, ...], what: str) -> bool:
     return True
 
 
-# Module-level functions rebound in transformers' modules: (id of the module's globals,
-# name) -> [handles holding it, transformers' function, the globals]. The last holder's
-# remove() puts transformers' function back.
-_rebound: dict = {}
+def _layer(module: nn.Module, handle: Handle, msda) -> None:
+    """A decorated layer: the instance's ``forward`` becomes our layer's."""
+    cls = type(module)
+    what = f"{cls.__module__}.{cls.__qualname__}.forward"
+    current = module.__dict__.get("forward")
+    if _swap.held(module, "forward") is None:
+        if current is not None and _is_our_forward(current) and msda is None:
+            handle.found_ours()  # kernelized to our layer by the kernels library itself
+            return
+        if _signature_differs(cls.forward, _parameters(MultiScaleDeformableAttention.forward), what):
+            return
+    forward = MultiScaleDeformableAttention.forward if msda is None else functools.partial(_layer_forward_with, msda=msda)
+    # The bound method refers back to the module: the swap keeps a predicate, not the value.
+    _swap.swap(handle, module, "forward", MethodType(forward, module), kind="layer", what=what, impl=msda,
+               ours=_is_our_forward)
 
 
-def _rebind(handle: Handle, scope: dict, name: str, theirs, msda) -> None:
-    key = (id(scope), name)
-    entry = _rebound.get(key)
-    if entry is None:
-        scope[name] = _ours_for(name, theirs, msda)
-        entry = _rebound[key] = [0, theirs, scope]
-        handle.swapped["function by name"] += 1
-    else:
-        _already(handle, scope[name], msda, f"{scope.get('__name__')}.{name}")
-    entry[0] += 1
+def _bound_functions(module: nn.Module, handle: Handle, msda) -> None:
+    """Functions bound to an attribute in ``__init__`` (D-FINE, DEIMv2)."""
+    for attr, value in list(vars(module).items()):
+        what = f"{type(module).__qualname__}.{attr}"
+        held = _swap.held(module, attr)
+        if held is not None:  # ours, or another swap of this module (its kernel_config, ...)
+            if held.kind == "bound function":
+                _swap.swap(handle, module, attr, None, kind="bound function", what=what, impl=msda)
+        elif _ours_function(value):
+            handle.found_ours()
+        else:
+            for name, (_, params) in FUNCTIONS.items():
+                if _is_transformers_function(value, name) and not _signature_differs(value, params, f"{value.__module__}.{name}"):
+                    _swap.swap(handle, module, attr, _ours_for(name, value, msda), kind="bound function", what=what, impl=msda)
 
-    def undo():
-        entry[0] -= 1
-        if entry[0] == 0:
-            scope[name] = entry[1]
-            del _rebound[key]
 
-    handle._undo.append(undo)
+def _functions_by_name(module: nn.Module, handle: Handle, msda) -> None:
+    """A module-level function called by name from ``forward`` (RT-DETRv2, Mask2Former,
+    OneFormer): rebound in transformers' module, for the whole family."""
+    forward = type(module).forward
+    if not inspect.isfunction(forward):
+        return
+    scope = forward.__globals__
+    for name, (_, params) in FUNCTIONS.items():
+        if name not in forward.__code__.co_names:
+            continue
+        current = scope.get(name)
+        what = f"{scope.get('__name__')}.{name}"
+        if _swap.held(scope, name, item=True) is not None:
+            _swap.swap(handle, scope, name, None, kind="function by name", what=what, impl=msda, item=True)
+        elif _ours_function(current) == name:
+            handle.found_ours()
+        elif _is_transformers_function(current, name) and not _signature_differs(current, params, f"{current.__module__}.{name}"):
+            _swap.swap(handle, scope, name, _ours_for(name, current, msda), kind="function by name", what=what, impl=msda,
+                       item=True)
 
 
 def _swap_module(module: nn.Module, handle: Handle, msda) -> bool:
     """Swaps whatever of ``module`` reaches the op; True if it is a decorated layer."""
-    cls = type(module)
-    # 1. the decorated module
-    if getattr(cls, "kernel_layer_name", None) == LAYER_NAME:
-        current = module.__dict__.get("forward")
-        if current is not None and _is_our_forward(current):
-            _already(handle, current, msda, f"{cls.__qualname__}.forward")
-        elif not _signature_differs(cls.forward, _parameters(MultiScaleDeformableAttention.forward),
-                                    f"{cls.__module__}.{cls.__qualname__}.forward"):
-            forward = MultiScaleDeformableAttention.forward if msda is None else functools.partial(_layer_forward_with, msda=msda)
-            _set(handle, module, "forward", MethodType(forward, module))
-            handle.swapped["layer"] += 1
+    if getattr(type(module), "kernel_layer_name", None) == LAYER_NAME:
+        _layer(module, handle, msda)
         return True
-    # 2. a function bound to an attribute (D-FINE, DEIMv2)
-    for attr, value in list(vars(module).items()):
-        if _ours_function(value):
-            _already(handle, value, msda, f"{cls.__qualname__}.{attr}")
-            continue
-        for name, (_, params) in FUNCTIONS.items():
-            if _is_transformers_function(value, name) and not _signature_differs(value, params, f"{value.__module__}.{name}"):
-                _set(handle, module, attr, _ours_for(name, value, msda))
-                handle.swapped["bound function"] += 1
-    # 3. a module-level function called by name from forward (RT-DETRv2, Mask2Former, OneFormer)
-    forward = cls.forward
-    if inspect.isfunction(forward):
-        for name, (_, params) in FUNCTIONS.items():
-            if name not in forward.__code__.co_names:
-                continue
-            scope = forward.__globals__
-            current = scope.get(name)
-            if _ours_function(current) == name and (id(scope), name) in _rebound:
-                _rebind(handle, scope, name, _rebound[(id(scope), name)][1], msda)
-            elif _is_transformers_function(current, name) and not _signature_differs(current, params, f"{current.__module__}.{name}"):
-                _rebind(handle, scope, name, current, msda)
+    _bound_functions(module, handle, msda)
+    _functions_by_name(module, handle, msda)
     return False
 
 
@@ -252,27 +208,32 @@ def _map_ours_in_kernel_config(model: nn.Module, handle: Handle) -> None:
         return
     from kernels import LocalLayerRepository
 
-    repo = LocalLayerRepository(repo_path=kernel_repo_path(), layer_name=LAYER_NAME)
-    entry = dict.fromkeys(KERNEL_DEVICES, repo)
-    if model.kernel_config is not None and model.kernel_config.kernel_mapping.get(LAYER_NAME) == entry:
-        handle.already += 1
-        return
-    if model.kernel_config is None:
-        _set(handle, model, "kernel_config", KernelConfig(kernel_mapping={LAYER_NAME: entry}))
+    config = model.kernel_config
+    what = f"{type(model).__name__}.kernel_config"
+    if _swap.held(model, "kernel_config") is not None:
+        _swap.swap(handle, model, "kernel_config", None, kind="kernel_config", what=what)
+    elif config is not None and _swap.held(config, "kernel_mapping") is not None:
+        _swap.swap(handle, config, "kernel_mapping", None, kind="kernel_config", what=what)
     else:
-        _set(handle, model.kernel_config, "kernel_mapping", {**model.kernel_config.kernel_mapping, LAYER_NAME: entry})
-    handle.swapped["kernel_config"] += 1
+        entry = dict.fromkeys(KERNEL_DEVICES, LocalLayerRepository(repo_path=kernel_repo_path(), layer_name=LAYER_NAME))
+        if config is None:
+            _swap.swap(handle, model, "kernel_config", KernelConfig(kernel_mapping={LAYER_NAME: entry}), kind="kernel_config",
+                       what=what)
+        elif config.kernel_mapping.get(LAYER_NAME) == entry:
+            handle.found_ours()
+        else:
+            _swap.swap(handle, config, "kernel_mapping", {**config.kernel_mapping, LAYER_NAME: entry}, kind="kernel_config",
+                       what=what)
 
 
 def enable(model: nn.Module, msda=None, handle: Handle | None = None, quiet: bool = False) -> Handle:
     """Swaps every deformable attention of ``model`` for ours (see the module docstring),
-    recording what it changed in ``handle`` (a new one by default)."""
+    recording what it holds in ``handle`` (a new one by default); all or nothing."""
     handle = Handle() if handle is None else handle
-    before = sum(handle.swapped.values()) + handle.already
-    undone = len(handle._undo)
+    before = handle.taken()
     holders = []  # transformers models (with a kernel_config) above a decorated layer
     stack = [(model, [])]
-    try:
+    with _swap.all_or_nothing(handle):
         while stack:  # depth first, keeping the transformers models above each module
             module, above = stack.pop()
             if hasattr(module, "kernel_config") and hasattr(module, "set_use_kernels"):
@@ -283,26 +244,19 @@ def enable(model: nn.Module, msda=None, handle: Handle | None = None, quiet: boo
         if msda is None:
             for holder in holders:
                 _map_ours_in_kernel_config(holder, handle)
-    except BaseException:  # all or nothing: put back what this call changed
-        for undo in reversed(handle._undo[undone:]):
-            undo()
-        del handle._undo[undone:]
-        raise
-    if not quiet and sum(handle.swapped.values()) + handle.already == before:
+    if not quiet and handle.taken() == before:
         logger.warning(f"piip_kernels.hf: found no multi-scale deformable attention in {type(model).__name__}")
     return handle
 
 
-# The switch for models built afterwards: PreTrainedModel.post_init (the last step of every
-# transformers model's __init__) is wrapped to call enable() on the new model, recording into
-# the switch's handle. One switch at a time.
-_switch: dict = {"handle": None}
-
-
 def enable_for_new_models() -> Handle:
+    """The switch for models built afterwards: PreTrainedModel.post_init (the last step of
+    every transformers model's ``__init__``) is wrapped to call enable() on the new model,
+    recording into the switch's handle. One switch at a time. Its own hold is taken first,
+    so ``remove()`` gives back the models built meanwhile before it."""
     from transformers import PreTrainedModel
 
-    if _switch["handle"] is not None:
+    if _swap.held(PreTrainedModel, "post_init") is not None:
         raise RuntimeError("use_in_transformers(): the switch for new models is already on; remove() its handle first")
     handle = Handle()
     original = PreTrainedModel.__dict__["post_init"]
@@ -313,14 +267,7 @@ def enable_for_new_models() -> Handle:
         enable(self, handle=handle, quiet=True)
         return result
 
-    def undo():  # recorded first, so it runs last: the models built meanwhile are put back first
-        PreTrainedModel.post_init = original
-        _switch["handle"] = None
-
-    handle._undo.append(undo)
-    PreTrainedModel.post_init = post_init
-    _switch["handle"] = handle
-    handle.swapped["new models"] = 1
+    _swap.swap(handle, PreTrainedModel, "post_init", post_init, kind="new models", what="transformers.PreTrainedModel.post_init")
     return handle
 
 
