@@ -21,9 +21,6 @@
 #include <string>
 #include <vector>
 
-// The symbols a loader looks up (everything else is hidden, -fvisibility=hidden).
-#define PIIP_EXPORT extern "C" __attribute__((visibility("default")))
-
 namespace piip {
 
 using Tensor = torch::stable::Tensor;
@@ -135,8 +132,9 @@ inline Tensor zeros_as(const Tensor& t) { return alloc_zeros(sizes_of(t), t.scal
 //
 // Each glue file adds the kernels it implements with one static Kernels object; nothing
 // touches torch while the library loads. register_kernels(ns, key) then registers them
-// under the namespace the loader picks: piip_C for the package (its module init does
-// that), another for a kernels-hub build, which loads the very same binary beside it.
+// under the namespace the loader picks (through the module's register(), module_glue.h):
+// piip_C for the package (piip_kernels/_ext.py), another for a kernels-hub build, which
+// loads the very same binary beside it.
 
 using BoxedKernel = void (*)(StableIValue*, uint64_t, uint64_t);
 
