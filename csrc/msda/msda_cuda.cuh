@@ -110,11 +110,12 @@ __device__ __forceinline__ void scatter(const GradValue& gv, double scale, int64
       atomicAdd(reinterpret_cast<float4*>(gv.f32 + off + i),
                 make_float4(contrib[i], contrib[i + 1], contrib[i + 2], contrib[i + 3]));
     }
-    return;
-  }
+  } else
 #endif
+  {
 #pragma unroll
-  for (int i = 0; i < V; ++i) atomicAdd(gv.f32 + off + i, contrib[i]);
+    for (int i = 0; i < V; ++i) atomicAdd(gv.f32 + off + i, contrib[i]);
+  }
 }
 
 // This thread's row (one per group of GP lanes), its lane in the group, and the
