@@ -97,11 +97,14 @@ COLUMNS = ["config", "path", "device", "dtype", "batch", "scale", "side", "check
 
 
 def default_cases(device: torch.device):
-    """(preset substring, batch, scale, dtype) per device type."""
+    """(preset substring or model entry, batch, scale, dtype) per device type."""
+    upernet_512 = 512 / piip.get_config(UPERNET[UPERNET_TSB]).branches[-1].image_size
     if device.type == "cuda":
-        return [("mask_rcnn_deit_sbl_1568_1120_672_fpn_1x_coco_bs16", 2, 1.0, "bfloat16")]
+        return [("mask_rcnn_deit_sbl_1568_1120_672_fpn_1x_coco_bs16", 2, 1.0, "bfloat16"),
+                (UPERNET_TSB, 2, upernet_512, "bfloat16")]
     return [("piip_3branch_tsb_368-192-128_cls_token_deit1", 2, 1.0, "float32"),
-            ("mask_rcnn_deit_tsb_1568_1120_672_fpn_1x_coco_bs16", 1, 0.25, "float32")]
+            ("mask_rcnn_deit_tsb_1568_1120_672_fpn_1x_coco_bs16", 1, 0.25, "float32"),
+            (UPERNET_TSB, 2, upernet_512, "float32")]
 
 
 TINY = "tiny"  # --tiny: a built-in 3-branch classification model for dry runs
@@ -117,11 +120,79 @@ def tiny_config() -> piip.PIIPConfig:
     return piip.PIIPConfig(branches=branches, output="classification", deform_num_heads=4, num_classes=5)
 
 
+# Task models (transformers' UperNet around a PIIP detection backbone, piip.hf): the
+# segmentation training step. Entry -> the backbone's preset (TINY: the tiny model as a
+# detection backbone, for dry runs); the optimizer follows that preset's official recipe.
+UPERNET_TSB, UPERNET_TINY = "upernet_tsb", "upernet_tiny"
+UPERNET = {UPERNET_TSB: "mask_rcnn_deit_tsb_1568_1120_672_fpn_1x_coco_bs16", UPERNET_TINY: TINY}
+
+
+class UperNetPIIP(torch.nn.Module):
+    """UperNetForSemanticSegmentation (transformers' default head: 512 wide, auxiliary head
+    256, 150 classes) around a PIIP backbone, trained as the official segmentation recipe
+    trains it: the backbone in the step's dtype, the heads in fp32 (``to()`` keeps them
+    there; PIIPBackbone returns fp32 maps to them). ``forward(img)`` returns UperNet's loss
+    (decode + 0.4 x auxiliary cross-entropy) on a 3-class label map derived from the image;
+    the PIIP methods the benchmark calls act on the backbone's PIIP. The ladder's TFLOP/s
+    count the backbone's MACs only (piip.flops), not the heads'."""
+
+    def __init__(self, cfg: piip.PIIPConfig):
+        super().__init__()
+        from transformers import UperNetForSemanticSegmentation
+
+        from piip.hf import PIIPBackboneConfig, tasks
+
+        self.model = UperNetForSemanticSegmentation(tasks.upernet_config(PIIPBackboneConfig(piip_config=cfg), num_labels=150))
+
+    @property
+    def piip(self) -> piip.PIIP:
+        return self.model.backbone.piip
+
+    def forward(self, img):
+        labels = (img[:, 0] > 0).long() + (img[:, 1] > 0).long()
+        return self.model(pixel_values=img.float(), labels=labels).loss
+
+    def to(self, *args, **kwargs):
+        super().to(*args, **kwargs)
+        for head in (self.model.decode_head, self.model.auxiliary_head):
+            head.float()
+        return self
+
+    def set_execution(self, *args, **kwargs):
+        self.piip.set_execution(*args, **kwargs)
+
+    def set_pos_embed_resize(self, *args, **kwargs):
+        self.piip.set_pos_embed_resize(*args, **kwargs)
+
+    def set_grad_checkpointing(self, *args, **kwargs):
+        self.piip.set_grad_checkpointing(*args, **kwargs)
+
+    def compile_blocks(self, **kwargs):
+        return self.piip.compile_blocks(**kwargs)
+
+
 def config_of(name: str) -> piip.PIIPConfig:
+    """The (backbone's) PIIPConfig of a preset or model entry."""
+    if name in UPERNET:
+        cfg = config_of(UPERNET[name])
+        if name == UPERNET_TINY:  # the tiny classification model as a detection backbone
+            from dataclasses import replace
+
+            cfg = cfg.replace(output="detection", branches=tuple(replace(b, cls_token=False) for b in cfg.branches))
+        return cfg
     return tiny_config() if name == TINY else piip.get_config(name)
 
 
+def recipe_of(name: str) -> str:
+    """The preset whose official optimizer recipe a preset or model entry trains with."""
+    if name == UPERNET_TINY:
+        return UPERNET[UPERNET_TSB]
+    return TINY_RECIPE if name == TINY else UPERNET.get(name, name)
+
+
 def build(name: str) -> torch.nn.Module:
+    if name in UPERNET:
+        return UperNetPIIP(config_of(name))
     return piip.PIIP(tiny_config()) if name == TINY else piip.create_model(name)
 
 
@@ -132,6 +203,8 @@ def input_side(cfg, scale: float) -> int:
 
 
 def loss_of(out, labels):
+    if torch.is_tensor(out) and out.dim() == 0:  # a model entry that computes its own loss (UperNetPIIP)
+        return out
     if isinstance(out, list):  # detection pyramid: a loss that reaches every level
         return sum(o.float().square().mean() for o in out)
     return torch.nn.functional.cross_entropy(out.float(), labels)
@@ -581,7 +654,7 @@ def run_ladder(name: str, batch: int, scale: float, dtype: torch.dtype, device, 
                          f"choose from {RUNGS}")
     budget = _Budget(budget_s)
     cfg = config_of(name)
-    preset = TINY_RECIPE if name == TINY else name
+    preset = recipe_of(name)
     side = input_side(cfg, scale)
     low = dtype != torch.float32
     if low and device.type != "cuda":
@@ -613,7 +686,7 @@ def run_ladder(name: str, batch: int, scale: float, dtype: torch.dtype, device, 
         if budget.over(0.75):
             note.append("skipped: " + ("SIGTERM" if budget.stopped else f"budget of {budget_s:.0f} s") + " reached before its setup")
             continue
-        if rung == "cuda_graphs" and device.type != "cuda" and name != TINY:
+        if rung == "cuda_graphs" and device.type != "cuda" and name not in (TINY, UPERNET_TINY):
             note.append("needs CUDA: skipped (the --tiny dry run exercises its code on the CPU)")
             continue
         t0 = time.monotonic()
@@ -808,13 +881,13 @@ def main(argv=None) -> int:
             ap.error("--tiny replaces --config")
         cases = [(TINY, 2, 1.0, "float32")]
     elif args.config:
-        names = piip.list_models(include_paper_only=True)
+        names = piip.list_models(include_paper_only=True) + list(UPERNET)
         cases = []
         for c in args.config:
             match = [n for n in names if c == n] or [n for n in names if c in n]
             if len(match) != 1:
                 ap.error(f"--config {c!r} matches {len(match)} presets: {match[:5]}")
-            d = default_cases(device)[0]
+            d = next((d for d in default_cases(device) if d[0] == match[0]), default_cases(device)[0])
             cases.append((match[0], d[1], d[2], d[3]))
     elif args.ladder:
         cases = cases[:1]

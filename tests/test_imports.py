@@ -69,3 +69,35 @@ def test_no_import_cycles():
     graph = import_graph()
     assert "piip.layers.projector" in graph["piip.models.piip"]
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    """Top-level package names a module imports when it is imported (module level, not
+    inside functions or classes)."""
+    out = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def test_only_piip_hf_imports_transformers():
+    """transformers is a peer of piip.hf only: no other module of either package imports it
+    when imported, and piip's __init__ does not import piip.hf."""
+    users = sorted(_module_name(p) for pkg in ("piip", "piip_kernels") for p in (ROOT / pkg).rglob("*.py")
+                   if "transformers" in _top_level_imports(p))
+    assert users and all(m == "piip.hf" or m.startswith("piip.hf.") for m in users), users
+    assert "piip.hf" not in import_graph()["piip"]
+
+
+def test_import_piip_leaves_transformers_unimported():
+    import subprocess
+    import sys
+
+    code = ("import sys, piip, piip_kernels, piip_kernels.hf; assert 'transformers' not in sys.modules, 'piip imported transformers'; "
+            "import piip.hf; from transformers import AutoConfig; assert type(AutoConfig.for_model('piip', preset="
+            "'mask_rcnn_deit_vit_b_fpn_1x_coco_bs16')).__name__ == 'PIIPBackboneConfig'")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
