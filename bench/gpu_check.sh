@@ -8,11 +8,16 @@
 # stage gets a share of what is left, and the benchmarks measure our backends first and
 # stop starting new cases when their share is spent, keeping every row measured.
 # Full logs and result files go to $OUT (default ./out). Nothing is installed from the
-# network: the package builds with --no-deps against the image's torch. Where the tree
-# arrives without .git, pass the commit: PIIP_COMMIT=$(git rev-parse --short HEAD).
+# network: the package builds with --no-deps against the image's torch, or, with --wheel, the
+# wheel built elsewhere (scripts/build_wheels.sh) is installed as it is, with --no-deps, into
+# $OUT/wheel (first on PYTHONPATH; pytest runs as `python -P`, so the source tree in the
+# current folder is not imported instead). Where the tree arrives without .git, pass the
+# commit: PIIP_COMMIT=$(git rev-parse --short HEAD).
 #
 #   bash bench/gpu_check.sh             # on the GPU machine
+#   bash bench/gpu_check.sh --wheel dist/piip_kernels-...whl   # the same, on the prebuilt wheel
 #   bash bench/gpu_check.sh --dry-run   # on any CPU machine (CI runs it): every stage, tiny
+#   bash bench/gpu_check.sh --install-only [--wheel PATH]   # build or install, the backend table, stop
 #
 # --dry-run runs every stage on the CPU within a few minutes and writes the same kinds of
 # files under $OUT: the GPU test modules on the meta device (their harness: devices, shapes,
@@ -30,15 +35,27 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
-for arg in "$@"; do
-  case "$arg" in
+WHEEL=""
+INSTALL_ONLY=0
+while [ $# -gt 0 ]; do
+  case "$1" in
     --dry-run) DRY=1 ;;
-    *) echo "usage: bash bench/gpu_check.sh [--dry-run]" >&2; exit 2 ;;
+    --wheel) WHEEL="${2:-}"; shift ;;
+    --install-only) INSTALL_ONLY=1 ;;
+    *) echo "usage: bash bench/gpu_check.sh [--dry-run] [--wheel PATH] [--install-only]" >&2; exit 2 ;;
   esac
+  shift
 done
 OUT="${OUT:-$PWD/out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
+# pytest's command: with a wheel, `python -P` keeps the current folder (the source tree) off
+# sys.path, so the tests import the installed wheel.
+PYTEST=("$PY" -m pytest)
+if [ -n "$WHEEL" ]; then
+  [ -f "$WHEEL" ] || { echo "gpu_check: no wheel at $WHEEL" >&2; exit 2; }
+  PYTEST=("$PY" -P -m pytest)
+fi
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export MAX_JOBS="${MAX_JOBS:-16}"
 export PIIP_REQUIRE_EXT=1
@@ -110,18 +127,32 @@ else
 fi
 
 t0=$(date +%s)
-if [ "$DRY" = 1 ]; then
+if [ -n "$WHEEL" ]; then
+  # The wheel as built elsewhere: no compiler here, only an unpack.
+  rm -rf "$OUT/wheel"
+  if ! "$PY" -m pip install --no-deps --no-index --target "$OUT/wheel" "$WHEEL" > "$OUT/build.log" 2>&1; then
+    tail -20 "$OUT/build.log"; echo "WHEEL INSTALL FAILED"; exit 1
+  fi
+  export PYTHONPATH="$OUT/wheel${PYTHONPATH:+:$PYTHONPATH}"
+  "$PY" -P -c "import piip_kernels, sys; from piip_kernels import _ext
+assert piip_kernels.__file__.startswith(sys.argv[1]), f'piip_kernels from {piip_kernels.__file__}, not the wheel'
+assert _ext.EXT is not None, _ext.EXT_ERROR
+print('wheel:', sys.argv[2], 'installed in', sys.argv[1], '; CUDA kernels:', _ext.CUDA_EXT is not None, _ext.CUDA_ERROR or '')" \
+    "$OUT/wheel" "$(basename "$WHEEL")" 2>&1 | tee -a "$OUT/build.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || { echo "WHEEL NOT USABLE"; exit 1; }
+elif [ "$DRY" = 1 ]; then
   echo "build: the installed extension (dry run)" | tee "$OUT/build.log"
   "$PY" -c "import piip_kernels._C" >> "$OUT/build.log" 2>&1 || { cat "$OUT/build.log"; echo "BUILD MISSING"; exit 1; }
 elif ! "$PY" -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
   tail -40 "$OUT/build.log"; echo "BUILD FAILED"
   # The Triton backends need no build: still test them.
-  timeout "$(share 300 60)" "$PY" -m pytest tests/test_triton.py -q -p no:cacheprovider > "$OUT/tests_triton.log" 2>&1
+  timeout "$(share 300 60)" "${PYTEST[@]}" tests/test_triton.py -q -p no:cacheprovider > "$OUT/tests_triton.log" 2>&1
   tail -3 "$OUT/tests_triton.log"
   exit 1
 fi
 echo "build: $(( $(date +%s) - t0 )) s"
-"$PY" -c "import piip_kernels; piip_kernels.backend_report(devices=['cpu', 'cuda'])" | tee "$OUT/backends.txt"
+"$PY" -P -c "import piip_kernels; piip_kernels.backend_report(devices=['cpu', 'cuda'])" | tee "$OUT/backends.txt"
+[ "$INSTALL_ONLY" = 1 ] && exit 0
 
 # GPU tests: CUDA and Triton backends on the GPU, all dtypes, awkward shapes, float64-derived
 # tolerances, deterministic mode, NaN-poisoned memory. (CI runs the CPU tests.) The sm_90
@@ -131,7 +162,7 @@ per_test=""
 # One Triton config per kernel here (PIIP_TRITON_AUTOTUNE=0): the tests compile many head dims
 # and dtypes, and autotuning would compile and time every config of each.
 PIIP_TRITON_AUTOTUNE=0 stage "GPU tests (${PIIP_GPU_TEST_DEVICE:-cuda})" tests.log timeout -k 10 "$(limit "$(share 200 250)" 0)" \
-  "$PY" -m pytest tests/test_cuda.py tests/test_triton.py -q -p no:cacheprovider $per_test --durations=15 \
+  "${PYTEST[@]}" tests/test_cuda.py tests/test_triton.py -q -p no:cacheprovider $per_test --durations=15 \
   -m "gpu or not gpu" -k "not compile_for_sm90"
 test_rc=$?
 grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
@@ -185,7 +216,7 @@ b=$(share 70 110); (( DRY )) && b=240; stage "bench_model (two paths)" bench_mod
 b=$(share 180 50); (( DRY )) && b=240; stage "ladder" ladder.md timeout -k 10 "$(limit "$b" 30)" "$PY" bench/ladder.py --budget-s "$b" "${LADDER[@]}"
 # transformers' detectors on our kernel: the GPU tests of the three routes (CUDA, fp32 and bf16;
 # in the dry run they say they need CUDA), then one training step per model.
-stage "HF GPU tests" tests_hf.log timeout -k 10 "$(limit "$(share 60 60)" 0)" "$PY" -m pytest tests/test_hf.py -q \
+stage "HF GPU tests" tests_hf.log timeout -k 10 "$(limit "$(share 60 60)" 0)" "${PYTEST[@]}" tests/test_hf.py -q \
   -p no:cacheprovider -m gpu -rs
 if [ -f bench/bench_hf.py ]; then
   b=$(share 90 90); stage "bench_hf" bench_hf.md timeout -k 10 "$(limit "$b" 20)" "$PY" bench/bench_hf.py --budget-s "$b" "${HF[@]}"

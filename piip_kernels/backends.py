@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from ._ext import EXT_ERROR, has_kernel
+from ._ext import CUDA_ERROR, EXT_ERROR, has_kernel
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 ENV_VAR = "PIIP_KERNELS_BACKEND"
@@ -43,9 +43,10 @@ def compiled_reasons(private_op: str, device: torch.device, want: str) -> list[s
         reasons.append(f"tensors are on {device.type}, the {want} backend needs {want} tensors")
     if EXT_ERROR is not None:
         reasons.append(EXT_ERROR)
+    elif want == "cuda" and CUDA_ERROR is not None:
+        reasons.append(f"CUDA kernels off: {CUDA_ERROR}")
     elif not has_kernel(private_op, want.upper()):
-        hint = " (built without CUDA: needs nvcc and a CUDA build of torch at install time)" if want == "cuda" else ""
-        reasons.append(f"piip_kernels._C has no {want.upper()} kernel for {private_op}{hint}")
+        reasons.append(f"piip_kernels has no {want.upper()} kernel for {private_op}")
     return reasons
 
 

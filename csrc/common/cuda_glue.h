@@ -1,79 +1,93 @@
-// Helpers shared by the CUDA glue files (ATen side; the kernels stay torch-free).
+// Helpers shared by the CUDA glue files (stable-ABI side; the kernels stay torch-free).
 #pragma once
 
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/zeros.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Exception.h>
-#include <c10/util/Half.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cmath>
 
 #include "../msda/msda_cuda.cuh"
+#include "fixed_point.cuh"
+#include "tensor_glue.h"
 
 namespace piip {
 namespace cuda_glue {
 
-// ATen's 16-bit types and CUDA's share their bit layout.
+// torch's 16-bit types and CUDA's share their bit layout.
 template <typename T> struct Device { using type = T; };
 template <> struct Device<c10::Half> { using type = __half; };
 template <> struct Device<c10::BFloat16> { using type = __nv_bfloat16; };
 
 template <typename T>
-const typename Device<T>::type* dev_ptr(const at::Tensor& t) {
-  return reinterpret_cast<const typename Device<T>::type*>(t.const_data_ptr<T>());
+const typename Device<T>::type* dev_ptr(const Tensor& t) {
+  return reinterpret_cast<const typename Device<T>::type*>(ptr<T>(t));
 }
 template <typename T>
-typename Device<T>::type* dev_mut_ptr(at::Tensor& t) {
-  return reinterpret_cast<typename Device<T>::type*>(t.mutable_data_ptr<T>());
+typename Device<T>::type* dev_mut_ptr(Tensor& t) {
+  return reinterpret_cast<typename Device<T>::type*>(mut_ptr<T>(t));
 }
 
 // Calls f.template operator()<T, U>() for the dtype pairs the GPU kernels take:
 // T in {float, half, bfloat16}; U == T, or float beside a 16-bit T.
 template <typename F>
-void dispatch(const char* op, at::ScalarType vt, at::ScalarType lt, F&& f) {
-  using at::ScalarType;
+void dispatch(const char* op, ScalarType vt, ScalarType lt, F&& f) {
   if (vt == ScalarType::Float && lt == ScalarType::Float) return f.template operator()<float, float>();
   if (vt == ScalarType::Half && lt == ScalarType::Half) return f.template operator()<c10::Half, c10::Half>();
   if (vt == ScalarType::BFloat16 && lt == ScalarType::BFloat16) return f.template operator()<c10::BFloat16, c10::BFloat16>();
   if (vt == ScalarType::Half && lt == ScalarType::Float) return f.template operator()<c10::Half, float>();
   if (vt == ScalarType::BFloat16 && lt == ScalarType::Float) return f.template operator()<c10::BFloat16, float>();
-  TORCH_CHECK(false, op, " (cuda): unsupported dtypes ", vt, " and ", lt,
-              "; the CUDA kernels take float32/float16/bfloat16 (float64 runs on the cpu and reference backends)");
+  STD_TORCH_CHECK(false, op, " (cuda): unsupported dtypes ", vt, " and ", lt,
+                  "; the CUDA kernels take float32/float16/bfloat16 (float64 runs on the cpu and reference backends)");
 }
 
 inline void check_launch(const char* op, cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, op, " (cuda): kernel launch failed: ", cudaGetErrorString(err));
+  STD_TORCH_CHECK(err == cudaSuccess, op, " (cuda): kernel launch failed: ", cudaGetErrorString(err));
 }
 
+// Why the CUDA kernels cannot find torch's current stream, or nullptr. Defined in
+// cuda_glue.cu; the module init refuses to load with this message.
+const char* stream_lookup_error();
+
+// torch's current CUDA stream on `device` (what every launch runs on).
+cudaStream_t current_stream(int32_t device);
+
+// Sets `device` as the current CUDA device for the life of the guard (and the one torch
+// sees: the stable ABI's device guard).
+using DeviceGuard = torch::stable::accelerator::DeviceGuard;
+
 // The grad_value accumulator of the deformable backwards: fp32 for atomics, or (deterministic)
-// int64 fixed point. Every point adds weight * w_c * grad_output (w_c <= 1) to an entry at most
-// once, so no entry's sum exceeds points_per_entry x max|weight| x max|grad_output|; the scale
-// maps that bound to 2^62. `weights` may be undefined for weights bounded by 1 (a softmax).
-// A non-finite grad_output or weight leaves the scale zero or NaN, and the finishing kernel
-// then writes NaN everywhere instead of a wrapped integer sum.
-// Holds the tensors the kernels write into.
+// int64 fixed point at the scale of fixed_point.cuh. `weights` may be null for weights bounded
+// by 1 (a softmax). Holds the tensors the kernels write into.
 struct GradValueAccumulator {
-  at::Tensor acc, scale;
+  Tensor acc;
   msda::cuda::GradValue gv{nullptr, nullptr, nullptr};
 
-  GradValueAccumulator(const at::Tensor& value, const at::Tensor& grad_output, const at::Tensor& weights,
-                       double points_per_entry, bool deterministic) {
-    if (deterministic) {
-      acc = at::zeros(value.sizes(), value.options().dtype(at::kLong));
-      auto bound = grad_output.abs().amax().to(at::kDouble);
-      if (weights.defined()) bound = bound.mul(weights.abs().amax().to(at::kDouble));
-      scale = bound.clamp_min(1e-30).mul(std::max(1.0, points_per_entry)).reciprocal().mul(std::ldexp(1.0, 62));
-      gv.fixed = reinterpret_cast<unsigned long long*>(acc.mutable_data_ptr<int64_t>());
-      gv.scale = scale.const_data_ptr<double>();
-    } else {
-      acc = at::zeros(value.sizes(), value.options().dtype(at::kFloat));
-      gv.f32 = acc.mutable_data_ptr<float>();
+  GradValueAccumulator(const Tensor& value, const Tensor& grad_output, const Tensor* weights, double points_per_entry,
+                       bool deterministic, cudaStream_t stream)
+      : acc(alloc_zeros(sizes_of(value), deterministic ? ScalarType::Long : ScalarType::Float, value)) {
+    if (!deterministic) {
+      gv.f32 = mut_ptr<float>(acc);
+      return;
     }
+    gv.fixed = reinterpret_cast<unsigned long long*>(mut_ptr<int64_t>(acc));
+    // One buffer: [absmax bits of grad_output, of weights] as int32, then the scale as a double.
+    scratch_ = alloc_zeros({2}, ScalarType::Double, value);
+    auto* absmax = static_cast<unsigned int*>(scratch_.mutable_data_ptr());
+    double* scale = static_cast<double*>(scratch_.mutable_data_ptr()) + 1;
+    absmax_of(grad_output, absmax, stream);
+    if (weights != nullptr) absmax_of(*weights, absmax + 1, stream);
+    check_launch("fixed-point scale", fixed_point::launch_scale(absmax, weights != nullptr, points_per_entry, scale, stream));
+    gv.scale = scale;
+  }
+
+ private:
+  Tensor scratch_;
+
+  static void absmax_of(const Tensor& t, unsigned int* out, cudaStream_t stream) {
+    dispatch("fixed-point scale", t.scalar_type(), t.scalar_type(), [&]<typename T, typename>() {
+      check_launch("fixed-point scale", fixed_point::launch_absmax(dev_ptr<T>(t), t.numel(), out, stream));
+    });
   }
 };
 

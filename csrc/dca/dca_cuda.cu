@@ -1,15 +1,5 @@
-// Glue between ATen tensors and the torch-free CUDA kernels of dca_cuda.cuh:
+// Glue between stable-ABI tensors and the torch-free CUDA kernels of dca_cuda.cuh:
 // registers piip_C::dca_forward / piip_C::dca_backward for CUDA tensors.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <ATen/ops/zeros_like.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
-#include <cmath>
-
 #include "../common/cuda_glue.h"
 #include "dca_cuda.cuh"
 #include "dca_glue.h"
@@ -23,25 +13,25 @@ using cuda_glue::dev_mut_ptr;
 using cuda_glue::dev_ptr;
 
 template <typename T, typename U>
-cuda::Params<typename Device<T>::type, typename Device<U>::type> params(const Sizes& z, const at::Tensor& value,
-                                                                       const at::Tensor& offsets, const at::Tensor& logits) {
+cuda::Params<typename Device<T>::type, typename Device<U>::type> params(const Sizes& z, const Tensor& value,
+                                                                       const Tensor& offsets, const Tensor& logits) {
   return {dev_ptr<T>(value), dev_ptr<U>(offsets), dev_ptr<U>(logits), z.N, z.Hv, z.Wv, z.Hq, z.Wq, z.M, z.D, z.P};
 }
 
 void check_points(const Sizes& z) {
-  TORCH_CHECK(z.P <= cuda::kMaxP, "deform_cross_attn (cuda): at most ", cuda::kMaxP,
-              " points per head (got ", z.P, "); use the triton, cpu or reference backend");
+  STD_TORCH_CHECK(z.P <= cuda::kMaxP, "deform_cross_attn (cuda): at most ", cuda::kMaxP, " points per head (got ", z.P,
+                  "); use the triton, cpu or reference backend");
 }
 
-at::Tensor dca_forward_cuda(const at::Tensor& value_, const at::Tensor& offsets_, const at::Tensor& logits_, int64_t Hv,
-                            int64_t Wv, int64_t Hq, int64_t Wq) {
+Tensor dca_forward_cuda(const Tensor& value_, const Tensor& offsets_, const Tensor& logits_, int64_t Hv, int64_t Wv,
+                        int64_t Hq, int64_t Wq) {
   const Sizes z = check_and_sizes(value_, offsets_, logits_, Hv, Wv, Hq, Wq, /*cuda=*/true);
   check_points(z);
-  const c10::cuda::CUDAGuard guard(value_.device());
-  auto value = value_.contiguous(), offsets = offsets_.contiguous(), logits = logits_.contiguous();
-  auto out = at::empty({z.N, z.Lq(), z.M * z.D}, value.options());
+  const cuda_glue::DeviceGuard guard(value_.get_device_index());
+  const Tensor value = contig(value_), offsets = contig(offsets_), logits = contig(logits_);
+  Tensor out = alloc({z.N, z.Lq(), z.M * z.D}, value.scalar_type(), value);
   if (out.numel() == 0) return out;
-  auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  const cudaStream_t stream = cuda_glue::current_stream(value.get_device_index());
   cuda_glue::dispatch("deform_cross_attn", value.scalar_type(), offsets.scalar_type(), [&]<typename T, typename U>() {
     using DT = typename Device<T>::type;
     const auto p = params<T, U>(z, value, offsets, logits);
@@ -54,26 +44,24 @@ at::Tensor dca_forward_cuda(const at::Tensor& value_, const at::Tensor& offsets_
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dca_backward_cuda(const at::Tensor& grad_output, const at::Tensor& value_,
-                                                                 const at::Tensor& offsets_, const at::Tensor& logits_,
-                                                                 int64_t Hv, int64_t Wv, int64_t Hq, int64_t Wq,
-                                                                 bool deterministic) {
+std::tuple<Tensor, Tensor, Tensor> dca_backward_cuda(const Tensor& grad_output, const Tensor& value_,
+                                                     const Tensor& offsets_, const Tensor& logits_, int64_t Hv,
+                                                     int64_t Wv, int64_t Hq, int64_t Wq, bool deterministic) {
   const Sizes z = check_and_sizes(value_, offsets_, logits_, Hv, Wv, Hq, Wq, /*cuda=*/true);
   check_points(z);
-  TORCH_CHECK(grad_output.dim() == 3 && grad_output.size(0) == z.N && grad_output.size(1) == z.Lq() &&
-                  grad_output.size(2) == z.M * z.D && grad_output.scalar_type() == value_.scalar_type(),
-              "deform_cross_attn: grad_output must be [N, Lq, M*D] in value's dtype, got ", grad_output.sizes());
-  const c10::cuda::CUDAGuard guard(value_.device());
-  auto value = value_.contiguous(), offsets = offsets_.contiguous(), logits = logits_.contiguous();
-  auto go = grad_output.contiguous();
-  if (z.N * z.Lq() * z.M * z.D == 0) return {at::zeros_like(value), at::zeros_like(offsets), at::zeros_like(logits)};
-  auto grad_value = at::empty(value.sizes(), value.options());
-  auto grad_off = at::empty(offsets.sizes(), offsets.options());
-  auto grad_logits = at::empty(logits.sizes(), logits.options());
+  check_grad_output(grad_output, value_, z);
+  const cuda_glue::DeviceGuard guard(value_.get_device_index());
+  const Tensor value = contig(value_), offsets = contig(offsets_), logits = contig(logits_);
+  const Tensor go = contig(grad_output);
+  if (z.N * z.Lq() * z.M * z.D == 0) return {zeros_as(value), zeros_as(offsets), zeros_as(logits)};
+  Tensor grad_value = alloc_like(value);
+  Tensor grad_off = alloc_like(offsets);
+  Tensor grad_logits = alloc_like(logits);
+  const cudaStream_t stream = cuda_glue::current_stream(value.get_device_index());
   // Softmax weights are at most 1, and each of the Lq * P points reaches an entry at most once.
-  const cuda_glue::GradValueAccumulator accum(value, go, at::Tensor(), static_cast<double>(z.Lq()) * z.P, deterministic);
+  const cuda_glue::GradValueAccumulator accum(value, go, nullptr, static_cast<double>(z.Lq()) * z.P, deterministic,
+                                              stream);
   const auto& gv = accum.gv;
-  auto stream = c10::cuda::getCurrentCUDAStream().stream();
   cuda_glue::dispatch("deform_cross_attn", value.scalar_type(), offsets.scalar_type(), [&]<typename T, typename U>() {
     using DT = typename Device<T>::type;
     using DU = typename Device<U>::type;
@@ -92,7 +80,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dca_backward_cuda(const at::Tenso
 }  // namespace dca
 }  // namespace piip
 
-TORCH_LIBRARY_IMPL(piip_C, CUDA, m) {
-  m.impl("dca_forward", &piip::dca::dca_forward_cuda);
-  m.impl("dca_backward", &piip::dca::dca_backward_cuda);
-}
+static const piip::Kernels kernels("CUDA", {{"dca_forward", TORCH_BOX(&piip::dca::dca_forward_cuda)},
+                                            {"dca_backward", TORCH_BOX(&piip::dca::dca_backward_cuda)}});

@@ -1,12 +1,5 @@
-// Glue between ATen tensors and the torch-free CUDA kernels of merge_cuda.cuh:
+// Glue between stable-ABI tensors and the torch-free CUDA kernels of merge_cuda.cuh:
 // registers piip_C::merge_forward / piip_C::merge_backward for CUDA tensors.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/stack.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
 #include <vector>
 
 #include "../common/cuda_glue.h"
@@ -20,44 +13,43 @@ using cuda_glue::Device;
 using cuda_glue::dev_mut_ptr;
 using cuda_glue::dev_ptr;
 
-std::vector<at::Tensor> check_features(at::TensorList features, const at::Tensor& weights) {
-  TORCH_CHECK(!features.empty() && static_cast<int>(features.size()) <= cuda::kMaxBranches,
-              "branch_merge (cuda): 1 to ", cuda::kMaxBranches, " maps, got ", features.size());
-  TORCH_CHECK(weights.dim() == 1 && weights.size(0) == static_cast<int64_t>(features.size()) && weights.is_cuda(),
-              "branch_merge: weights must be a CUDA [", features.size(), "] tensor");
-  std::vector<at::Tensor> out;
+std::vector<Tensor> check_features(const std::vector<Tensor>& features, const Tensor& weights) {
+  STD_TORCH_CHECK(!features.empty() && static_cast<int>(features.size()) <= cuda::kMaxBranches,
+                  "branch_merge (cuda): 1 to ", cuda::kMaxBranches, " maps, got ", features.size());
+  STD_TORCH_CHECK(weights.dim() == 1 && weights.size(0) == static_cast<int64_t>(features.size()) && weights.is_cuda(),
+                  "branch_merge: weights must be a CUDA [", features.size(), "] tensor");
+  std::vector<Tensor> out;
   for (const auto& f : features) {
-    TORCH_CHECK(f.is_cuda() && f.device() == features[0].device(), "branch_merge (cuda): maps must be on one CUDA device");
-    TORCH_CHECK(f.dim() == 4 && f.size(0) == features[0].size(0) && f.size(1) == features[0].size(1) &&
-                    f.scalar_type() == features[0].scalar_type() && f.size(2) > 0 && f.size(3) > 0,
-                "branch_merge: maps must be non-empty [N, C, H_i, W_i] of one N, C and dtype");
-    out.push_back(f.contiguous());
+    STD_TORCH_CHECK(f.is_cuda() && same_device(f, features[0]), "branch_merge (cuda): maps must be on one CUDA device");
+    STD_TORCH_CHECK(f.dim() == 4 && f.size(0) == features[0].size(0) && f.size(1) == features[0].size(1) &&
+                        f.scalar_type() == features[0].scalar_type() && f.size(2) > 0 && f.size(3) > 0,
+                    "branch_merge: maps must be non-empty [N, C, H_i, W_i] of one N, C and dtype");
+    out.push_back(contig(f));
   }
   return out;
 }
 
 // Calls f.template operator()<T, O>(): maps' dtype T and output dtype O (T, or float).
 template <typename F>
-void dispatch(at::ScalarType t, at::ScalarType o, F&& f) {
-  using at::ScalarType;
+void dispatch(ScalarType t, ScalarType o, F&& f) {
   if (t == ScalarType::Float && o == ScalarType::Float) return f.template operator()<float, float>();
   if (t == ScalarType::Half && o == ScalarType::Half) return f.template operator()<c10::Half, c10::Half>();
   if (t == ScalarType::BFloat16 && o == ScalarType::BFloat16) return f.template operator()<c10::BFloat16, c10::BFloat16>();
   if (t == ScalarType::Half && o == ScalarType::Float) return f.template operator()<c10::Half, float>();
   if (t == ScalarType::BFloat16 && o == ScalarType::Float) return f.template operator()<c10::BFloat16, float>();
-  TORCH_CHECK(false, "branch_merge (cuda): unsupported dtypes: maps ", t, ", output ", o,
-              " (float64 runs on the cpu and reference backends)");
+  STD_TORCH_CHECK(false, "branch_merge (cuda): unsupported dtypes: maps ", t, ", output ", o,
+                  " (float64 runs on the cpu and reference backends)");
 }
 
-at::Tensor merge_forward_cuda(at::TensorList features, const at::Tensor& weights, int64_t Ho, int64_t Wo, bool align_corners,
-                              at::ScalarType out_dtype) {
+Tensor merge_forward_cuda(const std::vector<Tensor>& features, const Tensor& weights, int64_t Ho, int64_t Wo,
+                          bool align_corners, ScalarType out_dtype) {
   auto feats = check_features(features, weights);
-  TORCH_CHECK(Ho > 0 && Wo > 0, "branch_merge: out_size must be positive");
-  const c10::cuda::CUDAGuard guard(feats[0].device());
+  STD_TORCH_CHECK(Ho > 0 && Wo > 0, "branch_merge: out_size must be positive");
+  const cuda_glue::DeviceGuard guard(feats[0].get_device_index());
   const int64_t N = feats[0].size(0), C = feats[0].size(1);
-  auto out = at::empty({N, C, Ho, Wo}, feats[0].options().dtype(out_dtype).memory_format(at::MemoryFormat::Contiguous));
-  auto w = weights.to(at::kFloat).contiguous();
-  auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  Tensor out = alloc({N, C, Ho, Wo}, out_dtype, feats[0]);
+  const Tensor w = contig(cast(weights, ScalarType::Float));
+  const cudaStream_t stream = cuda_glue::current_stream(feats[0].get_device_index());
   dispatch(feats[0].scalar_type(), out_dtype, [&]<typename T, typename O>() {
     using DT = typename Device<T>::type;
     const DT* maps[cuda::kMaxBranches];
@@ -67,47 +59,50 @@ at::Tensor merge_forward_cuda(at::TensorList features, const at::Tensor& weights
       H[b] = feats[b].size(2);
       W[b] = feats[b].size(3);
     }
-    const auto p = cuda::forward_params<DT>(static_cast<int>(feats.size()), maps, H, W, w.const_data_ptr<float>(), N * C, Ho,
+    const auto p = cuda::forward_params<DT>(static_cast<int>(feats.size()), maps, H, W, ptr<float>(w), N * C, Ho,
                                             Wo, align_corners);
     cuda_glue::check_launch("branch_merge forward", cuda::launch_forward<DT, typename Device<O>::type>(p, dev_mut_ptr<O>(out), stream));
   });
   return out;
 }
 
-std::tuple<std::vector<at::Tensor>, at::Tensor> merge_backward_cuda(const at::Tensor& grad_output, at::TensorList features,
-                                                                    const at::Tensor& weights, bool align_corners) {
+std::tuple<std::vector<Tensor>, Tensor> merge_backward_cuda(const Tensor& grad_output,
+                                                            const std::vector<Tensor>& features, const Tensor& weights,
+                                                            bool align_corners) {
   auto feats = check_features(features, weights);
-  const c10::cuda::CUDAGuard guard(feats[0].device());
-  TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == feats[0].size(0) && grad_output.size(1) == feats[0].size(1),
-              "branch_merge: grad_output must be [N, C, Ho, Wo], got ", grad_output.sizes());
-  auto go = grad_output.contiguous();
+  const cuda_glue::DeviceGuard guard(feats[0].get_device_index());
+  STD_TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == feats[0].size(0) &&
+                      grad_output.size(1) == feats[0].size(1),
+                  "branch_merge: grad_output must be [N, C, Ho, Wo], got ", shape_str(grad_output));
+  const Tensor go = contig(grad_output);
   const int64_t planes = go.size(0) * go.size(1), Ho = go.size(2), Wo = go.size(3);
-  auto w = weights.to(at::kFloat).contiguous();
-  auto stream = c10::cuda::getCurrentCUDAStream().stream();
-  std::vector<at::Tensor> grads, shares;
+  const Tensor w = contig(cast(weights, ScalarType::Float));
+  const cudaStream_t stream = cuda_glue::current_stream(feats[0].get_device_index());
+  std::vector<Tensor> grads;
+  // Each branch's weight gradient, summed in float64 from the kernel's per-block shares.
+  Tensor grad_w = alloc({static_cast<int64_t>(feats.size())}, ScalarType::Double, feats[0]);
   dispatch(feats[0].scalar_type(), go.scalar_type(), [&]<typename T, typename O>() {
     using DT = typename Device<T>::type;
     using DO = typename Device<O>::type;
     for (size_t b = 0; b < feats.size(); ++b) {
       const int64_t H = feats[b].size(2), W = feats[b].size(3);
-      auto gf = at::empty(feats[b].sizes(), feats[b].options());
-      auto partial = at::empty({cuda::backward_blocks(planes, H, W)}, feats[b].options().dtype(at::kFloat));
+      Tensor gf = alloc_like(feats[b]);
+      Tensor partial = alloc({cuda::backward_blocks(planes, H, W)}, ScalarType::Float, feats[b]);
       const auto p = cuda::backward_params<DT, DO>(dev_ptr<O>(go), dev_ptr<T>(feats[b]), dev_mut_ptr<T>(gf),
-                                                   partial.mutable_data_ptr<float>(), w.const_data_ptr<float>() + b, planes,
+                                                   mut_ptr<float>(partial), ptr<float>(w) + b, planes,
                                                    H, W, Ho, Wo, align_corners);
       cuda_glue::check_launch("branch_merge backward", cuda::launch_backward<DT, DO>(p, stream));
       grads.push_back(gf);
-      shares.push_back(partial.to(at::kDouble).sum());
+      Tensor share = torch::stable::select(grad_w, 0, static_cast<int64_t>(b));
+      torch::stable::copy_(share, torch::stable::sum(partial, std::nullopt, false, ScalarType::Double));
     }
   });
-  return {grads, at::stack(shares).to(weights.scalar_type())};
+  return {grads, cast(grad_w, weights.scalar_type())};
 }
 
 }  // namespace
 }  // namespace merge
 }  // namespace piip
 
-TORCH_LIBRARY_IMPL(piip_C, CUDA, m) {
-  m.impl("merge_forward", &piip::merge::merge_forward_cuda);
-  m.impl("merge_backward", &piip::merge::merge_backward_cuda);
-}
+static const piip::Kernels kernels("CUDA", {{"merge_forward", TORCH_BOX(&piip::merge::merge_forward_cuda)},
+                                            {"merge_backward", TORCH_BOX(&piip::merge::merge_backward_cuda)}});

@@ -100,14 +100,19 @@ __device__ __forceinline__ void scatter(const GradValue& gv, double scale, int64
     }
     return;
   }
-  constexpr bool kVector = PIIP_VECTOR_ATOMICS && V % 4 == 0;  // Hopper: one atomic per four channels
-  if constexpr (kVector) {
+#if PIIP_VECTOR_ATOMICS
+  // Hopper and later: one atomic per four channels. A preprocessor branch, not only `if
+  // constexpr`: the float4 call does not depend on V, so it is looked up even where discarded,
+  // and before sm_90 there is no float4 atomicAdd to find.
+  if constexpr (V % 4 == 0) {
 #pragma unroll
     for (int i = 0; i < V; i += 4) {
       atomicAdd(reinterpret_cast<float4*>(gv.f32 + off + i),
                 make_float4(contrib[i], contrib[i + 1], contrib[i + 2], contrib[i + 3]));
     }
-  } else {
+  } else
+#endif
+  {
 #pragma unroll
     for (int i = 0; i < V; ++i) atomicAdd(gv.f32 + off + i, contrib[i]);
   }

@@ -1,68 +1,55 @@
 // Tensor checks shared by the CPU and CUDA glue of multi-scale deformable attention.
-// Turns the ATen arguments into the torch-free Sizes struct of msda_cpu.h.
+// Turns the stable-ABI tensors into the torch-free Sizes struct of msda_cpu.h.
 #pragma once
 
-#include <ATen/core/Tensor.h>
-#include <c10/util/Exception.h>
-
+#include "../common/tensor_glue.h"
 #include "msda_cpu.h"
 
 namespace piip {
 namespace msda {
 
-inline Sizes check_and_sizes(const at::Tensor& value, const at::Tensor& shapes,
-                             const at::Tensor& starts, const at::Tensor& loc,
-                             const at::Tensor& attn, bool cuda) {
-  TORCH_CHECK(value.dim() == 4, "ms_deform_attn: value must be [N, S, M, D], got ", value.sizes());
-  TORCH_CHECK(loc.dim() == 6 && loc.size(5) == 2,
-              "ms_deform_attn: sampling_locations must be [N, Lq, M, L, P, 2], got ", loc.sizes());
-  TORCH_CHECK(attn.dim() == 5, "ms_deform_attn: attention_weights must be [N, Lq, M, L, P], got ",
-              attn.sizes());
-  Sizes z{value.size(0), value.size(1), value.size(2), value.size(3),
-          loc.size(1),   loc.size(3),   loc.size(4)};
-  TORCH_CHECK(loc.size(0) == z.N && loc.size(2) == z.M,
-              "ms_deform_attn: sampling_locations batch/heads do not match value");
-  TORCH_CHECK(attn.sizes() == loc.sizes().slice(0, 5),
-              "ms_deform_attn: attention_weights must be sampling_locations.shape[:5]");
-  TORCH_CHECK(shapes.dim() == 2 && shapes.size(0) == z.L && shapes.size(1) == 2 &&
-                  shapes.scalar_type() == at::kLong,
-              "ms_deform_attn: spatial_shapes must be int64 [L, 2] with L = ", z.L);
-  TORCH_CHECK(starts.dim() == 1 && starts.size(0) == z.L && starts.scalar_type() == at::kLong,
-              "ms_deform_attn: level_start_index must be int64 [L] with L = ", z.L);
-  TORCH_CHECK(loc.scalar_type() == attn.scalar_type(),
-              "ms_deform_attn: sampling_locations and attention_weights must share a dtype");
-  for (const at::Tensor* t : {&value, &loc, &attn, &shapes, &starts}) {
-    TORCH_CHECK(t->device() == value.device(), "ms_deform_attn: all tensors must be on one device");
-    TORCH_CHECK(cuda ? t->is_cuda() : t->is_cpu(), "ms_deform_attn: expected ",
-                cuda ? "CUDA" : "CPU", " tensors");
+inline Sizes check_and_sizes(const Tensor& value, const Tensor& shapes, const Tensor& starts, const Tensor& loc,
+                             const Tensor& attn, bool cuda) {
+  const Meta v(value), sh(shapes), st(starts), l(loc), a(attn);
+  STD_TORCH_CHECK(v.dim == 4, "ms_deform_attn: value must be [N, S, M, D], got ", v.shape());
+  STD_TORCH_CHECK(l.dim == 6 && l.size(5) == 2, "ms_deform_attn: sampling_locations must be [N, Lq, M, L, P, 2], got ",
+                  l.shape());
+  STD_TORCH_CHECK(a.dim == 5, "ms_deform_attn: attention_weights must be [N, Lq, M, L, P], got ", a.shape());
+  Sizes z{v.size(0), v.size(1), v.size(2), v.size(3), l.size(1), l.size(3), l.size(4)};
+  STD_TORCH_CHECK(l.size(0) == z.N && l.size(2) == z.M, "ms_deform_attn: sampling_locations batch/heads do not match value");
+  STD_TORCH_CHECK(a.same_sizes(l, 5), "ms_deform_attn: attention_weights must be sampling_locations.shape[:5]");
+  STD_TORCH_CHECK(sh.dim == 2 && sh.size(0) == z.L && sh.size(1) == 2 && sh.dtype == ScalarType::Long,
+                  "ms_deform_attn: spatial_shapes must be int64 [L, 2] with L = ", z.L);
+  STD_TORCH_CHECK(st.dim == 1 && st.size(0) == z.L && st.dtype == ScalarType::Long,
+                  "ms_deform_attn: level_start_index must be int64 [L] with L = ", z.L);
+  STD_TORCH_CHECK(l.dtype == a.dtype, "ms_deform_attn: sampling_locations and attention_weights must share a dtype");
+  for (const Meta* t : {&v, &l, &a, &sh, &st}) {
+    STD_TORCH_CHECK(t->same_device(v), "ms_deform_attn: all tensors must be on one device");
+    STD_TORCH_CHECK(cuda ? t->is_cuda() : t->is_cpu(), "ms_deform_attn: expected ", cuda ? "CUDA" : "CPU", " tensors");
   }
   if (!cuda) {
     // Levels must tile value exactly, or the kernel would read out of bounds.
-    auto sp = shapes.contiguous();
-    auto st = starts.contiguous();
-    const int64_t* s = sp.const_data_ptr<int64_t>();
-    const int64_t* b = st.const_data_ptr<int64_t>();
+    const Tensor sp = contig(shapes);
+    const Tensor sa = contig(starts);
+    const int64_t* s = ptr<int64_t>(sp);
+    const int64_t* b = ptr<int64_t>(sa);
     int64_t total = 0;
-    for (int64_t l = 0; l < z.L; ++l) {
-      TORCH_CHECK(s[2 * l] > 0 && s[2 * l + 1] > 0, "ms_deform_attn: level ", l, " is empty");
-      TORCH_CHECK(b[l] == total, "ms_deform_attn: level_start_index[", l, "] = ", b[l],
-                  ", expected ", total);
-      total += s[2 * l] * s[2 * l + 1];
+    for (int64_t lvl = 0; lvl < z.L; ++lvl) {
+      STD_TORCH_CHECK(s[2 * lvl] > 0 && s[2 * lvl + 1] > 0, "ms_deform_attn: level ", lvl, " is empty");
+      STD_TORCH_CHECK(b[lvl] == total, "ms_deform_attn: level_start_index[", lvl, "] = ", b[lvl], ", expected ", total);
+      total += s[2 * lvl] * s[2 * lvl + 1];
     }
-    TORCH_CHECK(total == z.S, "ms_deform_attn: spatial_shapes cover ", total,
-                " rows, value has S = ", z.S);
+    STD_TORCH_CHECK(total == z.S, "ms_deform_attn: spatial_shapes cover ", total, " rows, value has S = ", z.S);
   }
   return z;
 }
 
-inline void check_grad_output(const at::Tensor& grad_output, const at::Tensor& value,
-                              const Sizes& z) {
-  TORCH_CHECK(grad_output.dim() == 3 && grad_output.size(0) == z.N &&
-                  grad_output.size(1) == z.Lq && grad_output.size(2) == z.M * z.D,
-              "ms_deform_attn backward: grad_output must be [N, Lq, M*D]");
-  TORCH_CHECK(grad_output.scalar_type() == value.scalar_type() &&
-                  grad_output.device() == value.device(),
-              "ms_deform_attn backward: grad_output must match value's dtype and device");
+inline void check_grad_output(const Tensor& grad_output, const Tensor& value, const Sizes& z) {
+  const Meta g(grad_output), v(value);
+  STD_TORCH_CHECK(g.dim == 3 && g.size(0) == z.N && g.size(1) == z.Lq && g.size(2) == z.M * z.D,
+                  "ms_deform_attn backward: grad_output must be [N, Lq, M*D]");
+  STD_TORCH_CHECK(g.dtype == v.dtype && g.same_device(v),
+                  "ms_deform_attn backward: grad_output must match value's dtype and device");
 }
 
 }  // namespace msda
