@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from piip_kernels.merge.reference import branch_merge_reference
 from piip_kernels.msda.reference import ms_deform_attn_reference
 
 
@@ -211,6 +212,42 @@ def merge_grads(fn, feats, weights, out_size, align_corners=False, grad_out=None
     grads = torch.autograd.grad(out, fs + [w], grad_out.to(out.device, out.dtype))
     return [out.detach(), *grads], grad_out
 
+
+
+def merge_edge_cases(count: int = 10, seed: int = 0) -> list:
+    """Random branch-merge shapes [(sizes, out_size, align_corners)] at the edges of the GPU
+    backwards' search for the output pixels that read an input pixel: sides of length 1
+    (with align_corners=True every output pixel then reads that one input pixel, so the
+    search must reach the whole output side), outputs longer than 4 (the search's
+    minimum), down- and upsampling up to 9x, non-square maps. The first case is the
+    smallest that once gave wrong gradients: 1x1 to 7x7 with align_corners=True."""
+    g = torch.Generator().manual_seed(seed)
+
+    def side(hi):
+        return int(torch.randint(1, hi + 1, (), generator=g))
+
+    cases = [([(1, 1)], (7, 7), True)]
+    while len(cases) < count:
+        out = (side(13), side(13))
+        branches = side(3)
+        sizes = [(1 if torch.rand((), generator=g) < 0.4 else side(9), 1 if torch.rand((), generator=g) < 0.4 else side(9))
+                 for _ in range(branches)]
+        cases.append((sizes, out, bool(torch.rand((), generator=g) < 0.6)))
+    return cases
+
+
+def check_merge_against_reference(fn, reference, cpu_feats, cpu_weights, out_size, align_corners, device, floor=1e-6):
+    """fn's merge and its gradients (maps and weights, on `device`) against the float64
+    reference, with the tolerance derived from `reference` run in the same precision."""
+    feats, weights = [f.to(device) for f in cpu_feats], cpu_weights.to(device)
+    got, grad_out = merge_grads(fn, feats, weights, out_size, align_corners)
+    ref, _ = merge_grads(reference, feats, weights, out_size, align_corners, grad_out)
+    truth, _ = merge_grads(branch_merge_reference, [f.double() for f in cpu_feats], cpu_weights.double(), out_size,
+                           align_corners, grad_out)
+    names = ["out"] + [f"grad_f{i}" for i in range(len(feats))] + ["grad_w"]
+    for name, g, r, t in zip(names, got, ref, truth):
+        assert g.dtype == r.dtype and g.shape == r.shape and g.device == feats[0].device, name
+        assert_derived_close(name, host(g), host(r), t, floor=floor)
 
 def deterministic_grad_value(backend: str):
     """(value, shapes, starts, loc, attn, grad_out) -> grad_value of the public op, deterministic."""

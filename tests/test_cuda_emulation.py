@@ -23,8 +23,9 @@ from piip_kernels.merge.reference import branch_merge_reference
 from piip_kernels.msda.reference import ms_deform_attn_reference
 from piip_kernels.msda.triton import fixed_point_scale
 
-from helpers import (assert_derived_close, check_fixed_point_extremes, check_levels_outside_value, dca_grads,
-                     dca_inputs, merge_grads, merge_inputs, msda_inputs, reference64, run_with_grads)
+from helpers import (assert_derived_close, check_fixed_point_extremes, check_levels_outside_value,
+                     check_merge_against_reference, dca_grads, dca_inputs, merge_edge_cases, merge_grads, merge_inputs,
+                     msda_inputs, reference64, run_with_grads)
 
 ROOT = Path(__file__).resolve().parents[1]
 NVCC = shutil.which("nvcc")
@@ -277,3 +278,11 @@ def test_emulated_branch_merge_matches_float64(emu, case, dtype, align_corners):
     for g, r, t in zip(got, ref, truth):
         assert g.dtype == r.dtype
         assert_derived_close("branch_merge", g, r, t, floor=1e-6 if dtype == torch.float32 else 1e-3)
+
+
+@pytest.mark.parametrize("case", merge_edge_cases(), ids=lambda c: f"{c[0]}-{c[1]}-ac{int(c[2])}")
+def test_emulated_branch_merge_edge_sizes(emu, case):
+    sizes, out_size, align_corners = case
+    feats, weights = merge_inputs(sizes, N=1, C=2)
+    fn = lambda f, w, s, a: EmulatedMerge.apply(emu, a, s, w, *f)  # noqa: E731
+    check_merge_against_reference(fn, branch_merge_reference, feats, weights, out_size, align_corners, torch.device("cpu"))

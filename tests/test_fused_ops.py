@@ -10,7 +10,8 @@ from piip_kernels import branch_merge, deform_cross_attn, ms_deform_attn
 from piip_kernels.dca.reference import deform_cross_attn_reference, grid_reference_points
 from piip_kernels.merge.reference import branch_merge_reference
 
-from helpers import assert_derived_close, dca_grads, dca_inputs, merge_grads, merge_inputs
+from helpers import (assert_derived_close, check_merge_against_reference, dca_grads, dca_inputs, merge_edge_cases, merge_grads,
+                     merge_inputs)
 
 REASONS = piip_kernels.dca.api.BACKENDS["cpu"](torch.device("cpu"), torch.float32)
 needs_cpu_kernel = pytest.mark.skipif(bool(REASONS) and os.environ.get("PIIP_REQUIRE_EXT") != "1", reason="; ".join(REASONS))
@@ -159,6 +160,15 @@ def test_merge_matches_float64_reference(case, dtype, align_corners, backend):
     for name, g, r, t in zip(names, got, ref, truth):
         assert g.dtype == r.dtype and g.shape == r.shape
         assert_derived_close(name, g, r, t, floor=1e-12 if dtype == torch.float64 else 1e-6)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("case", merge_edge_cases(), ids=lambda c: f"{c[0]}-{c[1]}-ac{int(c[2])}")
+def test_merge_edge_sizes(case):
+    sizes, out_size, align_corners = case
+    feats, weights = merge_inputs(sizes, C=2)
+    fn = lambda f, w, s, a: branch_merge(f, w, s, align_corners=a, backend="cpu")  # noqa: E731
+    check_merge_against_reference(fn, branch_merge_reference, feats, weights, out_size, align_corners, torch.device("cpu"))
 
 
 def test_merge_reference_is_the_eager_pytorch_merge():

@@ -18,9 +18,9 @@ from piip_kernels import ms_deform_attn
 from piip_kernels.dca.reference import deform_cross_attn_reference
 from piip_kernels.merge.reference import branch_merge_reference
 
-from helpers import (assert_derived_close, check_bit_identical, check_fixed_point_extremes, check_levels_outside_value,
-                     dca_grads, dca_inputs, deterministic_grad_value, holds, host, merge_grads, merge_inputs, msda_inputs,
-                     reference64, run_with_grads, same)
+from helpers import (assert_derived_close, check_bit_identical, check_merge_against_reference, check_fixed_point_extremes, check_levels_outside_value,
+                     dca_grads, dca_inputs, deterministic_grad_value, holds, host, merge_edge_cases, merge_grads, merge_inputs,
+                     msda_inputs, reference64, run_with_grads, same)
 
 pytestmark = pytest.mark.triton
 DEVICE = torch.device(os.environ.get("PIIP_GPU_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -155,6 +155,14 @@ def test_triton_branch_merge(case, align_corners):
     for name, g, r, t in zip(names, got, ref, truth):
         assert g.dtype == r.dtype and g.shape == r.shape and g.device == DEVICE
         assert_derived_close(name, host(g), host(r), t, floor=1e-6)
+
+
+@pytest.mark.parametrize("case", merge_edge_cases(), ids=lambda c: f"{c[0]}-{c[1]}-ac{int(c[2])}")
+def test_triton_branch_merge_edge_sizes(case):
+    sizes, out_size, align_corners = case
+    feats, weights = merge_inputs(sizes, C=2)
+    fn = lambda f, w, s, a: piip_kernels.branch_merge(f, w, s, align_corners=a, backend="triton")  # noqa: E731
+    check_merge_against_reference(fn, merge_reference_fn, feats, weights, out_size, align_corners, DEVICE)
 
 
 def test_triton_branch_merge_bf16_is_deterministic():

@@ -12,6 +12,7 @@
 #include "../msda/msda_cuda.cuh"
 #include "merge_math.h"
 
+#include <algorithm>
 #include <cmath>
 
 namespace piip {
@@ -80,7 +81,7 @@ struct BackwardParams {
   const float* weight;
   int64_t planes, H, W, Ho, Wo;
   float sy, sx, inv_sy, inv_sx;
-  int ky, kx;         // candidate output rows / columns per input index
+  int64_t ky, kx;     // candidate output rows / columns per input index
   bool align_corners;
 };
 
@@ -95,12 +96,12 @@ __global__ void backward_kernel(BackwardParams<T, O> p) {
     const int64_t y0 = first_reader(iy, p.inv_sy, p.align_corners), x0 = first_reader(ix, p.inv_sx, p.align_corners);
     const bool identity = p.H == p.Ho && p.W == p.Wo;  // the finest branch: its gradient is grad_out itself
     float G = identity ? to_f(g[iy * p.Wo + ix]) : 0.f;
-    for (int a = 0; a < (identity ? 0 : p.ky); ++a) {
+    for (int64_t a = 0; a < (identity ? 0 : p.ky); ++a) {
       const int64_t oy = y0 + a;
       if (oy >= p.Ho) break;
       const float wy = axis_weight(oy, iy, p.H, p.sy, p.align_corners);
       if (wy == 0.f) continue;
-      for (int b = 0; b < p.kx; ++b) {
+      for (int64_t b = 0; b < p.kx; ++b) {
         const int64_t ox = x0 + b;
         if (ox >= p.Wo) break;
         const float wx = axis_weight(ox, ix, p.W, p.sx, p.align_corners);
@@ -124,9 +125,14 @@ __global__ void backward_kernel(BackwardParams<T, O> p) {
 // of the tests both build them here).
 inline float scale_of(int64_t in, int64_t out, bool align) { return axis_scale<float>(in, out, align); }
 
-// Output rows (columns) whose taps can touch one input row (column): the reach of a tap,
-// 2 / scale, plus margin for first_reader's one-early start and rounding.
-inline int candidates(float scale) { return scale <= 0.f ? 4 : static_cast<int>(std::ceil(2.0 / scale)) + 4; }
+// Output rows (columns) whose taps can touch one input row (column), for an axis of `out`
+// outputs: the reach of a tap, 2 / scale, plus margin for first_reader's one-early start
+// and rounding, never more than the axis. A zero scale (align_corners with an input side
+// of 1, or an output side of 1) has every output read input 0: all `out` are candidates.
+inline int64_t candidates(float scale, int64_t out) {
+  if (scale <= 0.f) return out;
+  return std::min<int64_t>(out, static_cast<int64_t>(std::ceil(2.0 / scale)) + 4);
+}
 
 // maps[b] of sizes H[b] x W[b] (b < nb), weights [nb] fp32 on the device.
 template <typename T>
@@ -171,8 +177,8 @@ BackwardParams<T, O> backward_params(const O* grad_out, const T* f, T* grad_f, f
   p.sx = scale_of(W, Wo, align_corners);
   p.inv_sy = p.sy > 0.f ? 1.f / p.sy : 0.f;
   p.inv_sx = p.sx > 0.f ? 1.f / p.sx : 0.f;
-  p.ky = candidates(p.sy);
-  p.kx = candidates(p.sx);
+  p.ky = candidates(p.sy, Ho);
+  p.kx = candidates(p.sx, Wo);
   p.align_corners = align_corners;
   return p;
 }

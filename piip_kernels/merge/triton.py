@@ -117,10 +117,12 @@ def _scales(H, W, Ho, Wo, align_corners):
     return H / Ho, W / Wo
 
 
-def _candidates(scale):
-    # Output indices whose source coordinate lies within one pixel of an input index:
-    # at most 2 / scale + 1 of them; the search starts one early, hence the margin.
-    return 4 if scale <= 0 else int(math.ceil(2.0 / scale)) + 4
+def _candidates(scale, out):
+    # Output indices whose source coordinate lies within one pixel of an input index: at
+    # most 2 / scale + 1 of them; the search starts one early, hence the margin; never more
+    # than the axis' `out`. A zero scale (align_corners with an input side of 1, or an
+    # output side of 1) has every output read input 0: all `out` are candidates.
+    return out if scale <= 0 else min(out, int(math.ceil(2.0 / scale)) + 4)
 
 
 def merge_forward(features, weights, out_size, align_corners):
@@ -167,7 +169,7 @@ def merge_backward(grad_output, features, weights, align_corners):
         if f.numel():
             _merge_bwd_kernel[(programs, N * C)](go, f, gf, partial, weights[i:i + 1].float().contiguous(), H, W, Ho, Wo,
                                                  sy, sx, 1.0 / sy if sy > 0 else 0.0, 1.0 / sx if sx > 0 else 0.0,
-                                                 _candidates(sy), _candidates(sx), ALIGN=bool(align_corners), BLOCK=BLOCK)
+                                                 _candidates(sy, Ho), _candidates(sx, Wo), ALIGN=bool(align_corners), BLOCK=BLOCK)
         grads.append(gf)
         gw.append(partial.double().sum())
     return grads, torch.stack(gw).to(weights.dtype)
