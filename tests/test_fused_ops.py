@@ -121,6 +121,40 @@ def test_dca_bad_input(args, match, backend):
         deform_cross_attn(*args(*dca_inputs()), backend=backend)
 
 
+WRAPPING_GRIDS = r"""
+import torch
+import piip_kernels
+# 3 x (2**64 + 2) / 3 cells wrap to 2 in int64: value has 2 rows, offsets 2 queries. The
+# point reads pixel (1, 0) of that grid, 6e18 rows past the end of value.
+big = (2**64 + 2) // 3
+value = torch.randn(1, 2, 1, 4)
+offsets = torch.tensor([0.2, 1.2]).expand(1, 2, 1, 1, 2).contiguous()
+logits = torch.zeros(1, 2, 1, 1)
+for value_hw, query_hw in (([3, big], [1, 2]), ([1, 2], [3, big]), ([3, big], [3, big])):
+    for name, call in (("op", lambda: torch.ops.piip.deform_cross_attn(value, offsets, logits, value_hw, query_hw, "cpu")),
+                       ("backward", lambda: torch.ops.piip.deform_cross_attn_backward(
+                           torch.ones(1, 2, 4), value, offsets, logits, value_hw, query_hw, "cpu"))):
+        try:
+            call()
+            print("ACCEPTED", name, value_hw, query_hw)
+        except Exception as e:
+            print("REFUSED", name, type(e).__name__, str(e).splitlines()[0])
+"""
+
+
+@needs_cpu_kernel
+def test_dca_native_check_is_overflow_safe():
+    """Grid sizes whose H * W wraps int64 to the rows of value (or the queries of offsets)
+    must be refused by the native check, which torch.ops.piip.* reaches directly."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", WRAPPING_GRIDS], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, f"rc {res.returncode}: {res.stderr[-2000:]}"
+    lines = res.stdout.splitlines()
+    assert len(lines) == 6 and all(line.startswith("REFUSED") and "RuntimeError" in line for line in lines), res.stdout
+
+
 def test_msda_module_grid_path_matches_general_path():
     torch.manual_seed(0)
     attn = piip_kernels.MSDeformAttn(d_model=32, n_levels=1, n_heads=4, n_points=4, ratio=0.5, d_feat=24)

@@ -233,8 +233,45 @@ def test_bad_input_raises_clear_error(match, args, backend):
 @needs_cpu_kernel
 def test_private_kernel_checks_levels_itself():
     value, shapes, starts, loc, attn = msda_inputs([(5, 6), (2, 3)])
-    with pytest.raises(RuntimeError, match="cover"):
+    with pytest.raises(RuntimeError, match="level 1 \\(2 x 3\\) does not fit in value's S = 35 rows"):
         torch.ops.piip_C.msda_forward(value[:, :-1], shapes, starts, loc, attn)
+    with pytest.raises(RuntimeError, match="spatial_shapes cover 36 rows, but value has S = 37"):
+        torch.ops.piip_C.msda_forward(torch.cat([value, value[:, :1]], 1), shapes, starts, loc, attn)
+
+
+WRAPPING_LEVELS = r"""
+import torch
+import piip_kernels
+# Level 0 has 2**32 x 2**32 = 2**64 rows, 0 in int64: the sum of H * W is 15 = S. The point
+# sits on pixel (1, 0) of level 0, 2**32 rows past the end of value.
+value = torch.randn(1, 15, 1, 4, dtype=torch.float64)
+loc = torch.tensor([0.5 / 2**32, 1.5 / 2**32], dtype=torch.float64).expand(1, 2, 1, 2, 1, 2).contiguous()
+attn = torch.ones(1, 2, 1, 2, 1, dtype=torch.float64)
+for shapes, starts in (([[2**32, 2**32], [3, 5]], [0, 0]), ([[3, 5], [2**32, 2**32]], [0, 15]),
+                       ([[3, 5], [-2**32, 2**32]], [0, 15])):
+    args = (value, torch.tensor(shapes), torch.tensor(starts), loc, attn)
+    for name, call in (("op", lambda: torch.ops.piip.ms_deform_attn(*args, "cpu")),
+                       ("backward", lambda: torch.ops.piip.ms_deform_attn_backward(torch.ones(1, 2, 4, dtype=torch.float64), *args, "cpu")),
+                       ("compiled", lambda: torch.compile(lambda *a: piip_kernels.ms_deform_attn(*a, backend="cpu"),
+                                                          fullgraph=True, backend="aot_eager")(*args))):
+        try:
+            call()
+            print("ACCEPTED", name, shapes)
+        except Exception as e:
+            print("REFUSED", name, type(e).__name__, str(e).splitlines()[0])
+"""
+
+
+@needs_cpu_kernel
+def test_native_level_check_is_overflow_safe():
+    """The native check is what guards memory under torch.compile and torch.ops.piip.* (the
+    Python check is skipped there): level sizes whose H * W wraps int64 must be refused, not
+    read 2**32 rows past value (the process used to die with SIGSEGV)."""
+    res = subprocess.run([sys.executable, "-c", WRAPPING_LEVELS], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, f"rc {res.returncode}: {res.stderr[-2000:]}"
+    lines = res.stdout.splitlines()
+    assert len(lines) == 9 and all(line.startswith("REFUSED") and "RuntimeError" in line for line in lines), res.stdout
+    assert all("does not fit" in line or "is empty" in line for line in lines), res.stdout
 
 
 def test_unknown_and_unavailable_backends(monkeypatch):

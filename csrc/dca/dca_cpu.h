@@ -22,6 +22,14 @@ struct Sizes {
   int64_t Lq() const { return Hq * Wq; }
 };
 
+// Whether an H x W grid has exactly `cells` cells, decided without forming H * W: the
+// glue checks value_hw against value's rows and query_hw against the queries this way,
+// since sizes whose product wraps int64 to the right count would otherwise pass and send
+// the kernels far outside value.
+inline bool grid_has(int64_t H, int64_t W, int64_t cells) {
+  return H > 0 && W > 0 && cells % H == 0 && cells / H == W;
+}
+
 // Sampling location of point p from the reference and its raw offset.
 template <typename acc_t, typename U>
 inline void location(const Sizes& z, acc_t rx, acc_t ry, const U* off, acc_t& x, acc_t& y) {

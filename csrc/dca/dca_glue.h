@@ -16,8 +16,9 @@ inline Sizes check_and_sizes(const at::Tensor& value, const at::Tensor& offsets,
               "deform_cross_attn: offsets must be [N, Hq*Wq, M, P, 2], got ", offsets.sizes());
   TORCH_CHECK(Hv > 0 && Wv > 0 && Hq > 0 && Wq > 0, "deform_cross_attn: grid sizes must be positive");
   Sizes z{value.size(0), Hv, Wv, value.size(2), value.size(3), Hq, Wq, offsets.size(3)};
-  TORCH_CHECK(value.size(1) == z.S(), "deform_cross_attn: value has ", value.size(1), " rows, value_hw gives ", z.S());
-  TORCH_CHECK(offsets.size(0) == z.N && offsets.size(1) == z.Lq() && offsets.size(2) == z.M,
+  TORCH_CHECK(grid_has(Hv, Wv, value.size(1)), "deform_cross_attn: value has ", value.size(1), " rows, value_hw is ", Hv,
+              " x ", Wv);
+  TORCH_CHECK(offsets.size(0) == z.N && grid_has(Hq, Wq, offsets.size(1)) && offsets.size(2) == z.M,
               "deform_cross_attn: offsets ", offsets.sizes(), " do not match value and query_hw");
   TORCH_CHECK(logits.sizes() == offsets.sizes().slice(0, 4),
               "deform_cross_attn: logits must be offsets.shape[:4]");

@@ -11,11 +11,38 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "msda_math.h"
 
 namespace piip {
 namespace msda {
+
+// Why the levels do not tile value's S rows in order, or "" when they do: every level
+// non-empty, starting where the levels before it end, and inside value. The CPU kernels
+// read levels without bounds checks, so their glue refuses inputs this rejects (the
+// Python-side check is skipped under torch.compile and by torch.ops.piip.*). No sum or
+// product can overflow: a level counts only once level_fits has shown that its rows end
+// inside value, so the running total never exceeds S (sizes whose H * W wraps int64 used
+// to pass a plain sum and send the kernel 2**32 rows past the end of value).
+inline std::string level_problem(const int64_t* shapes, const int64_t* starts, int64_t L, int64_t S) {
+  int64_t total = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t H = shapes[2 * l], W = shapes[2 * l + 1], start = starts[l];
+    const std::string level = "level " + std::to_string(l) + " (" + std::to_string(H) + " x " + std::to_string(W) + ")";
+    if (H <= 0 || W <= 0) return level + " is empty or negative";
+    if (start != total) {
+      return "level_start_index[" + std::to_string(l) + "] = " + std::to_string(start) + ", but the levels before it cover " +
+             std::to_string(total) + " rows";
+    }
+    if (!level_fits(H, W, start, S)) {
+      return level + " does not fit in value's S = " + std::to_string(S) + " rows from row " + std::to_string(start);
+    }
+    total += H * W;
+  }
+  if (total != S) return "spatial_shapes cover " + std::to_string(total) + " rows, but value has S = " + std::to_string(S);
+  return "";
+}
 
 // Sizes and pointers of one call. Layouts (all contiguous, row-major):
 //   value      [N, S, M, D]         S = sum over levels of H_l * W_l

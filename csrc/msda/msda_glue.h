@@ -40,17 +40,8 @@ inline Sizes check_and_sizes(const at::Tensor& value, const at::Tensor& shapes,
     // Levels must tile value exactly, or the kernel would read out of bounds.
     auto sp = shapes.contiguous();
     auto st = starts.contiguous();
-    const int64_t* s = sp.const_data_ptr<int64_t>();
-    const int64_t* b = st.const_data_ptr<int64_t>();
-    int64_t total = 0;
-    for (int64_t l = 0; l < z.L; ++l) {
-      TORCH_CHECK(s[2 * l] > 0 && s[2 * l + 1] > 0, "ms_deform_attn: level ", l, " is empty");
-      TORCH_CHECK(b[l] == total, "ms_deform_attn: level_start_index[", l, "] = ", b[l],
-                  ", expected ", total);
-      total += s[2 * l] * s[2 * l + 1];
-    }
-    TORCH_CHECK(total == z.S, "ms_deform_attn: spatial_shapes cover ", total,
-                " rows, value has S = ", z.S);
+    const std::string problem = level_problem(sp.const_data_ptr<int64_t>(), st.const_data_ptr<int64_t>(), z.L, z.S);
+    TORCH_CHECK(problem.empty(), "ms_deform_attn: ", problem);
   }
   return z;
 }
