@@ -9,7 +9,7 @@ import piip_kernels
 from piip_kernels import ms_deform_attn
 
 from helpers import (assert_close, assert_derived_close, check_bit_identical, check_fixed_point_extremes, check_levels_outside_value,
-                     dca_grads, dca_inputs, deterministic_grad_value, gpu_test_device, gpu_tests_can_run, holds, host,
+                     check_merge_against_reference, dca_grads, dca_inputs, deterministic_grad_value, gpu_test_device, gpu_tests_can_run, holds, host,
                      merge_grads, merge_inputs, msda_inputs, reference64, run_with_grads, same)
 from piip_kernels.dca.reference import deform_cross_attn_reference
 from piip_kernels.merge.reference import branch_merge_reference
@@ -154,3 +154,11 @@ def test_cuda_branch_merge(case, dtype, align_corners):
     again, _ = merge_grads(fn, feats, weights, out_size, align_corners, grad_out)
     for a, b in zip(got, again):
         assert same(a, b)
+
+
+def test_cuda_branch_merge_float64_weights_promote():
+    feats, weights = merge_inputs([(3, 3), (5, 4), (6, 6)])
+    fn = lambda f, w, s, a: piip_kernels.branch_merge(f, w, s, align_corners=a, backend="cuda")  # noqa: E731
+    ref = lambda f, w, s, a: piip_kernels.branch_merge(f, w, s, align_corners=a, backend="reference")  # noqa: E731
+    # The GPU kernels merge in fp32 and give the float64 map promote_types asks for.
+    check_merge_against_reference(fn, ref, feats, weights.double(), (6, 6), False, DEV)

@@ -211,6 +211,19 @@ def test_merge_reference_is_the_eager_pytorch_merge():
     torch.testing.assert_close(branch_merge(feats, weights, (6, 6), backend="reference"), want)
 
 
+@pytest.mark.parametrize("backend", [None, *BACKENDS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_float64_weights_promote(dtype, backend):
+    """Maps below float64 with float64 weights give a float64 map (promote_types, as the
+    docstring says and the reference does), on the default backend too."""
+    feats, weights = merge_inputs([(3, 3), (5, 4), (6, 6)], dtype=dtype)
+    fn = lambda f, w, s, a: branch_merge(f, w, s, backend=backend)  # noqa: E731
+    got, _ = merge_grads(fn, feats, weights.double(), (6, 6))
+    assert [g.dtype for g in got] == [torch.float64] + [dtype] * 3 + [torch.float64]
+    check_merge_against_reference(fn, branch_merge_reference, feats, weights.double(), (6, 6), False, torch.device("cpu"),
+                                  floor=1e-12 if dtype == torch.float32 else 1e-3)
+
+
 @needs_cpu_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_merge_half_precision_maps_give_fp32_with_fp32_weights(dtype):

@@ -165,6 +165,13 @@ def test_triton_branch_merge_edge_sizes(case):
     check_merge_against_reference(fn, merge_reference_fn, feats, weights, out_size, align_corners, DEVICE)
 
 
+def test_triton_branch_merge_float64_weights_promote():
+    feats, weights = merge_inputs([(3, 3), (5, 4), (6, 6)])
+    fn = lambda f, w, s, a: piip_kernels.branch_merge(f, w, s, align_corners=a, backend="triton")  # noqa: E731
+    # The GPU kernels merge in fp32 and give the float64 map promote_types asks for.
+    check_merge_against_reference(fn, merge_reference_fn, feats, weights.double(), (6, 6), False, DEVICE)
+
+
 def test_triton_branch_merge_bf16_is_deterministic():
     feats, weights = merge_inputs([(7, 7), (12, 12), (20, 20)], C=4, dtype=torch.bfloat16)
     feats, weights = [f.to(DEVICE) for f in feats], weights.to(DEVICE)

@@ -1,6 +1,7 @@
 """Public branch merge: input checks, backend choice, dispatch."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .. import backends
@@ -29,7 +30,8 @@ def branch_merge(features, weights: Tensor, out_size, *, align_corners: bool = F
         backend: "reference", "cpu", "cuda" or "triton" (default: the fastest available).
 
     Returns:
-        [N, C, Ho, Wo] contiguous, dtype ``promote_types(features dtype, weights dtype)``.
+        [N, C, Ho, Wo] contiguous, dtype ``promote_types(features dtype, weights dtype)`` (computed
+        in fp32, or fp64 for a float64 result on the cpu and reference backends).
     """
     if isinstance(features, Tensor) or not isinstance(features, (list, tuple)) or not features:
         raise ValueError(f"{OP}: features must be a non-empty list of [N, C, H, W] tensors")
@@ -60,6 +62,15 @@ def branch_merge(features, weights: Tensor, out_size, *, align_corners: bool = F
     if Ho <= 0 or Wo <= 0:
         raise ValueError(f"{OP}: out_size must be positive, got {(Ho, Wo)}")
     name = backends.select(OP, BACKENDS, f0.device, dtype, backend)
+    if weights.dtype == torch.float64 and dtype != torch.float64:
+        # promote_types makes the merged map float64, and the reference computes it so.
+        # Backends with float64 kernels merge float64 maps; the GPU kernels (fp32 at most)
+        # merge in fp32 and cast. Autograd gives each gradient its input's dtype.
+        if backends.BACKEND_DTYPES[name] is None:
+            features = [f.to(torch.float64) for f in features]
+        else:
+            return branch_merge(features, weights.float(), (Ho, Wo), align_corners=align_corners,
+                                backend=name).to(torch.float64)
     if f0.device.type == "meta":  # the fake kernel: shapes only (see backends.select)
         return branch_merge_op(features, weights, [Ho, Wo], align_corners, name)
     if name == "reference":
