@@ -38,6 +38,5 @@ def deform_cross_attn_reference(value: Tensor, value_hw, offsets: Tensor, logits
     scale = torch.tensor([Wv, Hv], device=offsets.device, dtype=offsets.dtype)
     loc = ref[None, :, None, None, :] + offsets / scale  # [N, Lq, M, P, 2]
     weights = logits.softmax(-1)
-    shapes = torch.tensor([[Hv, Wv]], device=value.device)
-    start = torch.zeros(1, dtype=torch.long, device=value.device)
-    return ms_deform_attn_reference(value, shapes, start, loc[:, :, :, None], weights[:, :, :, None])
+    # The level as Python ints: nothing for torch.compile to read from a tensor.
+    return ms_deform_attn_reference(value, [(Hv, Wv)], [0], loc[:, :, :, None], weights[:, :, :, None])
