@@ -10,8 +10,8 @@ from piip_kernels import branch_merge, deform_cross_attn, ms_deform_attn
 from piip_kernels.dca.reference import deform_cross_attn_reference, grid_reference_points
 from piip_kernels.merge.reference import branch_merge_reference
 
-from helpers import (assert_derived_close, check_merge_against_reference, dca_grads, dca_inputs, merge_edge_cases, merge_grads,
-                     merge_inputs)
+from helpers import (assert_derived_close, check_dca_nonfinite, check_merge_against_reference, check_merge_nonfinite, dca_grads,
+                     dca_inputs, dca_nonfinite_cases, merge_edge_cases, merge_grads, merge_inputs, merge_nonfinite_cases)
 
 REASONS = piip_kernels.dca.api.BACKENDS["cpu"](torch.device("cpu"), torch.float32)
 needs_cpu_kernel = pytest.mark.skipif(bool(REASONS) and os.environ.get("PIIP_REQUIRE_EXT") != "1", reason="; ".join(REASONS))
@@ -55,6 +55,15 @@ def test_dca_reference_is_ms_deform_attn_with_grid_points():
     want = ms_deform_attn(value, torch.tensor([[5, 7]]), torch.tensor([0]), loc, logits.softmax(-1)[:, :, :, None],
                           backend="reference")
     torch.testing.assert_close(deform_cross_attn(value, (5, 7), offsets, logits, (3, 4), backend="reference"), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(dca_nonfinite_cases()))
+def test_dca_non_finite_numbers_as_in_the_reference(case, backend, dtype):
+    """Non-finite offsets, logits, values and grad_output reach the output and gradients
+    exactly where they reach the float64 reference's."""
+    check_dca_nonfinite(_dca(backend), dca_nonfinite_cases()[case], torch.device("cpu"), dtype)
 
 
 @needs_cpu_kernel
@@ -203,6 +212,14 @@ def test_merge_edge_sizes(case):
     feats, weights = merge_inputs(sizes, C=2)
     fn = lambda f, w, s, a: branch_merge(f, w, s, align_corners=a, backend="cpu")  # noqa: E731
     check_merge_against_reference(fn, branch_merge_reference, feats, weights, out_size, align_corners, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(merge_nonfinite_cases()))
+def test_merge_non_finite_numbers_as_in_the_reference(case, backend, align_corners):
+    fn = lambda f, w, s, a: branch_merge(f, w, s, align_corners=a, backend=backend)  # noqa: E731
+    check_merge_nonfinite(fn, merge_nonfinite_cases()[case], align_corners, torch.device("cpu"))
 
 
 def test_merge_reference_is_the_eager_pytorch_merge():

@@ -10,7 +10,8 @@ import piip_kernels
 from piip_kernels import ms_deform_attn
 from piip_kernels.msda.reference import ms_deform_attn_reference
 
-from helpers import assert_derived_close, msda_inputs, official_fixture, reference64, run_with_grads
+from helpers import (assert_derived_close, check_msda_nonfinite, msda_inputs, msda_nonfinite_cases, official_fixture, reference64,
+                     run_with_grads)
 
 CPU_REASONS = piip_kernels.msda.api.BACKENDS["cpu"](torch.device("cpu"), torch.float32)
 needs_cpu_kernel = pytest.mark.skipif(bool(CPU_REASONS) and os.environ.get("PIIP_REQUIRE_EXT") != "1", reason="; ".join(CPU_REASONS))
@@ -132,14 +133,16 @@ def test_empty_sizes(sizes, backend):
         assert not g.any()
 
 
-@needs_cpu_kernel
-def test_nan_locations_read_zeros_like_grid_sample():
-    value, shapes, starts, loc, attn = msda_inputs([(4, 4)], N=1, Lq=3, M=1, D=4, P=2)
-    loc[0, 1] = float("nan")
-    out = ms_deform_attn(value, shapes, starts, loc, attn, backend="cpu")
-    assert torch.isfinite(out[0, 0]).all() and torch.isfinite(out[0, 2]).all()
-    # A point at NaN contributes nothing.
-    assert torch.equal(out[0, 1], torch.zeros_like(out[0, 1]))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpu_kernel)])
+@pytest.mark.parametrize("case", list(msda_nonfinite_cases()))
+def test_non_finite_numbers_reach_the_results_as_in_the_reference(case, backend, dtype):
+    """A NaN or inf location reads NaN (grid_sample's weights are NaN), a non-finite weight
+    times a zero sample is NaN, a NaN grad_output row reaches every point of the row: output
+    and gradients are non-finite exactly where the float64 reference's are, so a diverging
+    run shows it."""
+    fn = lambda *a: ms_deform_attn(*a, backend=backend)  # noqa: E731
+    check_msda_nonfinite(fn, msda_nonfinite_cases()[case], torch.device("cpu"), dtype)
 
 
 @needs_cpu_kernel

@@ -18,9 +18,10 @@ from piip_kernels import ms_deform_attn
 from piip_kernels.dca.reference import deform_cross_attn_reference
 from piip_kernels.merge.reference import branch_merge_reference
 
-from helpers import (assert_derived_close, check_bit_identical, check_merge_against_reference, check_fixed_point_extremes, check_levels_outside_value,
-                     dca_grads, dca_inputs, deterministic_grad_value, holds, host, merge_edge_cases, merge_grads, merge_inputs,
-                     msda_inputs, reference64, run_with_grads, same)
+from helpers import (assert_derived_close, check_bit_identical, check_dca_nonfinite, check_fixed_point_extremes,
+                     check_levels_outside_value, check_merge_against_reference, check_merge_nonfinite, check_msda_nonfinite,
+                     dca_grads, dca_inputs, dca_nonfinite_cases, deterministic_grad_value, host, merge_edge_cases, merge_grads,
+                     merge_inputs, merge_nonfinite_cases, msda_inputs, msda_nonfinite_cases, reference64, run_with_grads, same)
 
 pytestmark = pytest.mark.triton
 DEVICE = torch.device(os.environ.get("PIIP_GPU_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -96,13 +97,32 @@ def test_triton_levels_outside_value_give_nan():
     check_levels_outside_value(fwd, bwd, DEVICE)
 
 
-def test_triton_nan_locations_and_empty_sizes():
-    value, shapes, starts, loc, attn = on_device(msda_inputs([(4, 4)], N=1, Lq=3, M=1, D=4, P=2))
-    loc[0, 1] = float("nan")
-    out = ms_deform_attn(value, shapes, starts, loc, attn, backend="triton")
-    assert holds(torch.isfinite(out)) and holds(out[0, 1] == 0)
+def test_triton_empty_sizes():
     empty = on_device(msda_inputs([(3, 4)], N=2, Lq=0, M=2, D=4, P=2))
     assert ms_deform_attn(*empty, backend="triton").shape == (2, 0, 8)
+
+
+# Deterministic grad_value is NaN everywhere once a non-finite number reaches it (a fixed-point
+# sum cannot hold one), a superset of where the reference has NaN.
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("case", list(msda_nonfinite_cases()))
+def test_triton_msda_non_finite_numbers_as_in_the_reference(case, deterministic):
+    check_msda_nonfinite(triton_fn(deterministic), msda_nonfinite_cases()[case], DEVICE,
+                         superset=("grad_value",) if deterministic else ())
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("case", list(dca_nonfinite_cases()))
+def test_triton_dca_non_finite_numbers_as_in_the_reference(case, deterministic):
+    fn = lambda *a: piip_kernels.deform_cross_attn(*a, backend="triton", deterministic=deterministic)  # noqa: E731
+    check_dca_nonfinite(fn, dca_nonfinite_cases()[case], DEVICE, superset=("grad_value",) if deterministic else ())
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("case", list(merge_nonfinite_cases()))
+def test_triton_merge_non_finite_numbers_as_in_the_reference(case, align_corners):
+    fn = lambda f, w, s, a: piip_kernels.branch_merge(f, w, s, align_corners=a, backend="triton")  # noqa: E731
+    check_merge_nonfinite(fn, merge_nonfinite_cases()[case], align_corners, DEVICE)
 
 
 def test_triton_rejects_float64():
@@ -264,12 +284,15 @@ for vt in ("fp32", "bf16"):
         hw = {k: "i32" for k in ("H0", "W0", "H1", "W1", "H2", "W2", "H3", "W3")}
         sc = {k: "fp32" for k in ("sy0", "sx0", "sy1", "sx1", "sy2", "sx2", "sy3", "sx3")}
         sig = dict(out_ptr="*fp32", w_ptr="*fp32", f0="*" + vt, f1="*" + vt, f2="*" + vt, f3="*" + vt, **hw, **sc,
-                   Ho="i32", Wo="i32", NB="constexpr", ALIGN="constexpr", BLOCK="constexpr")
-        build(mk._merge_fwd_kernel, sig, {"NB": 3, "ALIGN": align, "BLOCK": 256}, check=True)
+                   Ho="i32", Wo="i32", NB="constexpr", ALIGN="constexpr", ID0="constexpr", ID1="constexpr",
+                   ID2="constexpr", ID3="constexpr", BLOCK="constexpr")
+        build(mk._merge_fwd_kernel, sig, {"NB": 3, "ALIGN": align, "ID0": False, "ID1": False, "ID2": True, "ID3": True,
+                                          "BLOCK": 256}, check=True)
         sig = dict(grad_out_ptr="*fp32", f_ptr="*" + vt, grad_f_ptr="*" + vt, partial_ptr="*fp32", weight_ptr="*fp32",
                    H="i32", W="i32", Ho="i32", Wo="i32", sy="fp32", sx="fp32", inv_sy="fp32", inv_sx="fp32", KY="i32",
-                   KX="i32", ALIGN="constexpr", BLOCK="constexpr")
-        build(mk._merge_bwd_kernel, sig, {"ALIGN": align, "BLOCK": 256}, check=True)
+                   KX="i32", ALIGN="constexpr", IDENTITY="constexpr", BLOCK="constexpr")
+        for identity in (False, True):
+            build(mk._merge_bwd_kernel, sig, {"ALIGN": align, "IDENTITY": identity, "BLOCK": 256}, check=True)
 assert not spills, "register spills:\n" + "\n".join(spills)
 print("compiled")
 """

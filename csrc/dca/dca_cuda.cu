@@ -70,8 +70,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dca_backward_cuda(const at::Tenso
   auto grad_value = at::empty(value.sizes(), value.options());
   auto grad_off = at::empty(offsets.sizes(), offsets.options());
   auto grad_logits = at::empty(logits.sizes(), logits.options());
-  // Softmax weights are at most 1, and each of the Lq * P points reaches an entry at most once.
-  const cuda_glue::GradValueAccumulator accum(value, go, at::Tensor(), static_cast<double>(z.Lq()) * z.P, deterministic);
+  // Softmax weights are at most 1, and each of the Lq * P points reaches an entry at most once. The
+  // weights' bound is 1, or NaN where a head's softmax is not finite (a NaN or +inf logit, or all -inf).
+  const at::Tensor bound = deterministic ? logits.amax(-1).mul(0).add(1) : at::Tensor();
+  const cuda_glue::GradValueAccumulator accum(value, go, bound, static_cast<double>(z.Lq()) * z.P, deterministic);
   const auto& gv = accum.gv;
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
   cuda_glue::dispatch("deform_cross_attn", value.scalar_type(), offsets.scalar_type(), [&]<typename T, typename U>() {

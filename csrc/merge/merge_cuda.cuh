@@ -59,10 +59,13 @@ __global__ void forward_kernel(ForwardParams<T> p, O* __restrict__ out) {
   out[i] = from_f<O>(acc);
 }
 
-// Weight with which output index o reads input index in_idx along one axis (0 if it does not).
-__device__ __forceinline__ float axis_weight(int64_t o, int64_t in_idx, int64_t size_in, float scale, bool align) {
+// Whether output index o reads input index in_idx along one axis, and with which weight `w`.
+// A tap of weight 0 is a read all the same: the reference multiplies its gradient by 0, so
+// a NaN in grad_output reaches that input (0 * NaN) there too.
+__device__ __forceinline__ bool axis_read(int64_t o, int64_t in_idx, int64_t size_in, float scale, bool align, float& w) {
   const Tap<float> t = axis_tap<float>(o, size_in, scale, align);
-  return (t.i0 == in_idx ? 1.f - t.l : 0.f) + (t.i1 == in_idx ? t.l : 0.f);
+  w = (t.i0 == in_idx ? 1.f - t.l : 0.f) + (t.i1 == in_idx ? t.l : 0.f);
+  return t.i0 == in_idx || t.i1 == in_idx;
 }
 
 // First output index whose source coordinate can reach input index i (one early, clamped at 0).
@@ -99,13 +102,12 @@ __global__ void backward_kernel(BackwardParams<T, O> p) {
     for (int64_t a = 0; a < (identity ? 0 : p.ky); ++a) {
       const int64_t oy = y0 + a;
       if (oy >= p.Ho) break;
-      const float wy = axis_weight(oy, iy, p.H, p.sy, p.align_corners);
-      if (wy == 0.f) continue;
+      float wy, wx;
+      if (!axis_read(oy, iy, p.H, p.sy, p.align_corners, wy)) continue;
       for (int64_t b = 0; b < p.kx; ++b) {
         const int64_t ox = x0 + b;
         if (ox >= p.Wo) break;
-        const float wx = axis_weight(ox, ix, p.W, p.sx, p.align_corners);
-        if (wx != 0.f) G += wy * wx * to_f(g[oy * p.Wo + ox]);
+        if (axis_read(ox, ix, p.W, p.sx, p.align_corners, wx)) G += wy * wx * to_f(g[oy * p.Wo + ox]);
       }
     }
     p.grad_f[i] = from_f<T>(*p.weight * G);

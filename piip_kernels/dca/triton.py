@@ -15,7 +15,8 @@ import triton.language as tl
 
 import torch
 
-from ..msda.triton import _bilinear, _point_backward, _sample, _tile, autotuned, fixed_point_result, fixed_point_scale
+from ..msda.triton import (_bilinear, _point_backward, _sample, _tile, autotuned, fixed_point_result, fixed_point_scale,
+                           softmax_bound)
 
 
 @triton.jit
@@ -30,7 +31,7 @@ def _softmax_tile(logits_ptr, base, qmask, P, BLOCK_P: tl.constexpr):
     e = tl.exp(lg - mx[:, None])
     e = tl.where(pmask[None, :], e, 0.0)
     s = tl.sum(e, axis=1)
-    s = tl.where(s > 0, s, 1.0)
+    s = tl.where(qmask, s, 1.0)  # queries past the end have no points; a NaN sum stays NaN
     return e / s[:, None]
 
 
@@ -132,7 +133,7 @@ def dca_backward(grad_output, value, offsets, logits, value_hw, query_hw, determ
     goff = torch.empty(offsets.shape, device=value.device, dtype=torch.float32)
     glog = torch.empty(logits.shape, device=value.device, dtype=torch.float32)
     # Softmax weights are at most 1, and each of the Hq * Wq * P points reaches an entry at most once.
-    scale = fixed_point_scale(go, Hq * Wq * P) if deterministic else torch.ones((), dtype=torch.float64, device=value.device)
+    scale = fixed_point_scale(go, Hq * Wq * P, softmax_bound(logits)) if deterministic else torch.ones((), dtype=torch.float64, device=value.device)
     _bwd[_grid(Hq * Wq, N, M)](value, offsets, logits, go, gv, goff, glog, scale.reshape(1), Hv, Wv, Hq, Wq, M, D, P,
                                DETERMINISTIC=deterministic, BLOCK_D=triton.next_power_of_2(D), BLOCK_P=triton.next_power_of_2(P))
     if deterministic:

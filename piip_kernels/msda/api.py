@@ -98,7 +98,9 @@ def ms_deform_attn(
             index tensors on the CPU the levels must tile ``value`` (ValueError otherwise);
             on a GPU they are not read on the host, and a level outside ``value`` gives NaN.
         sampling_locations: [N, Lq, M, L, P, 2], normalised (x, y) in [0, 1]; points
-            outside read zeros (``grid_sample`` with ``align_corners=False``, zero padding).
+            outside read zeros (``grid_sample`` with ``align_corners=False``, zero padding);
+            a NaN or inf location reads NaN, and a non-finite weight times such a zero is NaN,
+            as in ``grid_sample`` and the reference.
         attention_weights: [N, Lq, M, L, P].
         backend: "reference", "cpu", "cuda" or "triton"; default: ``PIIP_KERNELS_BACKEND``
             if set, else the fastest available for the device. A requested backend

@@ -122,14 +122,18 @@ def _level(shapes_ptr, starts_ptr, lvl, n, S):
 
 @triton.jit
 def _bilinear(h_im, w_im, H, W, qmask):
-    """Top-left corner (h0, w0), fractions (lh, lw) and validity of pixel coordinates
-    (h_im, w_im) = location * size - 0.5; the negated comparisons also reject NaN."""
+    """Validity, top-left corner (h0, w0) and fractions (lh, lw) of pixel coordinates
+    (h_im, w_im) = location * size - 0.5; the comparisons also reject NaN. An invalid point
+    (no corner inside the map) gets corner (0, 0), never loaded, but keeps its fractions:
+    NaN for a NaN or infinite coordinate, as the reference's bilinear weights. The sampling
+    arithmetic then runs on its zero corners as the reference's does, and gives NaN where
+    the reference does (see csrc/msda/msda_math.h)."""
     valid = qmask & (h_im > -1.0) & (w_im > -1.0) & (h_im < H) & (w_im < W)
-    h_im = tl.where(valid, h_im, 0.0)
-    w_im = tl.where(valid, w_im, 0.0)
     h0f = tl.floor(h_im)
     w0f = tl.floor(w_im)
-    return valid, h0f.to(tl.int32), w0f.to(tl.int32), h_im - h0f, w_im - w0f
+    h0 = tl.where(valid, h0f, 0.0).to(tl.int32)
+    w0 = tl.where(valid, w0f, 0.0).to(tl.int32)
+    return valid, h0, w0, h_im - h0f, w_im - w0f
 
 
 @triton.jit
@@ -160,7 +164,9 @@ def _point_backward(value_ptr, gv_ptr, row0, H, W, h0, w0, lh, lw, a, valid, g, 
                     DETERMINISTIC: tl.constexpr):
     """Scatters a * w_c * g into grad_value and returns, per query, the derivatives of the
     sample with respect to its weight, w_im and h_im (msda_math.h's point_grads without the
-    factors a * W and a * H): (g_attn, g_w, g_h), zero for invalid points."""
+    factors a * W and a * H): (g_attn, g_w, g_h). Corners outside the map read zero, so for
+    an invalid point these are zero, or NaN where the reference's are (a non-finite
+    coordinate or grad_output row)."""
     v00, i00, r00 = _corner(value_ptr, row0, H, W, h0, w0, valid, m, M, D, d, dmask)
     v01, i01, r01 = _corner(value_ptr, row0, H, W, h0, w0 + 1, valid, m, M, D, d, dmask)
     v10, i10, r10 = _corner(value_ptr, row0, H, W, h0 + 1, w0, valid, m, M, D, d, dmask)
@@ -178,7 +184,7 @@ def _point_backward(value_ptr, gv_ptr, row0, H, W, h0, w0, lh, lw, a, valid, g, 
     _scatter(gv_ptr, r01, i01, a * hh * lw, g, m, M, D, d, dmask, scale, DETERMINISTIC)
     _scatter(gv_ptr, r10, i10, a * lh * hw, g, m, M, D, d, dmask, scale, DETERMINISTIC)
     _scatter(gv_ptr, r11, i11, a * lh * lw, g, m, M, D, d, dmask, scale, DETERMINISTIC)
-    return tl.where(valid, g_attn, 0.0), tl.where(valid, g_w, 0.0), tl.where(valid, g_h, 0.0)
+    return g_attn, g_w, g_h
 
 
 @triton.jit
@@ -263,6 +269,14 @@ def fixed_point_scale(grad_output: torch.Tensor, points_per_entry: int, weights:
     if weights is not None:
         bound = bound * weights.detach().abs().amax().double()
     return 2.0 ** 62 / (bound.clamp_min(1e-30) * max(1, points_per_entry))
+
+
+def softmax_bound(logits: torch.Tensor) -> torch.Tensor:
+    """The ``weights`` to give ``fixed_point_scale`` for softmax weights over the last axis of
+    ``logits``: 1 per head (softmax weights are at most 1), or NaN for a head whose softmax is
+    not finite (a NaN or +inf logit, or every logit -inf), so that grad_value is NaN rather
+    than a sum of rounded NaNs."""
+    return logits.detach().amax(-1) * 0 + 1
 
 
 def fixed_point_result(acc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
