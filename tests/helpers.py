@@ -476,3 +476,45 @@ def check_merge_nonfinite(fn, case, align_corners, device, dtype=torch.float32, 
     names = ["out", "grad_f0", "grad_f1", "grad_f2", "grad_w"]
     for name, g, w in zip(names, got, want):
         assert_nonfinite_like(name, g, w, superset=name in superset)
+
+
+# --- forward-mode AD -------------------------------------------------------------------
+
+def check_forward_ad(fn, primals, tangents, eps=1e-6):
+    """fn's forward-mode derivative along ``tangents`` (None: that input has none) in float64:
+    torch.func.jvp and dual tensors (torch.autograd.forward_ad) agree, equal the central
+    difference of fn, and are the transpose of its reverse-mode derivative:
+    <u, J t> = <J^T u, t> for a random u. Returns the tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    filled = [torch.zeros_like(p) if t is None else t for p, t in zip(primals, tangents)]
+    _, jvp = torch.func.jvp(fn, tuple(primals), tuple(filled))
+    with fwAD.dual_level():
+        out = fn(*[p if t is None else fwAD.make_dual(p, t) for p, t in zip(primals, tangents)])
+        dual = fwAD.unpack_dual(out).tangent
+    assert dual is not None, "the output of dual inputs carries no tangent"
+    torch.testing.assert_close(dual, jvp, rtol=1e-12, atol=1e-12)
+    assert jvp.abs().max() > 0
+    fd = (fn(*[p + eps * t for p, t in zip(primals, filled)]) - fn(*[p - eps * t for p, t in zip(primals, filled)])) / (2 * eps)
+    torch.testing.assert_close(jvp, fd, rtol=1e-6, atol=1e-7 * fd.abs().max().item())
+    leaves = [p.detach().clone().requires_grad_(True) for p in primals]
+    out = fn(*leaves)
+    u = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=out.dtype)
+    grads = torch.autograd.grad(out, leaves, u)
+    forward = (u * jvp).sum()
+    torch.testing.assert_close(forward, sum((g * t).sum() for g, t in zip(grads, filled)), rtol=1e-10,
+                               atol=1e-12 * (u.abs() * jvp.abs()).sum().item())
+    return jvp
+
+
+def check_gpu_tangents(fn, reference, primals, device, rtol=1e-4):
+    """fn's forward-mode tangent (all inputs moved along random tangents) on `device`, in
+    fp32, against `reference`'s in float64 on the CPU (the tangent formulas are checked there
+    by check_forward_ad)."""
+    g = torch.Generator().manual_seed(3)
+    tangents = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in primals]
+    _, want = torch.func.jvp(reference, tuple(primals), tuple(tangents))
+    _, got = torch.func.jvp(fn, tuple(p.to(device, torch.float32) for p in primals),
+                            tuple(t.to(device, torch.float32) for t in tangents))
+    assert got.device.type == device.type and got.dtype == torch.float32
+    torch.testing.assert_close(got.cpu().double(), want, rtol=rtol, atol=rtol * want.abs().max().item())

@@ -8,10 +8,11 @@ import torch
 import piip_kernels
 from piip_kernels import ms_deform_attn
 
-from helpers import (assert_close, assert_derived_close, check_bit_identical, check_dca_nonfinite, check_fixed_point_extremes,
-                     check_levels_outside_value, check_merge_against_reference, check_merge_nonfinite, check_msda_nonfinite,
-                     dca_grads, dca_inputs, dca_nonfinite_cases, deterministic_grad_value, gpu_test_device, gpu_tests_can_run,
-                     holds, host, merge_grads, merge_inputs, merge_nonfinite_cases, msda_inputs, msda_nonfinite_cases, reference64,
+from helpers import (assert_close, assert_derived_close, check_bit_identical, check_dca_nonfinite,
+                     check_fixed_point_extremes, check_gpu_tangents, check_levels_outside_value,
+                     check_merge_against_reference, check_merge_nonfinite, check_msda_nonfinite, dca_grads, dca_inputs,
+                     dca_nonfinite_cases, deterministic_grad_value, gpu_test_device, gpu_tests_can_run, holds, host,
+                     merge_grads, merge_inputs, merge_nonfinite_cases, msda_inputs, msda_nonfinite_cases, reference64,
                      run_with_grads, same)
 from piip_kernels.dca.reference import deform_cross_attn_reference
 from piip_kernels.merge.reference import branch_merge_reference
@@ -187,3 +188,18 @@ def test_cuda_dca_non_finite_numbers_as_in_the_reference(case, deterministic):
 def test_cuda_merge_non_finite_numbers_as_in_the_reference(case, align_corners):
     fn = lambda f, w, s, a: piip_kernels.branch_merge(f, w, s, align_corners=a, backend="cuda")  # noqa: E731
     check_merge_nonfinite(fn, merge_nonfinite_cases()[case], align_corners, DEV)
+
+
+@pytest.mark.skipif(DEV.type == "meta", reason="tangents along locations need the level sizes' values")
+def test_cuda_forward_mode_ad():
+    """Tangents of the three ops on the cuda backend against the reference backend's in float64."""
+    value, shapes, starts, loc, attn = msda_inputs([(3, 4), (2, 5)], N=2, Lq=5, M=2, D=8, P=2, dtype=torch.float64)
+    check_gpu_tangents(lambda v, lc, a: ms_deform_attn(v, shapes.to(DEV), starts.to(DEV), lc, a, backend="cuda"),
+                       lambda v, lc, a: ms_deform_attn(v, shapes, starts, lc, a, backend="reference"), [value, loc, attn], DEV)
+    check_gpu_tangents(lambda *a: piip_kernels.deform_cross_attn(a[0], (5, 7), a[1], a[2], (3, 4), backend="cuda"),
+                       lambda *a: piip_kernels.deform_cross_attn(a[0], (5, 7), a[1], a[2], (3, 4), backend="reference"),
+                       list(dca_inputs(dtype=torch.float64)), DEV)
+    feats, weights = merge_inputs([(3, 3), (4, 5), (6, 6)], dtype=torch.float64)
+    check_gpu_tangents(lambda *a: piip_kernels.branch_merge(list(a[:3]), a[3], (6, 6), backend="cuda"),
+                       lambda *a: piip_kernels.branch_merge(list(a[:3]), a[3], (6, 6), backend="reference"),
+                       [*feats, weights.double()], DEV)

@@ -10,7 +10,7 @@ from piip_kernels import branch_merge, deform_cross_attn, ms_deform_attn
 from piip_kernels.dca.reference import deform_cross_attn_reference, grid_reference_points
 from piip_kernels.merge.reference import branch_merge_reference
 
-from helpers import (assert_derived_close, check_dca_nonfinite, check_merge_against_reference, check_merge_nonfinite, dca_grads,
+from helpers import (assert_derived_close, check_dca_nonfinite, check_forward_ad, check_merge_against_reference, check_merge_nonfinite, dca_grads,
                      dca_inputs, dca_nonfinite_cases, merge_edge_cases, merge_grads, merge_inputs, merge_nonfinite_cases)
 
 REASONS = piip_kernels.dca.api.BACKENDS["cpu"](torch.device("cpu"), torch.float32)
@@ -117,6 +117,17 @@ def test_dca_torch_compile(compiler):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("which", ["all", "value", "offsets", "logits"])
+def test_dca_forward_mode_ad(which, backend):
+    """Tangents by torch.func.jvp and torch.autograd.forward_ad (they used to be all zero on cpu)."""
+    inputs = dca_inputs(N=2, value_hw=(4, 5), query_hw=(3, 2), M=2, D=3, P=3, dtype=torch.float64, spread=2.0)
+    g = torch.Generator().manual_seed(3)
+    tangents = [torch.randn(t.shape, generator=g, dtype=t.dtype) if which in ("all", name) else None
+                for t, name in zip(inputs, ("value", "offsets", "logits"))]
+    check_forward_ad(lambda v, o, lg: deform_cross_attn(v, (4, 5), o, lg, (3, 2), backend=backend), inputs, tangents)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("args,match", [
     (lambda v, o, l: (v, (5, 6), o, l, (3, 4)), "value must be"),
     (lambda v, o, l: (v, (5, 7), o[:, :5], l, (3, 4)), "offsets must be"),
@@ -220,6 +231,19 @@ def test_merge_edge_sizes(case):
 def test_merge_non_finite_numbers_as_in_the_reference(case, backend, align_corners):
     fn = lambda f, w, s, a: branch_merge(f, w, s, align_corners=a, backend=backend)  # noqa: E731
     check_merge_nonfinite(fn, merge_nonfinite_cases()[case], align_corners, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("which", ["all", "maps", "one_map", "weights"])
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_merge_forward_mode_ad(which, align_corners, backend):
+    feats, weights = merge_inputs([(3, 3), (4, 5), (6, 6)], dtype=torch.float64)
+    primals = [*feats, weights.double()]
+    g = torch.Generator().manual_seed(3)
+    wanted = {"all": range(4), "maps": range(3), "one_map": [1], "weights": [3]}[which]
+    tangents = [torch.randn(t.shape, generator=g, dtype=t.dtype) if i in wanted else None for i, t in enumerate(primals)]
+    check_forward_ad(lambda *a: branch_merge(list(a[:3]), a[3], (6, 6), align_corners=align_corners, backend=backend),
+                     primals, tangents)
 
 
 def test_merge_reference_is_the_eager_pytorch_merge():

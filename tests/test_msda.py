@@ -10,7 +10,7 @@ import piip_kernels
 from piip_kernels import ms_deform_attn
 from piip_kernels.msda.reference import ms_deform_attn_reference
 
-from helpers import (assert_derived_close, check_msda_nonfinite, msda_inputs, msda_nonfinite_cases, official_fixture, reference64,
+from helpers import (assert_derived_close, check_forward_ad, check_msda_nonfinite, msda_inputs, msda_nonfinite_cases, official_fixture, reference64,
                      run_with_grads)
 
 CPU_REASONS = piip_kernels.msda.api.BACKENDS["cpu"](torch.device("cpu"), torch.float32)
@@ -164,6 +164,63 @@ def test_flat_index_beyond_int32():
     small_value = value[:, -tail.numel():].float()
     want = ms_deform_attn(small_value, shapes[1:], starts[:1], loc[:, :, :, 1:].contiguous(), attn[:, :, :, 1:].contiguous(), backend="reference")
     torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
+
+
+# --- forward-mode AD -------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpu_kernel)])
+@pytest.mark.parametrize("which", ["all", "value", "locations", "weights"])
+def test_forward_mode_ad(which, backend):
+    """Tangents by torch.func.jvp and torch.autograd.forward_ad (they used to be all zero on
+    the cpu backend, and the reference's grid_sample has no forward-mode formula)."""
+    value, shapes, starts, loc, attn = msda_inputs([(3, 4), (2, 5), (1, 1)], N=2, Lq=5, M=2, D=3, P=2,
+                                                   dtype=torch.float64, outside=0.4)
+    g = torch.Generator().manual_seed(3)
+    tangents = [torch.randn(t.shape, generator=g, dtype=t.dtype) if which in ("all", name) else None
+                for t, name in ((value, "value"), (loc, "locations"), (attn, "weights"))]
+    check_forward_ad(lambda v, lc, a: ms_deform_attn(v, shapes, starts, lc, a, backend=backend), [value, loc, attn],
+                     tangents)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpu_kernel)])
+def test_reverse_mode_over_forward_mode(backend):
+    """The tangent is differentiable in reverse mode (against torch.autograd.gradcheck); along a
+    location it depends on value and weights, and on the location across the cell (through y
+    in the x term and x in the y term)."""
+    value, shapes, starts, loc, attn = msda_inputs([(3, 4), (2, 5)], N=1, Lq=3, M=2, D=2, P=2, dtype=torch.float64,
+                                                   outside=0.2)
+    t = torch.randn(loc.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+
+    def tangent(v, lc, a):
+        return torch.func.jvp(lambda lc: ms_deform_attn(v, shapes, starts, lc, a, backend=backend), (lc,), (t,))[1]
+
+    assert tangent(value, loc, attn).abs().max() > 0
+    torch.autograd.gradcheck(tangent, tuple(x.clone().requires_grad_(True) for x in (value, loc, attn)))
+
+
+@needs_cpu_kernel
+def test_nested_forward_mode_is_refused():
+    """jvp of jvp would lose the outer tangents inside the inner transform: it raises."""
+    value, shapes, starts, loc, attn = msda_inputs([(3, 4)], N=1, Lq=3, M=2, D=2, P=2, dtype=torch.float64)
+    t = torch.ones_like(loc)
+
+    def first(lc):
+        return torch.func.jvp(lambda lc: ms_deform_attn(value, shapes, starts, lc, attn), (lc,), (t,))[1]
+
+    with pytest.raises(NotImplementedError, match="nested forward-mode AD"):
+        torch.func.jvp(first, (loc,), (t,))
+    with pytest.raises(NotImplementedError, match="nested forward-mode AD"):
+        torch.func.jacfwd(torch.func.jacfwd(lambda v: ms_deform_attn(v, shapes, starts, loc, attn).sum()))(value)
+
+
+@needs_cpu_kernel
+def test_ops_refuse_tangents_they_would_drop():
+    """torch.ops.piip.* have no forward-mode formula of their own: a dual input raises."""
+    import torch.autograd.forward_ad as fwAD
+
+    value, shapes, starts, loc, attn = msda_inputs([(3, 4)], dtype=torch.float64)
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="call the public function"):
+        torch.ops.piip.ms_deform_attn(value, shapes, starts, fwAD.make_dual(loc, torch.ones_like(loc)), attn, "cpu")
 
 
 # --- torch.library registration ---------------------------------------------

@@ -19,9 +19,10 @@ from piip_kernels.dca.reference import deform_cross_attn_reference
 from piip_kernels.merge.reference import branch_merge_reference
 
 from helpers import (assert_derived_close, check_bit_identical, check_dca_nonfinite, check_fixed_point_extremes,
-                     check_levels_outside_value, check_merge_against_reference, check_merge_nonfinite, check_msda_nonfinite,
-                     dca_grads, dca_inputs, dca_nonfinite_cases, deterministic_grad_value, host, merge_edge_cases, merge_grads,
-                     merge_inputs, merge_nonfinite_cases, msda_inputs, msda_nonfinite_cases, reference64, run_with_grads, same)
+                     check_gpu_tangents, check_levels_outside_value, check_merge_against_reference,
+                     check_merge_nonfinite, check_msda_nonfinite, dca_grads, dca_inputs, dca_nonfinite_cases,
+                     deterministic_grad_value, host, merge_edge_cases, merge_grads, merge_inputs, merge_nonfinite_cases,
+                     msda_inputs, msda_nonfinite_cases, reference64, run_with_grads, same)
 
 pytestmark = pytest.mark.triton
 DEVICE = torch.device(os.environ.get("PIIP_GPU_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -302,3 +303,18 @@ def test_triton_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
+
+
+@pytest.mark.skipif(DEVICE.type == "meta", reason="tangents along locations need the level sizes' values")
+def test_triton_forward_mode_ad():
+    """Tangents of the three ops on the triton backend against the reference backend's in float64."""
+    value, shapes, starts, loc, attn = msda_inputs([(3, 4), (2, 5)], N=2, Lq=5, M=2, D=8, P=2, dtype=torch.float64)
+    check_gpu_tangents(lambda v, lc, a: ms_deform_attn(v, shapes.to(DEVICE), starts.to(DEVICE), lc, a, backend="triton"),
+                       lambda v, lc, a: ms_deform_attn(v, shapes, starts, lc, a, backend="reference"), [value, loc, attn], DEVICE)
+    check_gpu_tangents(lambda *a: piip_kernels.deform_cross_attn(a[0], (5, 7), a[1], a[2], (3, 4), backend="triton"),
+                       lambda *a: piip_kernels.deform_cross_attn(a[0], (5, 7), a[1], a[2], (3, 4), backend="reference"),
+                       list(dca_inputs(dtype=torch.float64)), DEVICE)
+    feats, weights = merge_inputs([(3, 3), (4, 5), (6, 6)], dtype=torch.float64)
+    check_gpu_tangents(lambda *a: piip_kernels.branch_merge(list(a[:3]), a[3], (6, 6), backend="triton"),
+                       lambda *a: piip_kernels.branch_merge(list(a[:3]), a[3], (6, 6), backend="reference"),
+                       [*feats, weights.double()], DEVICE)
