@@ -312,3 +312,14 @@ def test_emulated_dca_non_finite_numbers_as_in_the_reference(emu, case, determin
 def test_emulated_merge_non_finite_numbers_as_in_the_reference(emu, case, align_corners):
     fn = lambda f, w, s, a: EmulatedMerge.apply(emu, a, s, w, *f)  # noqa: E731
     check_merge_nonfinite(fn, merge_nonfinite_cases()[case], align_corners, torch.device("cpu"))
+
+
+def test_launch_refuses_grids_past_cudas_limit(emu):
+    """Every CUDA launch is one-dimensional (grid axes y and z stay 1); piip::launch refuses more
+    than 2**31 - 1 blocks on x (cudaErrorInvalidConfiguration) rather than let the count wrap."""
+    counted = ctypes.c_ulonglong(0)
+    assert emu.lib.piip_emu_launch_blocks(ctypes.c_int64(3), ctypes.byref(counted)) == 0 and counted.value == 3
+    counted.value = 0
+    for blocks in (2 ** 32 + 3, 2 ** 31):  # 2**32 + 3 blocks used to become 3
+        assert emu.lib.piip_emu_launch_blocks(ctypes.c_int64(blocks), ctypes.byref(counted)) == 9  # invalid configuration
+        assert counted.value == 0

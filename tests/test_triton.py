@@ -222,6 +222,52 @@ def test_triton_autotune_configs_per_head_dim(monkeypatch):
     assert len(tk._prune(candidates, {}, BLOCK_D=32)) == 1
 
 
+def test_launch_grid_folds_rows_past_cudas_limit():
+    """CUDA caps grid axes 1 and 2 at 65535: rows (N * M heads, N * C merge planes) beyond that
+    fold over axes 1 and 2, every row is one program exactly once, and a launch beyond every
+    limit is refused."""
+    from piip_kernels.msda.triton import GRID_YZ_LIMIT, launch_grid
+
+    assert GRID_YZ_LIMIT == 65535
+    assert launch_grid(5, 8) == (5, 8, 1)
+    assert launch_grid(5, 65535) == (5, 65535, 1)
+    assert launch_grid(5, 65536) == (5, 65535, 2)    # batch 64 x 1024 channels of a merge
+    assert launch_grid(1, 2 * 65535 + 2) == (1, 65535, 3)
+    assert launch_grid(2 ** 31 - 1, 65535 ** 2) == (2 ** 31 - 1, 65535, 65535)
+    for blocks, rows in ((2 ** 31, 1), (1, 65535 ** 2 + 1)):
+        with pytest.raises(ValueError, match="exceeds CUDA's grid limits"):
+            launch_grid(blocks, rows)
+    for rows in (1, 7, 65535, 65536, 200000):
+        _, y, z = launch_grid(1, rows)
+        assert y <= 65535 and z <= 65535
+        covered = torch.arange(y)[:, None] + torch.arange(z)[None, :] * y  # each program's row, as _row computes it
+        assert torch.equal(covered.flatten().sort().values[:rows], torch.arange(rows))
+
+
+@pytest.mark.skipif(DEVICE.type == "meta", reason="runs the kernels")
+def test_folded_launches_at_a_small_limit(monkeypatch):
+    """With the limit lowered to 3, N * M = 8 rows fold into a (blocks, 3, 3) grid whose last
+    program has no row: all three ops still match the float64 reference."""
+    from piip_kernels.msda import triton as tk
+
+    monkeypatch.setattr(tk, "GRID_YZ_LIMIT", 3)
+    assert tk.launch_grid(2, 8) == (2, 3, 3)
+    cpu_inputs = msda_inputs([(5, 7), (3, 4)], N=2, Lq=9, M=4, D=8, P=2)
+    got, grad_out = run_with_grads(triton_fn(), on_device(cpu_inputs))
+    truth = reference64(cpu_inputs, grad_out)
+    for name, g, t in zip(["out", "grad_value", "grad_loc", "grad_attn"], got, truth):
+        torch.testing.assert_close(host(g).double(), t, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    cpu_inputs = dca_inputs(N=2, M=4, D=8)
+    fn = lambda *a: piip_kernels.deform_cross_attn(*a, backend="triton")  # noqa: E731
+    got, grad_out = dca_grads(fn, on_device(cpu_inputs), (5, 7), (3, 4))
+    truth, _ = dca_grads(deform_cross_attn_reference, [t.double() for t in cpu_inputs], (5, 7), (3, 4), grad_out)
+    for g, t in zip(got, truth):
+        torch.testing.assert_close(host(g).double(), t, rtol=1e-4, atol=1e-5)
+    feats, weights = merge_inputs([(3, 3), (4, 5), (6, 6)], N=2, C=4)
+    fn = lambda f, w, s, a: piip_kernels.branch_merge(f, w, s, align_corners=a, backend="triton")  # noqa: E731
+    check_merge_against_reference(fn, merge_reference_fn, feats, weights, (6, 6), False, DEVICE)
+
+
 COMPILE = r"""
 import os, re, subprocess, tempfile
 import triton, triton.language as tl
@@ -255,8 +301,8 @@ def build(fn, sig, constexprs, num_warps=4, check=False, vector_loads=False):
             spills.append(f"{fn.__name__} {constexprs} warps={num_warps}: {spilled} bytes")
 
 
-msda_sizes = {k: "i32" for k in ("S", "Lq", "M", "L", "P")} | {"D": "constexpr"}
-dca_sizes = {k: "i32" for k in ("Hv", "Wv", "Hq", "Wq", "M", "P")} | {"D": "constexpr"}
+msda_sizes = {k: "i32" for k in ("S", "Lq", "M", "L", "P", "NM")} | {"D": "constexpr"}
+dca_sizes = {k: "i32" for k in ("Hv", "Wv", "Hq", "Wq", "M", "P", "NM")} | {"D": "constexpr"}
 for vt in ("fp32", "bf16", "fp16"):
     # Every dtype compiles; bf16 also at every config autotuning can pick for head dims up to 128.
     configs = [(D, bd, c.kwargs["BLOCK_Q"], c.num_warps) for D, bd in ((12, 16), (24, 32), (100, 128))
@@ -285,13 +331,13 @@ for vt in ("fp32", "bf16"):
         hw = {k: "i32" for k in ("H0", "W0", "H1", "W1", "H2", "W2", "H3", "W3")}
         sc = {k: "fp32" for k in ("sy0", "sx0", "sy1", "sx1", "sy2", "sx2", "sy3", "sx3")}
         sig = dict(out_ptr="*fp32", w_ptr="*fp32", f0="*" + vt, f1="*" + vt, f2="*" + vt, f3="*" + vt, **hw, **sc,
-                   Ho="i32", Wo="i32", NB="constexpr", ALIGN="constexpr", ID0="constexpr", ID1="constexpr",
+                   Ho="i32", Wo="i32", planes="i32", NB="constexpr", ALIGN="constexpr", ID0="constexpr", ID1="constexpr",
                    ID2="constexpr", ID3="constexpr", BLOCK="constexpr")
         build(mk._merge_fwd_kernel, sig, {"NB": 3, "ALIGN": align, "ID0": False, "ID1": False, "ID2": True, "ID3": True,
                                           "BLOCK": 256}, check=True)
         sig = dict(grad_out_ptr="*fp32", f_ptr="*" + vt, grad_f_ptr="*" + vt, partial_ptr="*fp32", weight_ptr="*fp32",
                    H="i32", W="i32", Ho="i32", Wo="i32", sy="fp32", sx="fp32", inv_sy="fp32", inv_sx="fp32", KY="i32",
-                   KX="i32", ALIGN="constexpr", IDENTITY="constexpr", BLOCK="constexpr")
+                   KX="i32", planes="i32", ALIGN="constexpr", IDENTITY="constexpr", BLOCK="constexpr")
         for identity in (False, True):
             build(mk._merge_bwd_kernel, sig, {"ALIGN": align, "IDENTITY": identity, "BLOCK": 256}, check=True)
 assert not spills, "register spills:\n" + "\n".join(spills)

@@ -196,7 +196,7 @@ template <typename T, typename O>
 cudaError_t launch_backward(const BackwardParams<T, O>& p, cudaStream_t stream) {
   const int64_t blocks = backward_blocks(p.planes, p.H, p.W);
   if (blocks == 0) return cudaSuccess;
-  return launch(backward_kernel<T, O>, static_cast<unsigned>(blocks), kThreads, stream, p);
+  return launch(backward_kernel<T, O>, blocks, kThreads, stream, p);
 }
 
 }  // namespace cuda

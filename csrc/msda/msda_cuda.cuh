@@ -310,7 +310,7 @@ inline int group_size(int64_t chunks) {
   return gp;
 }
 
-inline unsigned blocks_for(int64_t threads) { return static_cast<unsigned>((threads + kThreads - 1) / kThreads); }
+inline int64_t blocks_for(int64_t threads) { return (threads + kThreads - 1) / kThreads; }
 
 // Converts the grad_value accumulator into the value dtype (after a backward kernel).
 template <typename T>

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..msda.triton import INTERPRET
+from ..msda.triton import INTERPRET, _row, launch_grid
 
 BLOCK = 1024 if INTERPRET else 256
 
@@ -54,13 +54,14 @@ def _sample(f_ptr, plane, H, W, sy, sx, oy, ox, mask, ALIGN: tl.constexpr, IDENT
 
 @triton.jit
 def _merge_fwd_kernel(out_ptr, w_ptr, f0, f1, f2, f3, H0, W0, H1, W1, H2, W2, H3, W3,
-                      sy0, sx0, sy1, sx1, sy2, sx2, sy3, sx3, Ho, Wo,
+                      sy0, sx0, sy1, sx1, sy2, sx2, sy3, sx3, Ho, Wo, planes,
                       NB: tl.constexpr, ALIGN: tl.constexpr, ID0: tl.constexpr, ID1: tl.constexpr, ID2: tl.constexpr,
                       ID3: tl.constexpr, BLOCK: tl.constexpr):
-    # f_i [planes, H_i, W_i]; out [planes, Ho, Wo]; weights [NB] fp32; ID_i: map i has the output's size
-    plane = tl.program_id(1).to(tl.int64)
+    # f_i [planes, H_i, W_i]; out [planes, Ho, Wo]; weights [NB] fp32; ID_i: map i has the output's size;
+    # the grid is launch_grid(pixel blocks, planes)
+    plane = _row()
     k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = k < Ho * Wo
+    mask = (k < Ho * Wo) & (plane < planes)
     oy = k // Wo
     ox = k % Wo
     acc = tl.load(w_ptr).to(tl.float32) * _sample(f0, plane, H0, W0, sy0, sx0, oy, ox, mask, ALIGN, ID0)
@@ -84,13 +85,14 @@ def _axis_read(o, i, size_in, scale, ALIGN: tl.constexpr):
 
 @triton.jit
 def _merge_bwd_kernel(grad_out_ptr, f_ptr, grad_f_ptr, partial_ptr, weight_ptr, H, W, Ho, Wo, sy, sx, inv_sy, inv_sx,
-                      KY, KX, ALIGN: tl.constexpr, IDENTITY: tl.constexpr, BLOCK: tl.constexpr):
+                      KY, KX, planes, ALIGN: tl.constexpr, IDENTITY: tl.constexpr, BLOCK: tl.constexpr):
     # grad_out [planes, Ho, Wo]; f, grad_f [planes, H, W]; partial [planes, programs] fp32;
-    # IDENTITY: the map has the output's size (its gradient is grad_out itself, as the reference's)
-    plane = tl.program_id(1).to(tl.int64)
+    # IDENTITY: the map has the output's size (its gradient is grad_out itself, as the reference's);
+    # the grid is launch_grid(pixel blocks, planes)
+    plane = _row()
     pid = tl.program_id(0)
     k = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = k < H * W
+    mask = (k < H * W) & (plane < planes)
     iy = k // W
     ix = k % W
     g_base = grad_out_ptr + plane * Ho * Wo
@@ -101,7 +103,7 @@ def _merge_bwd_kernel(grad_out_ptr, f_ptr, grad_f_ptr, partial_ptr, weight_ptr, 
     w = tl.load(weight_ptr).to(tl.float32)
     f = tl.load(f_ptr + plane * H * W + k, mask=mask, other=0.0).to(tl.float32)
     tl.store(grad_f_ptr + plane * H * W + k, (w * G).to(grad_f_ptr.dtype.element_ty), mask=mask)
-    tl.store(partial_ptr + plane * tl.num_programs(0) + pid, tl.sum(f * G, axis=0))
+    tl.store(partial_ptr + plane * tl.num_programs(0) + pid, tl.sum(f * G, axis=0), mask=plane < planes)
 
 
 @triton.jit
@@ -166,8 +168,8 @@ def merge_forward(features, weights, out_size, align_corners):
         H, W = feats[min(i, len(feats) - 1)].shape[2:]
         sc += list(_scales(H, W, Ho, Wo, align_corners))
         identity[f"ID{i}"] = (H, W) == (Ho, Wo)
-    grid = (triton.cdiv(Ho * Wo, BLOCK), N * C)
-    _merge_fwd_kernel[grid](out, w, *args, *scales, *sc, Ho, Wo, NB=len(feats), ALIGN=bool(align_corners), **identity,
+    grid = launch_grid(triton.cdiv(Ho * Wo, BLOCK), N * C)
+    _merge_fwd_kernel[grid](out, w, *args, *scales, *sc, Ho, Wo, N * C, NB=len(feats), ALIGN=bool(align_corners), **identity,
                             BLOCK=BLOCK)
     return out
 
@@ -185,10 +187,10 @@ def merge_backward(grad_output, features, weights, align_corners):
         programs = triton.cdiv(H * W, BLOCK)
         partial = torch.empty(N * C, programs, device=f.device, dtype=torch.float32)
         if f.numel():
-            _merge_bwd_kernel[(programs, N * C)](go, f, gf, partial, weights[i:i + 1].float().contiguous(), H, W, Ho, Wo,
-                                                 sy, sx, 1.0 / sy if sy > 0 else 0.0, 1.0 / sx if sx > 0 else 0.0,
-                                                 _candidates(sy, Ho), _candidates(sx, Wo), ALIGN=bool(align_corners),
-                                                 IDENTITY=(H, W) == (Ho, Wo), BLOCK=BLOCK)
+            _merge_bwd_kernel[launch_grid(programs, N * C)](
+                go, f, gf, partial, weights[i:i + 1].float().contiguous(), H, W, Ho, Wo, sy, sx,
+                1.0 / sy if sy > 0 else 0.0, 1.0 / sx if sx > 0 else 0.0, _candidates(sy, Ho), _candidates(sx, Wo), N * C,
+                ALIGN=bool(align_corners), IDENTITY=(H, W) == (Ho, Wo), BLOCK=BLOCK)
         grads.append(gf)
         gw.append(partial.double().sum())
     return grads, torch.stack(gw).to(weights.dtype)

@@ -97,14 +97,39 @@ def _scatter(gv_ptr, row, inside, coef, g, m, M, D, d, dmask, scale, DETERMINIST
         tl.atomic_add(ptrs, contrib, mask=mask)
 
 
+# CUDA caps a launch grid at 2**31 - 1 programs on axis 0 and 65535 on axes 1 and 2. The
+# kernels put blocks of queries (or pixels) on axis 0 and fold their rows (image x head, or
+# the N * C planes of a merge) over axes 1 and 2, so more than 65535 rows still launch.
+GRID_X_LIMIT = 2 ** 31 - 1
+GRID_YZ_LIMIT = 65535
+
+
+def launch_grid(blocks: int, rows: int) -> tuple[int, int, int]:
+    """The grid for ``blocks`` programs per row and ``rows`` rows: (blocks, min(rows, limit),
+    ceil(rows / limit)), rows folded over axes 1 and 2 (a kernel finds its row with _row; the
+    programs past the last row do nothing). The limits are read at each call, so a test can
+    lower them to run a folded launch in the interpreter."""
+    slabs = triton.cdiv(rows, GRID_YZ_LIMIT)
+    if blocks > GRID_X_LIMIT or slabs > GRID_YZ_LIMIT:
+        raise ValueError(f"a launch of {blocks} program blocks x {rows} rows exceeds CUDA's grid limits "
+                         f"({GRID_X_LIMIT} x {GRID_YZ_LIMIT} x {GRID_YZ_LIMIT})")
+    return blocks, min(rows, GRID_YZ_LIMIT), slabs
+
+
 @triton.jit
-def _tile(Lq, M, D, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+def _row():
+    """This program's row in a grid from launch_grid."""
+    return tl.program_id(1).to(tl.int64) + tl.program_id(2).to(tl.int64) * tl.num_programs(1)
+
+
+@triton.jit
+def _tile(Lq, M, D, NM, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
     """This program's image n, head m, BLOCK_Q queries and BLOCK_D channels (with masks);
-    the grid is (query blocks, N * M)."""
-    nm = tl.program_id(1)
+    the grid is launch_grid(query blocks, NM = N * M)."""
+    nm = _row()
     q = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     d = tl.arange(0, BLOCK_D)
-    return (nm // M).to(tl.int64), (nm % M).to(tl.int64), q, q < Lq, d, d < D
+    return nm // M, nm % M, q, (q < Lq) & (nm < NM), d, d < D
 
 
 @triton.jit
@@ -189,11 +214,11 @@ def _point_backward(value_ptr, gv_ptr, row0, H, W, h0, w0, lh, lw, a, valid, g, 
 
 @triton.jit
 def _msda_fwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr,
-                     S, Lq, M, D: tl.constexpr, L, P,
+                     S, Lq, M, D: tl.constexpr, L, P, NM,
                      BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
     # value [N, S, M, D]; shapes [L, 2]; starts [L]; loc [N, Lq, M, L, P, 2];
-    # attn [N, Lq, M, L, P]; out [N, Lq, M, D]
-    n, m, q, qmask, d, dmask = _tile(Lq, M, D, BLOCK_Q, BLOCK_D)
+    # attn [N, Lq, M, L, P]; out [N, Lq, M, D]; NM = N * M
+    n, m, q, qmask, d, dmask = _tile(Lq, M, D, NM, BLOCK_Q, BLOCK_D)
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
     unfit = 0
     for lvl in range(L):
@@ -210,11 +235,11 @@ def _msda_fwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_p
 @triton.jit
 def _msda_bwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_out_ptr,
                      grad_value_ptr, grad_loc_ptr, grad_attn_ptr, scale_ptr,
-                     S, Lq, M, D: tl.constexpr, L, P,
+                     S, Lq, M, D: tl.constexpr, L, P, NM,
                      DETERMINISTIC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
     # grad_out [N, Lq, M, D]; grad_value [N, S, M, D] fp32 (or int64 fixed point when
     # DETERMINISTIC); grad_loc [N, Lq, M, L, P, 2] and grad_attn [N, Lq, M, L, P] fp32.
-    n, m, q, qmask, d, dmask = _tile(Lq, M, D, BLOCK_Q, BLOCK_D)
+    n, m, q, qmask, d, dmask = _tile(Lq, M, D, NM, BLOCK_Q, BLOCK_D)
     g = tl.load(grad_out_ptr + ((n * Lq + q) * M + m)[:, None] * D + d[None, :],
                 mask=qmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr)
@@ -230,8 +255,9 @@ def _msda_bwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_
             tl.store(grad_loc_ptr + 2 * pt + 1, a * H * g_h + poison, mask=qmask)
 
 
-def _grid(Lq, N, M):
-    return lambda meta: (triton.cdiv(Lq, meta["BLOCK_Q"]), N * M)
+def query_grid(Lq, rows):
+    """The autotuned kernels' grid: blocks of BLOCK_Q queries, for each of ``rows`` rows."""
+    return lambda meta: launch_grid(triton.cdiv(Lq, meta["BLOCK_Q"]), rows)
 
 
 _fwd = autotuned(_msda_fwd_kernel, ["Lq", "M", "D", "L", "P"])
@@ -250,8 +276,8 @@ def msda_forward(value, spatial_shapes, level_start_index, sampling_locations, a
         return out.view(N, Lq, M * D)
     if L * P == 0:
         return out.zero_().view(N, Lq, M * D)
-    _fwd[_grid(Lq, N, M)](value, spatial_shapes.contiguous(), level_start_index.contiguous(), loc, attn, out,
-                          S, Lq, M, D, L, P, BLOCK_D=triton.next_power_of_2(D))
+    _fwd[query_grid(Lq, N * M)](value, spatial_shapes.contiguous(), level_start_index.contiguous(), loc, attn, out,
+                                S, Lq, M, D, L, P, N * M, BLOCK_D=triton.next_power_of_2(D))
     return out.view(N, Lq, M * D)
 
 
@@ -301,9 +327,9 @@ def msda_backward(grad_output, value, spatial_shapes, level_start_index, samplin
     ga = torch.empty(attn.shape, device=value.device, dtype=torch.float32)
     # An entry of level l can receive one contribution from each of the Lq * P points on that level.
     scale = fixed_point_scale(go, Lq * P, attn) if deterministic else torch.ones((), dtype=torch.float64, device=value.device)
-    _bwd[_grid(Lq, N, M)](value, spatial_shapes.contiguous(), level_start_index.contiguous(), loc, attn, go,
-                          gv, gl, ga, scale.reshape(1), S, Lq, M, D, L, P,
-                          DETERMINISTIC=deterministic, BLOCK_D=triton.next_power_of_2(D))
+    _bwd[query_grid(Lq, N * M)](value, spatial_shapes.contiguous(), level_start_index.contiguous(), loc, attn, go,
+                                gv, gl, ga, scale.reshape(1), S, Lq, M, D, L, P, N * M,
+                                DETERMINISTIC=deterministic, BLOCK_D=triton.next_power_of_2(D))
     if deterministic:
         gv = fixed_point_result(gv, scale)
     return gv.to(value.dtype), gl.to(loc.dtype), ga.to(attn.dtype)
