@@ -77,6 +77,19 @@ def with_tangent(primal: Tensor, tangent: Tensor) -> Tensor:
     return fwAD.make_dual(primal, tangent.to(primal.dtype))
 
 
+def forward_mode(fn, tangent_fn, args: tuple, positions: tuple, **kw) -> Tensor | None:
+    """For a public function ``fn(*args, **kw)`` whose tensors at ``positions`` may be dual:
+    None when none carries a tangent (fn goes on as usual), else fn on the primals, carrying
+    ``tangent_fn(*primal args, *tangents at positions, **kw)``."""
+    duals = split_duals([args[i] for i in positions])
+    if duals is None:
+        return None
+    args = list(args)
+    for i, primal in zip(positions, duals[0]):
+        args[i] = primal
+    return with_tangent(fn(*args, **kw), tangent_fn(*args, *duals[1], **kw))
+
+
 def refuse_duals(what: str, tensors) -> None:
     """Raises where a tangent would otherwise be dropped silently."""
     if split_duals(tensors) is not None:

@@ -383,11 +383,18 @@ def msda_nonfinite_cases() -> dict:
         "nan_value": ((0.55, 0.4), ("value", (0, 7, 1, 2), nan)),  # row 7 is pixel (1, 2), which the point reads
         "nan_grad_output": (None, ("grad_out", (0, 2, 4), nan)),
     }
+    return _one_change_each(dict(zip(("value", "shapes", "starts", "loc", "attn"), base), grad_out=grad_out), edits,
+                            "loc", pt)
+
+
+def _one_change_each(tensors: dict, edits: dict, moved: str, pt) -> dict:
+    """{name: copies of the tensors' values} with, per edit (where tensors[moved][pt] goes or
+    None, (tensor name, index, number)), that point moved and that one number set."""
     cases = {}
     for name, (xy, (which, index, number)) in edits.items():
-        t = dict(zip(("value", "shapes", "starts", "loc", "attn"), (b.clone() for b in base)), grad_out=grad_out.clone())
+        t = {k: v.clone() for k, v in tensors.items()}
         if xy is not None:
-            t["loc"][pt] = torch.tensor(xy, dtype=torch.float64)
+            t[moved][pt] = torch.tensor(xy, dtype=torch.float64)
         t[which][index] = number
         cases[name] = tuple(t.values())
     return cases
@@ -426,14 +433,7 @@ def dca_nonfinite_cases() -> dict:
         "nan_value": ((0.0, 0.0), ("value", (0, 3, 1, 2), nan)),
         "nan_grad_output": (None, ("grad_out", (0, 2, 4), nan)),
     }
-    cases = {}
-    for name, (off, (which, index, number)) in edits.items():
-        t = dict(value=value.clone(), offsets=offsets.clone(), logits=logits.clone(), grad_out=grad_out.clone())
-        if off is not None:
-            t["offsets"][pt] = torch.tensor(off, dtype=torch.float64)
-        t[which][index] = number
-        cases[name] = tuple(t.values())
-    return cases
+    return _one_change_each(dict(value=value, offsets=offsets, logits=logits, grad_out=grad_out), edits, "offsets", pt)
 
 
 def check_dca_nonfinite(fn, case, device, dtype=torch.float32, superset=()):

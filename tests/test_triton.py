@@ -16,7 +16,6 @@ import torch
 import piip_kernels
 from piip_kernels import ms_deform_attn
 from piip_kernels.dca.reference import deform_cross_attn_reference
-from piip_kernels.merge.reference import branch_merge_reference
 
 from helpers import (assert_derived_close, check_bit_identical, check_dca_nonfinite, check_fixed_point_extremes,
                      check_gpu_tangents, check_levels_outside_value, check_merge_against_reference,
@@ -165,17 +164,9 @@ def test_triton_deform_cross_attn_bf16():
                          ids=lambda c: f"{len(c[0])}br-{c[1][0]}x{c[1][1]}")
 def test_triton_branch_merge(case, align_corners):
     sizes, out_size = case
-    cpu_feats, cpu_weights = merge_inputs(sizes, C=2)
-    feats, weights = on_device(cpu_feats), cpu_weights.to(DEVICE)
+    feats, weights = merge_inputs(sizes, C=2)
     fn = lambda f, w, s, a: piip_kernels.branch_merge(f, w, s, align_corners=a, backend="triton")  # noqa: E731
-    got, grad_out = merge_grads(fn, feats, weights, out_size, align_corners)
-    ref, _ = merge_grads(merge_reference_fn, feats, weights, out_size, align_corners, grad_out)
-    truth, _ = merge_grads(branch_merge_reference, [f.double() for f in cpu_feats], cpu_weights.double(), out_size,
-                           align_corners, grad_out)
-    names = ["out"] + [f"grad_f{i}" for i in range(len(feats))] + ["grad_w"]
-    for name, g, r, t in zip(names, got, ref, truth):
-        assert g.dtype == r.dtype and g.shape == r.shape and g.device == DEVICE
-        assert_derived_close(name, host(g), host(r), t, floor=1e-6)
+    check_merge_against_reference(fn, merge_reference_fn, feats, weights, out_size, align_corners, DEVICE)
 
 
 @pytest.mark.parametrize("case", merge_edge_cases(), ids=lambda c: f"{c[0]}-{c[1]}-ac{int(c[2])}")

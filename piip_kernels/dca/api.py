@@ -6,7 +6,7 @@ from torch import Tensor
 
 from .. import backends
 from ..msda.api import ms_deform_attn_tangent
-from ..ops import deform_cross_attn_op, split_duals, with_tangent
+from ..ops import deform_cross_attn_op, forward_mode
 from .reference import deform_cross_attn_reference, sampling_locations
 
 OP = "deform_cross_attn"
@@ -52,12 +52,10 @@ def deform_cross_attn(value: Tensor, value_hw, offsets: Tensor, logits: Tensor, 
         Differentiable in reverse mode and in forward mode (``torch.func.jvp``,
         ``torch.autograd.forward_ad``; see :func:`deform_cross_attn_tangent`).
     """
-    duals = split_duals((value, offsets, logits))
-    if duals is not None:
-        (value, offsets, logits), tangents = duals
-        kw = dict(backend=backend, deterministic=deterministic)
-        out = deform_cross_attn(value, value_hw, offsets, logits, query_hw, **kw)
-        return with_tangent(out, deform_cross_attn_tangent(value, value_hw, offsets, logits, query_hw, *tangents, **kw))
+    dual = forward_mode(deform_cross_attn, deform_cross_attn_tangent, (value, value_hw, offsets, logits, query_hw),
+                        (0, 2, 3), backend=backend, deterministic=deterministic)
+    if dual is not None:
+        return dual
     for name, t in (("value", value), ("offsets", offsets), ("logits", logits)):
         if not isinstance(t, Tensor) or not t.is_floating_point():
             raise ValueError(f"{OP}: {name} must be a floating torch.Tensor")

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ..ops import ms_deform_attn_op, split_duals, with_tangent
+from ..ops import forward_mode, ms_deform_attn_op
 from .reference import ms_deform_attn_reference
 
 OP = "ms_deform_attn"
@@ -118,13 +118,11 @@ def ms_deform_attn(
         Differentiable in reverse mode and in forward mode (``torch.func.jvp``,
         ``torch.autograd.forward_ad``; see :func:`ms_deform_attn_tangent`).
     """
-    duals = split_duals((value, sampling_locations, attention_weights))
-    if duals is not None:
-        (value, sampling_locations, attention_weights), tangents = duals
-        kw = dict(backend=backend, deterministic=deterministic)
-        out = ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, **kw)
-        return with_tangent(out, ms_deform_attn_tangent(value, spatial_shapes, level_start_index, sampling_locations,
-                                                        attention_weights, *tangents, **kw))
+    dual = forward_mode(ms_deform_attn, ms_deform_attn_tangent,
+                        (value, spatial_shapes, level_start_index, sampling_locations, attention_weights), (0, 3, 4),
+                        backend=backend, deterministic=deterministic)
+    if dual is not None:
+        return dual
     value, spatial_shapes, level_start_index, sampling_locations, attention_weights = check_inputs(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights
     )
