@@ -125,6 +125,28 @@ def test_triton_merge_non_finite_numbers_as_in_the_reference(case, align_corners
     check_merge_nonfinite(fn, merge_nonfinite_cases()[case], align_corners, DEVICE)
 
 
+@pytest.mark.skipif(DEVICE.type == "meta", reason="the checks run with the kernels; meta runs the fake kernels")
+def test_triton_kernels_check_shapes_themselves():
+    """torch.ops.piip.* reach the Triton kernels without the public functions' checks: shapes
+    that would send the kernels outside their tensors raise instead."""
+    value, shapes, starts, loc, attn = on_device(msda_inputs([(5, 7), (3, 4)], N=2, Lq=6, M=2, D=8, P=3))
+    with pytest.raises(ValueError, match="sampling_locations must have shape"):
+        torch.ops.piip.ms_deform_attn(value, shapes, starts, loc[:1], attn, "triton")
+    with pytest.raises(ValueError, match="grad_output must have shape"):
+        torch.ops.piip.ms_deform_attn_backward(torch.ones(2, 6, 8, device=DEVICE), value, shapes, starts, loc, attn, "triton")
+    value, offsets, logits = on_device(dca_inputs())
+    with pytest.raises(ValueError, match="value must have shape"):
+        torch.ops.piip.deform_cross_attn(value, offsets, logits, [5, 8], [3, 4], "triton")
+    with pytest.raises(ValueError, match="offsets must have shape"):
+        torch.ops.piip.deform_cross_attn(value, offsets, logits, [5, 7], [4, 4], "triton")
+    feats, weights = merge_inputs([(3, 3), (6, 6)])
+    feats, weights = on_device(feats), weights.to(DEVICE)
+    with pytest.raises(ValueError, match="weights must have shape"):
+        torch.ops.piip.branch_merge(feats, weights[:1], [6, 6], False, "triton")
+    with pytest.raises(ValueError, match=r"features\[1\] must have shape"):
+        torch.ops.piip.branch_merge([feats[0], feats[1][:1]], weights, [6, 6], False, "triton")
+
+
 def test_triton_rejects_float64():
     inputs = on_device(msda_inputs([(3, 4)], dtype=torch.float64))
     with pytest.raises(RuntimeError, match="triton"):

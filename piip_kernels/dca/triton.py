@@ -15,8 +15,8 @@ import triton.language as tl
 
 import torch
 
-from ..msda.triton import (_bilinear, _point_backward, _sample, _tile, autotuned, fixed_point_result, fixed_point_scale,
-                           query_grid, softmax_bound)
+from ..msda.triton import (_bilinear, _point_backward, _sample, _tile, autotuned, check_shapes, fixed_point_result,
+                           fixed_point_scale, query_grid, softmax_bound)
 
 
 @triton.jit
@@ -103,12 +103,26 @@ _fwd = autotuned(_dca_fwd_kernel, ["Hq", "Wq", "M", "D", "P"])
 _bwd = autotuned(_dca_bwd_kernel, ["Hq", "Wq", "M", "D", "P"], reset_to_zero=["grad_value_ptr"])
 
 
-def dca_forward(value, offsets, logits, value_hw, query_hw):
-    """Shapes as in piip_kernels.deform_cross_attn; returns [N, Hq*Wq, M*D]."""
-    value, offsets, logits = value.contiguous(), offsets.contiguous(), logits.contiguous()
+def _sizes(value, offsets, logits, value_hw, query_hw, grad_output=None):
+    """(N, M, D, P, (Hv, Wv), (Hq, Wq)) of a call, after check_shapes."""
+    if value.dim() != 4 or offsets.dim() != 5:
+        raise ValueError(f"deform_cross_attn (triton): value must be [N, Hv*Wv, M, D] and offsets [N, Hq*Wq, M, P, 2], "
+                         f"got {tuple(value.shape)} and {tuple(offsets.shape)}")
     N, _, M, D = value.shape
     P = offsets.shape[3]
     (Hv, Wv), (Hq, Wq) = value_hw, query_hw
+    want = {"value": (value, (N, Hv * Wv, M, D)), "offsets": (offsets, (N, Hq * Wq, M, P, 2)),
+            "logits": (logits, (N, Hq * Wq, M, P))}
+    if grad_output is not None:
+        want["grad_output"] = (grad_output, (N, Hq * Wq, M * D))
+    check_shapes("deform_cross_attn (triton)", want)
+    return N, M, D, P, (Hv, Wv), (Hq, Wq)
+
+
+def dca_forward(value, offsets, logits, value_hw, query_hw):
+    """Shapes as in piip_kernels.deform_cross_attn; returns [N, Hq*Wq, M*D]."""
+    value, offsets, logits = value.contiguous(), offsets.contiguous(), logits.contiguous()
+    N, M, D, P, (Hv, Wv), (Hq, Wq) = _sizes(value, offsets, logits, value_hw, query_hw)
     out = torch.empty(N, Hq * Wq, M, D, device=value.device, dtype=value.dtype)
     if out.numel() == 0:
         return out.view(N, Hq * Wq, M * D)
@@ -120,9 +134,7 @@ def dca_forward(value, offsets, logits, value_hw, query_hw):
 def dca_backward(grad_output, value, offsets, logits, value_hw, query_hw, deterministic: bool = False):
     """Gradients (value, offsets, logits)."""
     value, offsets, logits, go = value.contiguous(), offsets.contiguous(), logits.contiguous(), grad_output.contiguous()
-    N, _, M, D = value.shape
-    P = offsets.shape[3]
-    (Hv, Wv), (Hq, Wq) = value_hw, query_hw
+    N, M, D, P, (Hv, Wv), (Hq, Wq) = _sizes(value, offsets, logits, value_hw, query_hw, go)
     if N * Hq * Wq * M * D == 0:
         return torch.zeros_like(value), torch.zeros_like(offsets), torch.zeros_like(logits)
     gv = torch.zeros(value.shape, device=value.device, dtype=torch.int64 if deterministic else torch.float32)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..msda.triton import INTERPRET, _row, launch_grid
+from ..msda.triton import INTERPRET, _row, check_shapes, launch_grid
 
 BLOCK = 1024 if INTERPRET else 256
 
@@ -143,8 +143,22 @@ def _candidates(scale, out):
     return out if scale <= 0 else min(out, int(math.ceil(2.0 / scale)) + 4)
 
 
+def _check_maps(features, weights, grad_output=None):
+    """check_shapes for a merge: every map [N, C, H_i, W_i] with the first map's N and C,
+    weights [len(features)], grad_output [N, C, Ho, Wo]."""
+    if any(t.dim() != 4 for t in features + ([] if grad_output is None else [grad_output])):
+        raise ValueError("branch_merge (triton): every map (and grad_output) must be [N, C, H, W]")
+    N, C = features[0].shape[:2]
+    want = {f"features[{i}]": (f, (N, C, *f.shape[2:])) for i, f in enumerate(features)}
+    want["weights"] = (weights, (len(features),))
+    if grad_output is not None:
+        want["grad_output"] = (grad_output, (N, C, *grad_output.shape[2:]))
+    check_shapes("branch_merge (triton)", want)
+
+
 def merge_forward(features, weights, out_size, align_corners):
     """Shapes as in piip_kernels.branch_merge; at most 4 maps per launch."""
+    _check_maps(list(features), weights)
     if len(features) > 4:
         # One launch takes 4 maps; more are merged in groups and summed.
         parts = [merge_forward(features[i:i + 4], weights[i:i + 4], out_size, align_corners) for i in range(0, len(features), 4)]
@@ -176,6 +190,7 @@ def merge_forward(features, weights, out_size, align_corners):
 
 def merge_backward(grad_output, features, weights, align_corners):
     """(grad of every map, grad of the weights)."""
+    _check_maps(list(features), weights, grad_output)
     go = grad_output.contiguous()
     N, C, Ho, Wo = go.shape
     grads, gw = [], []

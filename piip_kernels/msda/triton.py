@@ -264,13 +264,37 @@ _fwd = autotuned(_msda_fwd_kernel, ["Lq", "M", "D", "L", "P"])
 _bwd = autotuned(_msda_bwd_kernel, ["Lq", "M", "D", "L", "P"], reset_to_zero=["grad_value_ptr"])
 
 
+def check_shapes(op: str, want: dict) -> None:
+    """{name: (tensor, shape)}: raises ValueError naming the first tensor of another shape. The
+    Triton wrappers check the shapes that keep the kernels' reads and writes inside their
+    tensors: torch.ops.piip.* reaches them without the public functions' checks."""
+    for name, (t, shape) in want.items():
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _sizes(value, spatial_shapes, level_start_index, loc, attn, grad_output=None):
+    """(N, S, M, D, Lq, L, P) of a call, after check_shapes (the levels' fit inside value is
+    checked by the kernels)."""
+    if value.dim() != 4 or loc.dim() != 6:
+        raise ValueError(f"ms_deform_attn (triton): value must be [N, S, M, D] and sampling_locations "
+                         f"[N, Lq, M, L, P, 2], got {tuple(value.shape)} and {tuple(loc.shape)}")
+    N, S, M, D = value.shape
+    _, Lq, _, L, P, _ = loc.shape
+    want = {"sampling_locations": (loc, (N, Lq, M, L, P, 2)), "attention_weights": (attn, (N, Lq, M, L, P)),
+            "spatial_shapes": (spatial_shapes, (L, 2)), "level_start_index": (level_start_index, (L,))}
+    if grad_output is not None:
+        want["grad_output"] = (grad_output, (N, Lq, M * D))
+    check_shapes("ms_deform_attn (triton)", want)
+    return N, S, M, D, Lq, L, P
+
+
 def msda_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     """Shapes as in piip_kernels.ms_deform_attn; returns [N, Lq, M*D] in value's dtype."""
     value = value.contiguous()
     loc = sampling_locations.contiguous()
     attn = attention_weights.contiguous()
-    N, S, M, D = value.shape
-    _, Lq, _, L, P, _ = loc.shape
+    N, S, M, D, Lq, L, P = _sizes(value, spatial_shapes, level_start_index, loc, attn)
     out = torch.empty(N, Lq, M, D, device=value.device, dtype=value.dtype)
     if out.numel() == 0:
         return out.view(N, Lq, M * D)
@@ -318,8 +342,7 @@ def msda_backward(grad_output, value, spatial_shapes, level_start_index, samplin
     loc = sampling_locations.contiguous()
     attn = attention_weights.contiguous()
     go = grad_output.contiguous()
-    N, S, M, D = value.shape
-    _, Lq, _, L, P, _ = loc.shape
+    N, S, M, D, Lq, L, P = _sizes(value, spatial_shapes, level_start_index, loc, attn, go)
     if N * Lq * M * D * L * P == 0:
         return torch.zeros_like(value), torch.zeros_like(loc), torch.zeros_like(attn)
     gv = torch.zeros(value.shape, device=value.device, dtype=torch.int64 if deterministic else torch.float32)
