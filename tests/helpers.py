@@ -369,8 +369,9 @@ def msda_nonfinite_cases() -> dict:
     all in head 1 of query 2, point 1 of level 0 (a 4 x 5 map): NaN and infinite
     coordinates, non-finite attention weights of points outside and inside the map, a NaN
     value that this point reads, a NaN in grad_output."""
-    base = msda_inputs([(4, 5), (3, 3)], N=1, Lq=5, M=2, D=3, P=2, dtype=torch.float64, outside=0.3, seed=5)
-    grad_out = torch.randn(1, 5, 6, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    # D = 6 as in other GPU tests: Triton compiles one kernel per head dim.
+    base = msda_inputs([(4, 5), (3, 3)], N=1, Lq=5, M=2, D=6, P=2, dtype=torch.float64, outside=0.3, seed=5)
+    grad_out = torch.randn(1, 5, 12, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     pt = (0, 2, 1, 0, 1)
     nan, inf = float("nan"), float("inf")
     edits = {  # name: (the point's location or None, (tensor, index, number))
@@ -381,7 +382,7 @@ def msda_nonfinite_cases() -> dict:
         "inf_weight_outside": ((0.3, -0.7), ("attn", pt, inf)),
         "nan_weight_inside": ((0.45, 0.55), ("attn", pt, nan)),
         "nan_value": ((0.55, 0.4), ("value", (0, 7, 1, 2), nan)),  # row 7 is pixel (1, 2), which the point reads
-        "nan_grad_output": (None, ("grad_out", (0, 2, 4), nan)),
+        "nan_grad_output": (None, ("grad_out", (0, 2, 7), nan)),  # head 1, channel 1
     }
     return _one_change_each(dict(zip(("value", "shapes", "starts", "loc", "attn"), base), grad_out=grad_out), edits,
                             "loc", pt)
@@ -417,9 +418,9 @@ def dca_nonfinite_cases() -> dict:
     and infinite offsets, NaN and +inf logits (the head's softmax is NaN), all logits of the
     head -inf (NaN too), one -inf logit (a zero weight: finite), a NaN value the point
     reads, a NaN in grad_output."""
-    value, offsets, logits = dca_inputs(N=1, value_hw=(4, 5), query_hw=(2, 3), M=2, D=3, P=2, dtype=torch.float64,
+    value, offsets, logits = dca_inputs(N=1, value_hw=(4, 5), query_hw=(2, 3), M=2, D=12, P=2, dtype=torch.float64,
                                         spread=1.5, seed=5)
-    grad_out = torch.randn(1, 6, 6, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    grad_out = torch.randn(1, 6, 24, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     pt = (0, 2, 1, 1)
     nan, inf = float("nan"), float("inf")
     edits = {  # name: (the point's offset or None, (tensor, index, number))
@@ -431,7 +432,7 @@ def dca_nonfinite_cases() -> dict:
         "one_logit_-inf": (None, ("logits", pt, -inf)),
         # query 2's reference point is pixel (0.5, 3.67) of the map: it reads row 3 = pixel (0, 3)
         "nan_value": ((0.0, 0.0), ("value", (0, 3, 1, 2), nan)),
-        "nan_grad_output": (None, ("grad_out", (0, 2, 4), nan)),
+        "nan_grad_output": (None, ("grad_out", (0, 2, 16), nan)),  # head 1, channel 4
     }
     return _one_change_each(dict(value=value, offsets=offsets, logits=logits, grad_out=grad_out), edits, "offsets", pt)
 
