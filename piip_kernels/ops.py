@@ -30,10 +30,10 @@ Forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``): torch.libra
 backward formulas only, and a dual input would reach an op as its primal with its tangent
 dropped. The public functions therefore take the tangents off their inputs
 (:func:`split_duals`), call themselves on the primals and attach the tangent of their op's
-formula (``*_tangent`` in each api.py; the ops are linear in values and weights, so it is
-mostly the op applied to tangents). A tangent of a tangent (forward over forward) comes
-from the same recursion. The ops, and their backward formulas (forward over reverse),
-refuse dual inputs rather than drop their tangents.
+formula (``*_tangent`` in the api.py files; the ops are linear in values and weights, so it
+is mostly the op applied to tangents). Reverse mode over those tangents works. What would
+drop a tangent raises instead: nested forward mode (a jvp of a jvp), and dual inputs of the
+ops themselves or of their backward formulas (forward over reverse).
 """
 from __future__ import annotations
 
@@ -49,9 +49,9 @@ from torch.utils.flop_counter import register_flop_formula
 
 def split_duals(tensors) -> tuple[list, list] | None:
     """(primals, tangents) of ``tensors`` under forward-mode AD (tangent None where a tensor
-    has none), or None when no tensor has a tangent, the usual case: then it costs one
-    comparison per tensor. Refuses nested forward-mode transforms (see _forward_transforms)."""
-    if torch.compiler.is_compiling():
+    has none), or None when no tensor has a tangent, the usual case: then it costs a few
+    comparisons. Refuses nested forward-mode transforms (see _forward_transforms)."""
+    if torch.compiler.is_compiling():  # traced inputs carry no tangent
         return None
     if _forward_transforms() > 1:
         raise NotImplementedError(
@@ -96,8 +96,8 @@ def refuse_duals(what: str, tensors) -> None:
         raise NotImplementedError(
             f"{what} has no forward-mode AD formula of its own: call the public function "
             "(piip_kernels.ms_deform_attn, deform_cross_attn or branch_merge), which gives tangents. Forward over "
-            "reverse (torch.func.jvp of a gradient, hessian) is not supported; reverse over forward "
-            "(torch.func.jacrev of jacfwd) is.")
+            "reverse (a jvp of a gradient) is not supported; reverse over forward (torch.autograd.grad of a "
+            "tangent) is.")
 
 # --- kernels of the compiled and Triton backends ------------------------------
 

@@ -160,7 +160,8 @@ def ms_deform_attn_tangent(value, spatial_shapes, level_start_index, sampling_lo
     at the column ``j = floor(w_im) + 1`` of the point's cell, times W; in y likewise. So the
     location term is the op again, on difference maps, with each point moved to its cell's
     column (row) centre and weighted by ``weight * W * x_t`` (``weight * H * y_t``). Points
-    outside a level have zero derivative here as there. ``kw``: backend and deterministic.
+    outside a level have zero derivative here as there. The level sizes are read on the host.
+    ``kw``: backend and deterministic.
     """
     op = functools.partial(ms_deform_attn, **kw)
     terms = []
