@@ -128,6 +128,10 @@ if __name__ == "__main__":
                          "Upgrade torch, or use piip_kernels without its compiled kernels (reference and Triton backends).")
     print(f"piip_kernels: building with torch {torch.__version__} for torch >= {TORCH_TARGET[0]}.{TORCH_TARGET[1]}, "
           f"CUDA: {_cuda_wanted()}", file=sys.stderr)
+    # An earlier build's version-specific modules (_C.cpython-311-*.so) would shadow the abi3 ones
+    # this build writes in place: Python's import prefers the more specific suffix.
+    for stale in glob.glob(os.path.join(ROOT, "piip_kernels", "_C*.cpython-*.so")):
+        os.remove(stale)
     setup(
         ext_modules=_extensions(),
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -46,7 +46,8 @@ def cuda_mismatch(built_cuda: str, torch_cuda: str | None, torch_version: str) -
 def _load_cuda():
     """(piip_kernels._C_cuda registered, None), or (None, why not)."""
     if importlib.util.find_spec(f"{__package__}._C_cuda") is None:
-        return None, "piip_kernels was built without CUDA kernels (no nvcc at build time; PIIP_KERNELS_CUDA=1 forces them)"
+        return None, ("piip_kernels was built without CUDA kernels (they build when nvcc is found and torch is a CUDA build, "
+                      "or whenever nvcc is found with PIIP_KERNELS_CUDA=1)")
     if torch.version.cuda is None:
         return None, f"torch {torch.__version__} is a CPU build; the CUDA kernels need a CUDA build of torch"
     try:

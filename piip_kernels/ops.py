@@ -25,14 +25,79 @@ Ops:
 FLOP formulas count multiply-accumulates (MACs) in ``*_macs`` (the convention of
 fvcore and the PIIP paper); ``torch.utils.flop_counter`` wants FLOPs, registered
 as 2 x MACs.
+
+Forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``): torch.library takes
+backward formulas only, and a dual input would reach an op as its primal with its tangent
+dropped. The public functions therefore take the tangents off their inputs
+(:func:`split_duals`), call themselves on the primals and attach the tangent of their op's
+formula (``*_tangent`` in the api.py files; the ops are linear in values and weights, so it
+is mostly the op applied to tangents). Reverse mode over those tangents works. What would
+drop a tangent raises instead: nested forward mode (a jvp of a jvp), and dual inputs of the
+ops themselves or of their backward formulas (forward over reverse).
 """
 from __future__ import annotations
 
 import functools
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
+
+# --- forward-mode AD -----------------------------------------------------------------
+
+
+def split_duals(tensors) -> tuple[list, list] | None:
+    """(primals, tangents) of ``tensors`` under forward-mode AD (tangent None where a tensor
+    has none), or None when no tensor has a tangent, the usual case: then it costs a few
+    comparisons. Refuses nested forward-mode transforms (see _forward_transforms)."""
+    if torch.compiler.is_compiling():  # traced inputs carry no tangent
+        return None
+    if _forward_transforms() > 1:
+        raise NotImplementedError(
+            "piip ops do not support nested forward-mode AD (torch.func.jvp of jvp, jacfwd of jacfwd): the inner "
+            "transform cannot see the outer one's tangents, which would be dropped. First-order jvp / jacfwd / "
+            "torch.autograd.forward_ad work, and reverse mode over them (torch.autograd.grad of a tangent).")
+    unpacked = [fwAD.unpack_dual(t) for t in tensors]
+    if all(u.tangent is None for u in unpacked):
+        return None
+    return [u.primal for u in unpacked], [u.tangent for u in unpacked]
+
+
+def _forward_transforms() -> int:
+    """How many torch.func forward-mode transforms (jvp, jacfwd) are active. Under two, the
+    inner one's code sees only its own tangents: the outer tangents of what it passes to an
+    op would be lost, since the op has no forward formula that the outer transform could use."""
+    stack = torch._C._functorch.get_interpreter_stack()
+    return 0 if not stack else sum(ci.key() == torch._C._functorch.TransformType.Jvp for ci in stack)
+
+
+def with_tangent(primal: Tensor, tangent: Tensor) -> Tensor:
+    """``primal`` carrying ``tangent`` at the current forward-AD level."""
+    return fwAD.make_dual(primal, tangent.to(primal.dtype))
+
+
+def forward_mode(fn, tangent_fn, args: tuple, positions: tuple, **kw) -> Tensor | None:
+    """For a public function ``fn(*args, **kw)`` whose tensors at ``positions`` may be dual:
+    None when none carries a tangent (fn goes on as usual), else fn on the primals, carrying
+    ``tangent_fn(*primal args, *tangents at positions, **kw)``."""
+    duals = split_duals([args[i] for i in positions])
+    if duals is None:
+        return None
+    args = list(args)
+    for i, primal in zip(positions, duals[0]):
+        args[i] = primal
+    return with_tangent(fn(*args, **kw), tangent_fn(*args, *duals[1], **kw))
+
+
+def refuse_duals(what: str, tensors) -> None:
+    """Raises where a tangent would otherwise be dropped silently."""
+    if split_duals(tensors) is not None:
+        raise NotImplementedError(
+            f"{what} has no forward-mode AD formula of its own: call the public function "
+            "(piip_kernels.ms_deform_attn, deform_cross_attn or branch_merge), which gives tangents. Forward over "
+            "reverse (a jvp of a gradient) is not supported; reverse over forward (torch.autograd.grad of a "
+            "tangent) is.")
 
 # --- kernels of the compiled and Triton backends ------------------------------
 
@@ -88,6 +153,7 @@ def ms_deform_attn_op(
     backend: str,
     deterministic: bool = False,
 ) -> Tensor:
+    refuse_duals("piip::ms_deform_attn", (value, sampling_locations, attention_weights))
     forward, _ = _msda_kernels(backend)
     return forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
@@ -126,6 +192,7 @@ def _msda_setup_context(ctx, inputs, output):
 
 def _msda_backward(ctx, grad_output):
     value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+    refuse_duals("the backward of piip::ms_deform_attn", (grad_output, value, sampling_locations, attention_weights))
     grad_value, grad_loc, grad_attn = ms_deform_attn_backward_op(
         grad_output.contiguous(), value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
         ctx.backend, ctx.deterministic,
@@ -171,6 +238,7 @@ def _dca_kernels(backend: str, deterministic: bool = False):
 @torch.library.custom_op("piip::deform_cross_attn", mutates_args=())
 def deform_cross_attn_op(value: Tensor, offsets: Tensor, logits: Tensor, value_hw: list[int], query_hw: list[int],
                          backend: str, deterministic: bool = False) -> Tensor:
+    refuse_duals("piip::deform_cross_attn", (value, offsets, logits))
     forward, _ = _dca_kernels(backend)
     return forward(value, offsets, logits, value_hw, query_hw)
 
@@ -202,6 +270,7 @@ def _dca_setup_context(ctx, inputs, output):
 
 def _dca_backward(ctx, grad_output):
     value, offsets, logits = ctx.saved_tensors
+    refuse_duals("the backward of piip::deform_cross_attn", (grad_output, value, offsets, logits))
     gv, goff, glog = deform_cross_attn_backward_op(grad_output.contiguous(), value, offsets, logits, *ctx.hw,
                                                    ctx.backend, ctx.deterministic)
     return gv, goff, glog, None, None, None, None
@@ -250,6 +319,7 @@ def _merge_kernels(backend: str):
 @torch.library.custom_op("piip::branch_merge", mutates_args=())
 def branch_merge_op(features: list[Tensor], weights: Tensor, out_size: list[int], align_corners: bool,
                     backend: str) -> Tensor:
+    refuse_duals("piip::branch_merge", (*features, weights))
     forward, _ = _merge_kernels(backend)
     return forward(features, weights, out_size, align_corners)
 
@@ -281,6 +351,7 @@ def _merge_setup_context(ctx, inputs, output):
 
 def _merge_backward(ctx, grad_output):
     weights, *features = ctx.saved_tensors
+    refuse_duals("the backward of piip::branch_merge", (grad_output, weights, *features))
     grads, grad_weights = branch_merge_backward_op(grad_output.contiguous(), features, weights, ctx.align_corners, ctx.backend)
     return list(grads), grad_weights, None, None, None
 

@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from piip_kernels.dca.reference import deform_cross_attn_reference
+from piip_kernels.merge.reference import branch_merge_reference
 from piip_kernels.msda.reference import ms_deform_attn_reference
 
 
@@ -212,6 +214,42 @@ def merge_grads(fn, feats, weights, out_size, align_corners=False, grad_out=None
     return [out.detach(), *grads], grad_out
 
 
+
+def merge_edge_cases(count: int = 10, seed: int = 0) -> list:
+    """Random branch-merge shapes [(sizes, out_size, align_corners)] at the edges of the GPU
+    backwards' search for the output pixels that read an input pixel: sides of length 1
+    (with align_corners=True every output pixel then reads that one input pixel, so the
+    search must reach the whole output side), outputs longer than 4 (the search's
+    minimum), down- and upsampling up to 9x, non-square maps. The first case is the
+    smallest that once gave wrong gradients: 1x1 to 7x7 with align_corners=True."""
+    g = torch.Generator().manual_seed(seed)
+
+    def side(hi):
+        return int(torch.randint(1, hi + 1, (), generator=g))
+
+    cases = [([(1, 1)], (7, 7), True)]
+    while len(cases) < count:
+        out = (side(13), side(13))
+        branches = side(3)
+        sizes = [(1 if torch.rand((), generator=g) < 0.4 else side(9), 1 if torch.rand((), generator=g) < 0.4 else side(9))
+                 for _ in range(branches)]
+        cases.append((sizes, out, bool(torch.rand((), generator=g) < 0.6)))
+    return cases
+
+
+def check_merge_against_reference(fn, reference, cpu_feats, cpu_weights, out_size, align_corners, device, floor=1e-6):
+    """fn's merge and its gradients (maps and weights, on `device`) against the float64
+    reference, with the tolerance derived from `reference` run in the same precision."""
+    feats, weights = [f.to(device) for f in cpu_feats], cpu_weights.to(device)
+    got, grad_out = merge_grads(fn, feats, weights, out_size, align_corners)
+    ref, _ = merge_grads(reference, feats, weights, out_size, align_corners, grad_out)
+    truth, _ = merge_grads(branch_merge_reference, [f.double() for f in cpu_feats], cpu_weights.double(), out_size,
+                           align_corners, grad_out)
+    names = ["out"] + [f"grad_f{i}" for i in range(len(feats))] + ["grad_w"]
+    for name, g, r, t in zip(names, got, ref, truth):
+        assert g.dtype == r.dtype and g.shape == r.shape and g.device == feats[0].device, name
+        assert_derived_close(name, host(g), host(r), t, floor=floor)
+
 def deterministic_grad_value(backend: str):
     """(value, shapes, starts, loc, attn, grad_out) -> grad_value of the public op, deterministic."""
     from piip_kernels import ms_deform_attn
@@ -306,3 +344,178 @@ def run_two_gloo_ranks(worker, tmp_path, *args, timeout_s: float = 240, what: st
                 proc.terminate()
             pytest.fail(f"the two {what} did not finish within {timeout_s:.0f} s")
     return torch.load(result)
+
+
+# --- non-finite numbers ----------------------------------------------------------------
+
+def assert_nonfinite_like(name, got, want, superset=False, rtol=1e-4, atol=1e-5):
+    """``got`` is non-finite (NaN or inf) exactly where the float64 truth ``want`` is (with
+    ``superset``, at least there) and close to it elsewhere. On meta: shapes only."""
+    if is_meta(got):
+        assert got.shape == want.shape, f"{name}: shape {got.shape} against {want.shape}"
+        return
+    g = got.detach().cpu().double()
+    bad_g, bad_w = ~torch.isfinite(g), ~torch.isfinite(want)
+    missing = (bad_w & ~bad_g).nonzero().tolist()
+    extra = [] if superset else (bad_g & ~bad_w).nonzero().tolist()
+    assert not missing and not extra, f"{name}: finite where the reference is not at {missing[:8]}, " \
+                                      f"non-finite where it is finite at {extra[:8]}"
+    both = ~bad_g & ~bad_w
+    torch.testing.assert_close(g[both], want[both], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def msda_nonfinite_cases() -> dict:
+    """{name: (value, shapes, starts, loc, attn, grad_out)} with one non-finite number each,
+    all in head 1 of query 2, point 1 of level 0 (a 4 x 5 map): NaN and infinite
+    coordinates, non-finite attention weights of points outside and inside the map, a NaN
+    value that this point reads, a NaN in grad_output."""
+    # D = 6 as in other GPU tests: Triton compiles one kernel per head dim.
+    base = msda_inputs([(4, 5), (3, 3)], N=1, Lq=5, M=2, D=6, P=2, dtype=torch.float64, outside=0.3, seed=5)
+    grad_out = torch.randn(1, 5, 12, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    pt = (0, 2, 1, 0, 1)
+    nan, inf = float("nan"), float("inf")
+    edits = {  # name: (the point's location or None, (tensor, index, number))
+        "nan_x": (None, ("loc", pt + (0,), nan)),
+        "inf_y": (None, ("loc", pt + (1,), inf)),
+        "-inf_x": (None, ("loc", pt + (0,), -inf)),
+        "nan_weight_outside": ((1.6, 0.5), ("attn", pt, nan)),
+        "inf_weight_outside": ((0.3, -0.7), ("attn", pt, inf)),
+        "nan_weight_inside": ((0.45, 0.55), ("attn", pt, nan)),
+        "nan_value": ((0.55, 0.4), ("value", (0, 7, 1, 2), nan)),  # row 7 is pixel (1, 2), which the point reads
+        "nan_grad_output": (None, ("grad_out", (0, 2, 7), nan)),  # head 1, channel 1
+    }
+    return _one_change_each(dict(zip(("value", "shapes", "starts", "loc", "attn"), base), grad_out=grad_out), edits,
+                            "loc", pt)
+
+
+def _one_change_each(tensors: dict, edits: dict, moved: str, pt) -> dict:
+    """{name: copies of the tensors' values} with, per edit (where tensors[moved][pt] goes or
+    None, (tensor name, index, number)), that point moved and that one number set."""
+    cases = {}
+    for name, (xy, (which, index, number)) in edits.items():
+        t = {k: v.clone() for k, v in tensors.items()}
+        if xy is not None:
+            t[moved][pt] = torch.tensor(xy, dtype=torch.float64)
+        t[which][index] = number
+        cases[name] = tuple(t.values())
+    return cases
+
+
+def check_msda_nonfinite(fn, case, device, dtype=torch.float32, superset=()):
+    """fn (ms_deform_attn on a backend) on `device` in `dtype`: output and gradients
+    non-finite where the float64 reference's are (names in `superset`: at least there)."""
+    value, shapes, starts, loc, attn, grad_out = case
+    inputs = [value.to(dtype), shapes, starts, loc.to(dtype), attn.to(dtype)]
+    got, _ = run_with_grads(fn, [t.to(device) for t in inputs], grad_out)
+    want = reference64([value, shapes, starts, loc, attn], grad_out)
+    for name, g, w in zip(["out", "grad_value", "grad_loc", "grad_attn"], got, want):
+        assert_nonfinite_like(name, g, w, superset=name in superset)
+
+
+def dca_nonfinite_cases() -> dict:
+    """{name: (value, offsets, logits, grad_out)} for deform_cross_attn on a 4 x 5 map read
+    by a 2 x 3 query grid, one non-finite number each in head 1 of query 2 (point 1): NaN
+    and infinite offsets, NaN and +inf logits (the head's softmax is NaN), all logits of the
+    head -inf (NaN too), one -inf logit (a zero weight: finite), a NaN value the point
+    reads, a NaN in grad_output."""
+    value, offsets, logits = dca_inputs(N=1, value_hw=(4, 5), query_hw=(2, 3), M=2, D=12, P=2, dtype=torch.float64,
+                                        spread=1.5, seed=5)
+    grad_out = torch.randn(1, 6, 24, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    pt = (0, 2, 1, 1)
+    nan, inf = float("nan"), float("inf")
+    edits = {  # name: (the point's offset or None, (tensor, index, number))
+        "nan_offset_x": (None, ("offsets", pt + (0,), nan)),
+        "inf_offset_y": (None, ("offsets", pt + (1,), inf)),
+        "nan_logit": (None, ("logits", pt, nan)),
+        "inf_logit": (None, ("logits", pt, inf)),
+        "all_logits_-inf": (None, ("logits", pt[:3], -inf)),
+        "one_logit_-inf": (None, ("logits", pt, -inf)),
+        # query 2's reference point is pixel (0.5, 3.67) of the map: it reads row 3 = pixel (0, 3)
+        "nan_value": ((0.0, 0.0), ("value", (0, 3, 1, 2), nan)),
+        "nan_grad_output": (None, ("grad_out", (0, 2, 16), nan)),  # head 1, channel 4
+    }
+    return _one_change_each(dict(value=value, offsets=offsets, logits=logits, grad_out=grad_out), edits, "offsets", pt)
+
+
+def check_dca_nonfinite(fn, case, device, dtype=torch.float32, superset=()):
+    """As check_msda_nonfinite, for deform_cross_attn (fn takes its public arguments)."""
+    value, offsets, logits, grad_out = case
+    inputs = [t.to(device, dtype) for t in (value, offsets, logits)]
+    got, _ = dca_grads(fn, inputs, (4, 5), (2, 3), grad_out)
+    want, _ = dca_grads(deform_cross_attn_reference, [value, offsets, logits], (4, 5), (2, 3), grad_out)
+    for name, g, w in zip(["out", "grad_value", "grad_offsets", "grad_logits"], got, want):
+        assert_nonfinite_like(name, g, w, superset=name in superset)
+
+
+def merge_nonfinite_cases() -> dict:
+    """{name: (features, weights, grad_out)} for branch_merge of 3 x 3, 2 x 4 and 5 x 5 maps
+    to 5 x 5, one non-finite number each: in a map, a weight, grad_output. With
+    align_corners=True the 3 x 3 map is read at exact input pixels, where the second tap
+    has weight 0 and carries a NaN all the same (0 * NaN), as the reference does; the 5 x 5
+    map is not resampled at all (the reference adds it as it is), so its NaN stays put."""
+    feats, weights = merge_inputs([(3, 3), (2, 4), (5, 5)], N=1, C=2, dtype=torch.float64)
+    weights = weights.double()
+    grad_out = torch.randn(1, 2, 5, 5, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    nan, inf = float("nan"), float("inf")
+    edits = {"nan_map": (0, (0, 1, 1, 2), nan), "inf_map": (1, (0, 0, 1, 3), inf), "nan_weight": ("w", 1, nan),
+             "nan_in_the_map_of_output_size": (2, (0, 1, 2, 2), nan), "nan_grad_output": ("g", (0, 1, 2, 2), nan)}
+    cases = {}
+    for name, (which, index, number) in edits.items():
+        fs, w, g = [f.clone() for f in feats], weights.clone(), grad_out.clone()
+        target = w if which == "w" else g if which == "g" else fs[which]
+        target[index] = number
+        cases[name] = (fs, w, g)
+    return cases
+
+
+def check_merge_nonfinite(fn, case, align_corners, device, dtype=torch.float32, superset=()):
+    """As check_msda_nonfinite, for branch_merge (fn(features, weights, out_size, align_corners))."""
+    feats, weights, grad_out = case
+    got, _ = merge_grads(fn, [f.to(device, dtype) for f in feats], weights.to(device, torch.float32), (5, 5),
+                         align_corners, grad_out)
+    want, _ = merge_grads(branch_merge_reference, feats, weights, (5, 5), align_corners, grad_out)
+    names = ["out", "grad_f0", "grad_f1", "grad_f2", "grad_w"]
+    for name, g, w in zip(names, got, want):
+        assert_nonfinite_like(name, g, w, superset=name in superset)
+
+
+# --- forward-mode AD -------------------------------------------------------------------
+
+def check_forward_ad(fn, primals, tangents, eps=1e-6):
+    """fn's forward-mode derivative along ``tangents`` (None: that input has none) in float64:
+    torch.func.jvp and dual tensors (torch.autograd.forward_ad) agree, equal the central
+    difference of fn, and are the transpose of its reverse-mode derivative:
+    <u, J t> = <J^T u, t> for a random u. Returns the tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    filled = [torch.zeros_like(p) if t is None else t for p, t in zip(primals, tangents)]
+    _, jvp = torch.func.jvp(fn, tuple(primals), tuple(filled))
+    with fwAD.dual_level():
+        out = fn(*[p if t is None else fwAD.make_dual(p, t) for p, t in zip(primals, tangents)])
+        dual = fwAD.unpack_dual(out).tangent
+    assert dual is not None, "the output of dual inputs carries no tangent"
+    torch.testing.assert_close(dual, jvp, rtol=1e-12, atol=1e-12)
+    assert jvp.abs().max() > 0
+    fd = (fn(*[p + eps * t for p, t in zip(primals, filled)]) - fn(*[p - eps * t for p, t in zip(primals, filled)])) / (2 * eps)
+    torch.testing.assert_close(jvp, fd, rtol=1e-6, atol=1e-7 * fd.abs().max().item())
+    leaves = [p.detach().clone().requires_grad_(True) for p in primals]
+    out = fn(*leaves)
+    u = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=out.dtype)
+    grads = torch.autograd.grad(out, leaves, u)
+    forward = (u * jvp).sum()
+    torch.testing.assert_close(forward, sum((g * t).sum() for g, t in zip(grads, filled)), rtol=1e-10,
+                               atol=1e-12 * (u.abs() * jvp.abs()).sum().item())
+    return jvp
+
+
+def check_gpu_tangents(fn, reference, primals, device, rtol=1e-4):
+    """fn's forward-mode tangent (all inputs moved along random tangents) on `device`, in
+    fp32, against `reference`'s in float64 on the CPU (the tangent formulas are checked there
+    by check_forward_ad)."""
+    g = torch.Generator().manual_seed(3)
+    tangents = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in primals]
+    _, want = torch.func.jvp(reference, tuple(primals), tuple(tangents))
+    _, got = torch.func.jvp(fn, tuple(p.to(device, torch.float32) for p in primals),
+                            tuple(t.to(device, torch.float32) for t in tangents))
+    assert got.device.type == device.type and got.dtype == torch.float32
+    torch.testing.assert_close(got.cpu().double(), want, rtol=rtol, atol=rtol * want.abs().max().item())

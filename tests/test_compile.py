@@ -1,6 +1,6 @@
 """The fastest-step options of piip.PIIP: regional torch.compile (piip.compile) against eager
 (loss and every gradient), its recompile bound, and the interaction projections in the
-autocast dtype."""
+autocast dtype; and the three ops compiled whole on the reference backend."""
 import copy
 import dataclasses
 
@@ -12,7 +12,9 @@ import piip
 from piip.compile import REGION_TYPES, TensorRateDropPath, _swap_drop_paths, compile_blocks, compile_problem, regions
 from piip.layers import Block
 
-from helpers import tiny_config
+import piip_kernels
+
+from helpers import dca_grads, dca_inputs, merge_grads, merge_inputs, msda_inputs, run_with_grads, tiny_config
 
 
 def _img(model, batch=2, seed=0):
@@ -200,3 +202,43 @@ def test_interaction_projections_in_the_autocast_dtype():
             assert ((a.float() - r).abs().max() / scale) < 5e-2 and ((b.float() - r).abs().max() / scale) < 5e-2
     for h in hooks:
         h.remove()
+
+
+def _compiled_ops_equal_eager(compiler):
+    """The three public ops, compiled with fullgraph=True, forward and backward, against eager."""
+    def msda(*a):
+        return piip_kernels.ms_deform_attn(*a).sin()
+
+    def dca(v, hw, o, lg, qhw):
+        return piip_kernels.deform_cross_attn(v, hw, o, lg, qhw).sin()
+
+    def merge(f, w, s, a):
+        return piip_kernels.branch_merge(f, w, s, align_corners=a).sin()
+
+    for shapes in ([(6, 5), (3, 2)], [(7, 5), (1, 1), (3, 3)]):  # a second level layout: no stale guard
+        inputs = msda_inputs(shapes, Lq=6, M=2, D=4, P=2)
+        want, grad_out = run_with_grads(msda, inputs)
+        got, _ = run_with_grads(torch.compile(msda, fullgraph=True, backend=compiler), inputs, grad_out)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+    inputs = dca_inputs()
+    want, grad_out = dca_grads(dca, inputs, (5, 7), (3, 4))
+    got, _ = dca_grads(torch.compile(dca, fullgraph=True, backend=compiler), inputs, (5, 7), (3, 4), grad_out)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    feats, weights = merge_inputs([(3, 3), (4, 5), (6, 6)])
+    want, grad_out = merge_grads(merge, feats, weights, (6, 6), True)
+    got, _ = merge_grads(torch.compile(merge, fullgraph=True, backend=compiler), feats, weights, (6, 6), True, grad_out)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_reference_backend_compiles_with_fullgraph(monkeypatch, compiler):
+    """The reference backend is what runs where the extension is not built; its level sizes
+    are tensor values, which inductor must not guard on (GuardOnDataDependentSymNode)."""
+    if compile_problem(compiler, "cpu"):
+        pytest.skip(compile_problem(compiler, "cpu"))
+    monkeypatch.setenv("PIIP_KERNELS_BACKEND", "reference")
+    torch._dynamo.reset()
+    _compiled_ops_equal_eager(compiler)

@@ -8,9 +8,12 @@ import torch
 import piip_kernels
 from piip_kernels import ms_deform_attn
 
-from helpers import (assert_close, assert_derived_close, check_bit_identical, check_fixed_point_extremes, check_levels_outside_value,
-                     dca_grads, dca_inputs, deterministic_grad_value, gpu_test_device, gpu_tests_can_run, holds, host,
-                     merge_grads, merge_inputs, msda_inputs, reference64, run_with_grads, same)
+from helpers import (assert_close, assert_derived_close, check_bit_identical, check_dca_nonfinite,
+                     check_fixed_point_extremes, check_gpu_tangents, check_levels_outside_value,
+                     check_merge_against_reference, check_merge_nonfinite, check_msda_nonfinite, dca_grads, dca_inputs,
+                     dca_nonfinite_cases, deterministic_grad_value, gpu_test_device, gpu_tests_can_run, holds, host,
+                     merge_grads, merge_inputs, merge_nonfinite_cases, msda_inputs, msda_nonfinite_cases, reference64,
+                     run_with_grads, same)
 from piip_kernels.dca.reference import deform_cross_attn_reference
 from piip_kernels.merge.reference import branch_merge_reference
 
@@ -154,3 +157,49 @@ def test_cuda_branch_merge(case, dtype, align_corners):
     again, _ = merge_grads(fn, feats, weights, out_size, align_corners, grad_out)
     for a, b in zip(got, again):
         assert same(a, b)
+
+
+def test_cuda_branch_merge_float64_weights_promote():
+    feats, weights = merge_inputs([(3, 3), (5, 4), (6, 6)])
+    fn = lambda f, w, s, a: piip_kernels.branch_merge(f, w, s, align_corners=a, backend="cuda")  # noqa: E731
+    ref = lambda f, w, s, a: piip_kernels.branch_merge(f, w, s, align_corners=a, backend="reference")  # noqa: E731
+    # The GPU kernels merge in fp32 and give the float64 map promote_types asks for.
+    check_merge_against_reference(fn, ref, feats, weights.double(), (6, 6), False, DEV)
+
+
+# Deterministic grad_value is NaN everywhere once a non-finite number reaches it (a fixed-point
+# sum cannot hold one), a superset of where the reference has NaN.
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("case", list(msda_nonfinite_cases()))
+def test_cuda_msda_non_finite_numbers_as_in_the_reference(case, deterministic):
+    check_msda_nonfinite(cuda_fn(deterministic), msda_nonfinite_cases()[case], DEV,
+                         superset=("grad_value",) if deterministic else ())
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("case", list(dca_nonfinite_cases()))
+def test_cuda_dca_non_finite_numbers_as_in_the_reference(case, deterministic):
+    fn = lambda *a: piip_kernels.deform_cross_attn(*a, backend="cuda", deterministic=deterministic)  # noqa: E731
+    check_dca_nonfinite(fn, dca_nonfinite_cases()[case], DEV, superset=("grad_value",) if deterministic else ())
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("case", list(merge_nonfinite_cases()))
+def test_cuda_merge_non_finite_numbers_as_in_the_reference(case, align_corners):
+    fn = lambda f, w, s, a: piip_kernels.branch_merge(f, w, s, align_corners=a, backend="cuda")  # noqa: E731
+    check_merge_nonfinite(fn, merge_nonfinite_cases()[case], align_corners, DEV)
+
+
+@pytest.mark.skipif(DEV.type == "meta", reason="tangents along locations need the level sizes' values")
+def test_cuda_forward_mode_ad():
+    """Tangents of the three ops on the cuda backend against the reference backend's in float64."""
+    value, shapes, starts, loc, attn = msda_inputs([(3, 4), (2, 5)], N=2, Lq=5, M=2, D=8, P=2, dtype=torch.float64)
+    check_gpu_tangents(lambda v, lc, a: ms_deform_attn(v, shapes.to(DEV), starts.to(DEV), lc, a, backend="cuda"),
+                       lambda v, lc, a: ms_deform_attn(v, shapes, starts, lc, a, backend="reference"), [value, loc, attn], DEV)
+    check_gpu_tangents(lambda *a: piip_kernels.deform_cross_attn(a[0], (5, 7), a[1], a[2], (3, 4), backend="cuda"),
+                       lambda *a: piip_kernels.deform_cross_attn(a[0], (5, 7), a[1], a[2], (3, 4), backend="reference"),
+                       list(dca_inputs(dtype=torch.float64)), DEV)
+    feats, weights = merge_inputs([(3, 3), (4, 5), (6, 6)], dtype=torch.float64)
+    check_gpu_tangents(lambda *a: piip_kernels.branch_merge(list(a[:3]), a[3], (6, 6), backend="cuda"),
+                       lambda *a: piip_kernels.branch_merge(list(a[:3]), a[3], (6, 6), backend="reference"),
+                       [*feats, weights.double()], DEV)

@@ -21,10 +21,12 @@ import torch
 from piip_kernels.dca.reference import deform_cross_attn_reference
 from piip_kernels.merge.reference import branch_merge_reference
 from piip_kernels.msda.reference import ms_deform_attn_reference
-from piip_kernels.msda.triton import fixed_point_scale
+from piip_kernels.msda.triton import fixed_point_scale, softmax_bound
 
-from helpers import (assert_derived_close, check_fixed_point_extremes, check_levels_outside_value, dca_grads,
-                     dca_inputs, merge_grads, merge_inputs, msda_inputs, reference64, run_with_grads)
+from helpers import (assert_derived_close, check_dca_nonfinite, check_fixed_point_extremes, check_levels_outside_value,
+                     check_merge_against_reference, check_merge_nonfinite, check_msda_nonfinite, dca_grads, dca_inputs,
+                     dca_nonfinite_cases, merge_edge_cases, merge_grads, merge_inputs, merge_nonfinite_cases, msda_inputs,
+                     msda_nonfinite_cases, reference64, run_with_grads)
 
 ROOT = Path(__file__).resolve().parents[1]
 NVCC = shutil.which("nvcc")
@@ -113,7 +115,7 @@ class Emulated:
     def dca_backward(self, grad_out, value, value_hw, offsets, logits, query_hw, deterministic=False):
         N, _, M, D = value.shape
         P = offsets.shape[3]
-        acc, scale = self._accumulator(value, grad_out, None, query_hw[0] * query_hw[1] * P, deterministic)
+        acc, scale = self._accumulator(value, grad_out, softmax_bound(logits), query_hw[0] * query_hw[1] * P, deterministic)
         gv, go, gl = (torch.full_like(t, float("nan")) for t in (value, offsets, logits))
         self._run("piip_emu_dca_backward", CODE[value.dtype], CODE[offsets.dtype], p(grad_out), p(value), p(offsets), p(logits),
                   p(None if deterministic else acc), p(acc if deterministic else None), p(scale), p(gv), p(go), p(gl),
@@ -277,3 +279,47 @@ def test_emulated_branch_merge_matches_float64(emu, case, dtype, align_corners):
     for g, r, t in zip(got, ref, truth):
         assert g.dtype == r.dtype
         assert_derived_close("branch_merge", g, r, t, floor=1e-6 if dtype == torch.float32 else 1e-3)
+
+
+@pytest.mark.parametrize("case", merge_edge_cases(), ids=lambda c: f"{c[0]}-{c[1]}-ac{int(c[2])}")
+def test_emulated_branch_merge_edge_sizes(emu, case):
+    sizes, out_size, align_corners = case
+    feats, weights = merge_inputs(sizes, N=1, C=2)
+    fn = lambda f, w, s, a: EmulatedMerge.apply(emu, a, s, w, *f)  # noqa: E731
+    check_merge_against_reference(fn, branch_merge_reference, feats, weights, out_size, align_corners, torch.device("cpu"))
+
+
+# Deterministic grad_value is NaN everywhere once a non-finite number reaches it (a fixed-point
+# sum cannot hold one), a superset of where the reference has NaN.
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("case", list(msda_nonfinite_cases()))
+def test_emulated_msda_non_finite_numbers_as_in_the_reference(emu, case, deterministic):
+    fn = lambda *a: EmulatedOp.apply(emu, deterministic, *a)  # noqa: E731
+    check_msda_nonfinite(fn, msda_nonfinite_cases()[case], torch.device("cpu"),
+                         superset=("grad_value",) if deterministic else ())
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("case", list(dca_nonfinite_cases()))
+def test_emulated_dca_non_finite_numbers_as_in_the_reference(emu, case, deterministic):
+    fn = lambda v, vhw, o, lg, qhw: EmulatedDCA.apply(emu, deterministic, v, vhw, o, lg, qhw)  # noqa: E731
+    check_dca_nonfinite(fn, dca_nonfinite_cases()[case], torch.device("cpu"),
+                        superset=("grad_value",) if deterministic else ())
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("case", list(merge_nonfinite_cases()))
+def test_emulated_merge_non_finite_numbers_as_in_the_reference(emu, case, align_corners):
+    fn = lambda f, w, s, a: EmulatedMerge.apply(emu, a, s, w, *f)  # noqa: E731
+    check_merge_nonfinite(fn, merge_nonfinite_cases()[case], align_corners, torch.device("cpu"))
+
+
+def test_launch_refuses_grids_past_cudas_limit(emu):
+    """Every CUDA launch is one-dimensional (grid axes y and z stay 1); piip::launch refuses more
+    than 2**31 - 1 blocks on x (cudaErrorInvalidConfiguration) rather than let the count wrap."""
+    counted = ctypes.c_ulonglong(0)
+    assert emu.lib.piip_emu_launch_blocks(ctypes.c_int64(3), ctypes.byref(counted)) == 0 and counted.value == 3
+    counted.value = 0
+    for blocks in (2 ** 32 + 3, 2 ** 31):  # 2**32 + 3 blocks used to become 3
+        assert emu.lib.piip_emu_launch_blocks(ctypes.c_int64(blocks), ctypes.byref(counted)) == 9  # invalid configuration
+        assert counted.value == 0

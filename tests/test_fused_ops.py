@@ -10,7 +10,8 @@ from piip_kernels import branch_merge, deform_cross_attn, ms_deform_attn
 from piip_kernels.dca.reference import deform_cross_attn_reference, grid_reference_points
 from piip_kernels.merge.reference import branch_merge_reference
 
-from helpers import assert_derived_close, dca_grads, dca_inputs, merge_grads, merge_inputs
+from helpers import (assert_derived_close, check_dca_nonfinite, check_forward_ad, check_merge_against_reference, check_merge_nonfinite, dca_grads,
+                     dca_inputs, dca_nonfinite_cases, merge_edge_cases, merge_grads, merge_inputs, merge_nonfinite_cases)
 
 REASONS = piip_kernels.dca.api.BACKENDS["cpu"](torch.device("cpu"), torch.float32)
 needs_cpu_kernel = pytest.mark.skipif(bool(REASONS) and os.environ.get("PIIP_REQUIRE_EXT") != "1", reason="; ".join(REASONS))
@@ -54,6 +55,15 @@ def test_dca_reference_is_ms_deform_attn_with_grid_points():
     want = ms_deform_attn(value, torch.tensor([[5, 7]]), torch.tensor([0]), loc, logits.softmax(-1)[:, :, :, None],
                           backend="reference")
     torch.testing.assert_close(deform_cross_attn(value, (5, 7), offsets, logits, (3, 4), backend="reference"), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(dca_nonfinite_cases()))
+def test_dca_non_finite_numbers_as_in_the_reference(case, backend, dtype):
+    """Non-finite offsets, logits, values and grad_output reach the output and gradients
+    exactly where they reach the float64 reference's."""
+    check_dca_nonfinite(_dca(backend), dca_nonfinite_cases()[case], torch.device("cpu"), dtype)
 
 
 @needs_cpu_kernel
@@ -107,6 +117,17 @@ def test_dca_torch_compile(compiler):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("which", ["all", "value", "offsets", "logits"])
+def test_dca_forward_mode_ad(which, backend):
+    """Tangents by torch.func.jvp and torch.autograd.forward_ad (they used to be all zero on cpu)."""
+    inputs = dca_inputs(N=2, value_hw=(4, 5), query_hw=(3, 2), M=2, D=3, P=3, dtype=torch.float64, spread=2.0)
+    g = torch.Generator().manual_seed(3)
+    tangents = [torch.randn(t.shape, generator=g, dtype=t.dtype) if which in ("all", name) else None
+                for t, name in zip(inputs, ("value", "offsets", "logits"))]
+    check_forward_ad(lambda v, o, lg: deform_cross_attn(v, (4, 5), o, lg, (3, 2), backend=backend), inputs, tangents)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("args,match", [
     (lambda v, o, l: (v, (5, 6), o, l, (3, 4)), "value must be"),
     (lambda v, o, l: (v, (5, 7), o[:, :5], l, (3, 4)), "offsets must be"),
@@ -118,6 +139,40 @@ def test_dca_torch_compile(compiler):
 def test_dca_bad_input(args, match, backend):
     with pytest.raises(ValueError, match=match):
         deform_cross_attn(*args(*dca_inputs()), backend=backend)
+
+
+WRAPPING_GRIDS = r"""
+import torch
+import piip_kernels
+# 3 x (2**64 + 2) / 3 cells wrap to 2 in int64: value has 2 rows, offsets 2 queries. The
+# point reads pixel (1, 0) of that grid, 6e18 rows past the end of value.
+big = (2**64 + 2) // 3
+value = torch.randn(1, 2, 1, 4)
+offsets = torch.tensor([0.2, 1.2]).expand(1, 2, 1, 1, 2).contiguous()
+logits = torch.zeros(1, 2, 1, 1)
+for value_hw, query_hw in (([3, big], [1, 2]), ([1, 2], [3, big]), ([3, big], [3, big])):
+    for name, call in (("op", lambda: torch.ops.piip.deform_cross_attn(value, offsets, logits, value_hw, query_hw, "cpu")),
+                       ("backward", lambda: torch.ops.piip.deform_cross_attn_backward(
+                           torch.ones(1, 2, 4), value, offsets, logits, value_hw, query_hw, "cpu"))):
+        try:
+            call()
+            print("ACCEPTED", name, value_hw, query_hw)
+        except Exception as e:
+            print("REFUSED", name, type(e).__name__, str(e).splitlines()[0])
+"""
+
+
+@needs_cpu_kernel
+def test_dca_native_check_is_overflow_safe():
+    """Grid sizes whose H * W wraps int64 to the rows of value (or the queries of offsets)
+    must be refused by the native check, which torch.ops.piip.* reaches directly."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", WRAPPING_GRIDS], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, f"rc {res.returncode}: {res.stderr[-2000:]}"
+    lines = res.stdout.splitlines()
+    assert len(lines) == 6 and all(line.startswith("REFUSED") and "RuntimeError" in line for line in lines), res.stdout
 
 
 def test_msda_module_grid_path_matches_general_path():
@@ -161,10 +216,53 @@ def test_merge_matches_float64_reference(case, dtype, align_corners, backend):
         assert_derived_close(name, g, r, t, floor=1e-12 if dtype == torch.float64 else 1e-6)
 
 
+@needs_cpu_kernel
+@pytest.mark.parametrize("case", merge_edge_cases(), ids=lambda c: f"{c[0]}-{c[1]}-ac{int(c[2])}")
+def test_merge_edge_sizes(case):
+    sizes, out_size, align_corners = case
+    feats, weights = merge_inputs(sizes, C=2)
+    fn = lambda f, w, s, a: branch_merge(f, w, s, align_corners=a, backend="cpu")  # noqa: E731
+    check_merge_against_reference(fn, branch_merge_reference, feats, weights, out_size, align_corners, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(merge_nonfinite_cases()))
+def test_merge_non_finite_numbers_as_in_the_reference(case, backend, align_corners):
+    fn = lambda f, w, s, a: branch_merge(f, w, s, align_corners=a, backend=backend)  # noqa: E731
+    check_merge_nonfinite(fn, merge_nonfinite_cases()[case], align_corners, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("which", ["all", "maps", "one_map", "weights"])
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_merge_forward_mode_ad(which, align_corners, backend):
+    feats, weights = merge_inputs([(3, 3), (4, 5), (6, 6)], dtype=torch.float64)
+    primals = [*feats, weights.double()]
+    g = torch.Generator().manual_seed(3)
+    wanted = {"all": range(4), "maps": range(3), "one_map": [1], "weights": [3]}[which]
+    tangents = [torch.randn(t.shape, generator=g, dtype=t.dtype) if i in wanted else None for i, t in enumerate(primals)]
+    check_forward_ad(lambda *a: branch_merge(list(a[:3]), a[3], (6, 6), align_corners=align_corners, backend=backend),
+                     primals, tangents)
+
+
 def test_merge_reference_is_the_eager_pytorch_merge():
     feats, weights = merge_inputs([(3, 3), (4, 4), (6, 6)])
     want = sum(w * F.interpolate(f, size=(6, 6), mode="bilinear", align_corners=False) for f, w in zip(feats, weights))
     torch.testing.assert_close(branch_merge(feats, weights, (6, 6), backend="reference"), want)
+
+
+@pytest.mark.parametrize("backend", [None, *BACKENDS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_float64_weights_promote(dtype, backend):
+    """Maps below float64 with float64 weights give a float64 map (promote_types, as the
+    docstring says and the reference does), on the default backend too."""
+    feats, weights = merge_inputs([(3, 3), (5, 4), (6, 6)], dtype=dtype)
+    fn = lambda f, w, s, a: branch_merge(f, w, s, backend=backend)  # noqa: E731
+    got, _ = merge_grads(fn, feats, weights.double(), (6, 6))
+    assert [g.dtype for g in got] == [torch.float64] + [dtype] * 3 + [torch.float64]
+    check_merge_against_reference(fn, branch_merge_reference, feats, weights.double(), (6, 6), False, torch.device("cpu"),
+                                  floor=1e-12 if dtype == torch.float32 else 1e-3)
 
 
 @needs_cpu_kernel

@@ -10,7 +10,8 @@ import piip_kernels
 from piip_kernels import ms_deform_attn
 from piip_kernels.msda.reference import ms_deform_attn_reference
 
-from helpers import assert_derived_close, msda_inputs, official_fixture, reference64, run_with_grads
+from helpers import (assert_derived_close, check_forward_ad, check_msda_nonfinite, msda_inputs, msda_nonfinite_cases, official_fixture, reference64,
+                     run_with_grads)
 
 CPU_REASONS = piip_kernels.msda.api.BACKENDS["cpu"](torch.device("cpu"), torch.float32)
 needs_cpu_kernel = pytest.mark.skipif(bool(CPU_REASONS) and os.environ.get("PIIP_REQUIRE_EXT") != "1", reason="; ".join(CPU_REASONS))
@@ -132,14 +133,16 @@ def test_empty_sizes(sizes, backend):
         assert not g.any()
 
 
-@needs_cpu_kernel
-def test_nan_locations_read_zeros_like_grid_sample():
-    value, shapes, starts, loc, attn = msda_inputs([(4, 4)], N=1, Lq=3, M=1, D=4, P=2)
-    loc[0, 1] = float("nan")
-    out = ms_deform_attn(value, shapes, starts, loc, attn, backend="cpu")
-    assert torch.isfinite(out[0, 0]).all() and torch.isfinite(out[0, 2]).all()
-    # A point at NaN contributes nothing.
-    assert torch.equal(out[0, 1], torch.zeros_like(out[0, 1]))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpu_kernel)])
+@pytest.mark.parametrize("case", list(msda_nonfinite_cases()))
+def test_non_finite_numbers_reach_the_results_as_in_the_reference(case, backend, dtype):
+    """A NaN or inf location reads NaN (grid_sample's weights are NaN), a non-finite weight
+    times a zero sample is NaN, a NaN grad_output row reaches every point of the row: output
+    and gradients are non-finite exactly where the float64 reference's are, so a diverging
+    run shows it."""
+    fn = lambda *a: ms_deform_attn(*a, backend=backend)  # noqa: E731
+    check_msda_nonfinite(fn, msda_nonfinite_cases()[case], torch.device("cpu"), dtype)
 
 
 @needs_cpu_kernel
@@ -161,6 +164,63 @@ def test_flat_index_beyond_int32():
     small_value = value[:, -tail.numel():].float()
     want = ms_deform_attn(small_value, shapes[1:], starts[:1], loc[:, :, :, 1:].contiguous(), attn[:, :, :, 1:].contiguous(), backend="reference")
     torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
+
+
+# --- forward-mode AD -------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpu_kernel)])
+@pytest.mark.parametrize("which", ["all", "value", "locations", "weights"])
+def test_forward_mode_ad(which, backend):
+    """Tangents by torch.func.jvp and torch.autograd.forward_ad (they used to be all zero on
+    the cpu backend, and the reference's grid_sample has no forward-mode formula)."""
+    value, shapes, starts, loc, attn = msda_inputs([(3, 4), (2, 5), (1, 1)], N=2, Lq=5, M=2, D=3, P=2,
+                                                   dtype=torch.float64, outside=0.4)
+    g = torch.Generator().manual_seed(3)
+    tangents = [torch.randn(t.shape, generator=g, dtype=t.dtype) if which in ("all", name) else None
+                for t, name in ((value, "value"), (loc, "locations"), (attn, "weights"))]
+    check_forward_ad(lambda v, lc, a: ms_deform_attn(v, shapes, starts, lc, a, backend=backend), [value, loc, attn],
+                     tangents)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpu_kernel)])
+def test_reverse_mode_over_forward_mode(backend):
+    """The tangent is differentiable in reverse mode (against torch.autograd.gradcheck); along a
+    location it depends on value and weights, and on the location across the cell (through y
+    in the x term and x in the y term)."""
+    value, shapes, starts, loc, attn = msda_inputs([(3, 4), (2, 5)], N=1, Lq=3, M=2, D=2, P=2, dtype=torch.float64,
+                                                   outside=0.2)
+    t = torch.randn(loc.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+
+    def tangent(v, lc, a):
+        return torch.func.jvp(lambda lc: ms_deform_attn(v, shapes, starts, lc, a, backend=backend), (lc,), (t,))[1]
+
+    assert tangent(value, loc, attn).abs().max() > 0
+    torch.autograd.gradcheck(tangent, tuple(x.clone().requires_grad_(True) for x in (value, loc, attn)))
+
+
+@needs_cpu_kernel
+def test_nested_forward_mode_is_refused():
+    """jvp of jvp would lose the outer tangents inside the inner transform: it raises."""
+    value, shapes, starts, loc, attn = msda_inputs([(3, 4)], N=1, Lq=3, M=2, D=2, P=2, dtype=torch.float64)
+    t = torch.ones_like(loc)
+
+    def first(lc):
+        return torch.func.jvp(lambda lc: ms_deform_attn(value, shapes, starts, lc, attn), (lc,), (t,))[1]
+
+    with pytest.raises(NotImplementedError, match="nested forward-mode AD"):
+        torch.func.jvp(first, (loc,), (t,))
+    with pytest.raises(NotImplementedError, match="nested forward-mode AD"):
+        torch.func.jacfwd(torch.func.jacfwd(lambda v: ms_deform_attn(v, shapes, starts, loc, attn).sum()))(value)
+
+
+@needs_cpu_kernel
+def test_ops_refuse_tangents_they_would_drop():
+    """torch.ops.piip.* have no forward-mode formula of their own: a dual input raises."""
+    import torch.autograd.forward_ad as fwAD
+
+    value, shapes, starts, loc, attn = msda_inputs([(3, 4)], dtype=torch.float64)
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="call the public function"):
+        torch.ops.piip.ms_deform_attn(value, shapes, starts, fwAD.make_dual(loc, torch.ones_like(loc)), attn, "cpu")
 
 
 # --- torch.library registration ---------------------------------------------
@@ -233,8 +293,45 @@ def test_bad_input_raises_clear_error(match, args, backend):
 @needs_cpu_kernel
 def test_private_kernel_checks_levels_itself():
     value, shapes, starts, loc, attn = msda_inputs([(5, 6), (2, 3)])
-    with pytest.raises(RuntimeError, match="cover"):
+    with pytest.raises(RuntimeError, match="level 1 \\(2 x 3\\) does not fit in value's S = 35 rows"):
         torch.ops.piip_C.msda_forward(value[:, :-1], shapes, starts, loc, attn)
+    with pytest.raises(RuntimeError, match="spatial_shapes cover 36 rows, but value has S = 37"):
+        torch.ops.piip_C.msda_forward(torch.cat([value, value[:, :1]], 1), shapes, starts, loc, attn)
+
+
+WRAPPING_LEVELS = r"""
+import torch
+import piip_kernels
+# Level 0 has 2**32 x 2**32 = 2**64 rows, 0 in int64: the sum of H * W is 15 = S. The point
+# sits on pixel (1, 0) of level 0, 2**32 rows past the end of value.
+value = torch.randn(1, 15, 1, 4, dtype=torch.float64)
+loc = torch.tensor([0.5 / 2**32, 1.5 / 2**32], dtype=torch.float64).expand(1, 2, 1, 2, 1, 2).contiguous()
+attn = torch.ones(1, 2, 1, 2, 1, dtype=torch.float64)
+for shapes, starts in (([[2**32, 2**32], [3, 5]], [0, 0]), ([[3, 5], [2**32, 2**32]], [0, 15]),
+                       ([[3, 5], [-2**32, 2**32]], [0, 15])):
+    args = (value, torch.tensor(shapes), torch.tensor(starts), loc, attn)
+    for name, call in (("op", lambda: torch.ops.piip.ms_deform_attn(*args, "cpu")),
+                       ("backward", lambda: torch.ops.piip.ms_deform_attn_backward(torch.ones(1, 2, 4, dtype=torch.float64), *args, "cpu")),
+                       ("compiled", lambda: torch.compile(lambda *a: piip_kernels.ms_deform_attn(*a, backend="cpu"),
+                                                          fullgraph=True, backend="aot_eager")(*args))):
+        try:
+            call()
+            print("ACCEPTED", name, shapes)
+        except Exception as e:
+            print("REFUSED", name, type(e).__name__, str(e).splitlines()[0])
+"""
+
+
+@needs_cpu_kernel
+def test_native_level_check_is_overflow_safe():
+    """The native check is what guards memory under torch.compile and torch.ops.piip.* (the
+    Python check is skipped there): level sizes whose H * W wraps int64 must be refused, not
+    read 2**32 rows past value (the process used to die with SIGSEGV)."""
+    res = subprocess.run([sys.executable, "-c", WRAPPING_LEVELS], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, f"rc {res.returncode}: {res.stderr[-2000:]}"
+    lines = res.stdout.splitlines()
+    assert len(lines) == 9 and all(line.startswith("REFUSED") and "RuntimeError" in line for line in lines), res.stdout
+    assert all("does not fit" in line or "is empty" in line for line in lines), res.stdout
 
 
 def test_unknown_and_unavailable_backends(monkeypatch):

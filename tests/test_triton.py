@@ -16,11 +16,12 @@ import torch
 import piip_kernels
 from piip_kernels import ms_deform_attn
 from piip_kernels.dca.reference import deform_cross_attn_reference
-from piip_kernels.merge.reference import branch_merge_reference
 
-from helpers import (assert_derived_close, check_bit_identical, check_fixed_point_extremes, check_levels_outside_value,
-                     dca_grads, dca_inputs, deterministic_grad_value, holds, host, merge_grads, merge_inputs, msda_inputs,
-                     reference64, run_with_grads, same)
+from helpers import (assert_derived_close, check_bit_identical, check_dca_nonfinite, check_fixed_point_extremes,
+                     check_gpu_tangents, check_levels_outside_value, check_merge_against_reference,
+                     check_merge_nonfinite, check_msda_nonfinite, dca_grads, dca_inputs, dca_nonfinite_cases,
+                     deterministic_grad_value, host, merge_edge_cases, merge_grads, merge_inputs, merge_nonfinite_cases,
+                     msda_inputs, msda_nonfinite_cases, reference64, run_with_grads, same)
 
 pytestmark = pytest.mark.triton
 DEVICE = torch.device(os.environ.get("PIIP_GPU_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -96,13 +97,54 @@ def test_triton_levels_outside_value_give_nan():
     check_levels_outside_value(fwd, bwd, DEVICE)
 
 
-def test_triton_nan_locations_and_empty_sizes():
-    value, shapes, starts, loc, attn = on_device(msda_inputs([(4, 4)], N=1, Lq=3, M=1, D=4, P=2))
-    loc[0, 1] = float("nan")
-    out = ms_deform_attn(value, shapes, starts, loc, attn, backend="triton")
-    assert holds(torch.isfinite(out)) and holds(out[0, 1] == 0)
+def test_triton_empty_sizes():
     empty = on_device(msda_inputs([(3, 4)], N=2, Lq=0, M=2, D=4, P=2))
     assert ms_deform_attn(*empty, backend="triton").shape == (2, 0, 8)
+
+
+# Deterministic grad_value is NaN everywhere once a non-finite number reaches it (a fixed-point
+# sum cannot hold one), a superset of where the reference has NaN.
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("case", list(msda_nonfinite_cases()))
+def test_triton_msda_non_finite_numbers_as_in_the_reference(case, deterministic):
+    check_msda_nonfinite(triton_fn(deterministic), msda_nonfinite_cases()[case], DEVICE,
+                         superset=("grad_value",) if deterministic else ())
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("case", list(dca_nonfinite_cases()))
+def test_triton_dca_non_finite_numbers_as_in_the_reference(case, deterministic):
+    fn = lambda *a: piip_kernels.deform_cross_attn(*a, backend="triton", deterministic=deterministic)  # noqa: E731
+    check_dca_nonfinite(fn, dca_nonfinite_cases()[case], DEVICE, superset=("grad_value",) if deterministic else ())
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("case", list(merge_nonfinite_cases()))
+def test_triton_merge_non_finite_numbers_as_in_the_reference(case, align_corners):
+    fn = lambda f, w, s, a: piip_kernels.branch_merge(f, w, s, align_corners=a, backend="triton")  # noqa: E731
+    check_merge_nonfinite(fn, merge_nonfinite_cases()[case], align_corners, DEVICE)
+
+
+@pytest.mark.skipif(DEVICE.type == "meta", reason="the checks run with the kernels; meta runs the fake kernels")
+def test_triton_kernels_check_shapes_themselves():
+    """torch.ops.piip.* reach the Triton kernels without the public functions' checks: shapes
+    that would send the kernels outside their tensors raise instead."""
+    value, shapes, starts, loc, attn = on_device(msda_inputs([(5, 7), (3, 4)], N=2, Lq=6, M=2, D=8, P=3))
+    with pytest.raises(ValueError, match="sampling_locations must have shape"):
+        torch.ops.piip.ms_deform_attn(value, shapes, starts, loc[:1], attn, "triton")
+    with pytest.raises(ValueError, match="grad_output must have shape"):
+        torch.ops.piip.ms_deform_attn_backward(torch.ones(2, 6, 8, device=DEVICE), value, shapes, starts, loc, attn, "triton")
+    value, offsets, logits = on_device(dca_inputs())
+    with pytest.raises(ValueError, match="value must have shape"):
+        torch.ops.piip.deform_cross_attn(value, offsets, logits, [5, 8], [3, 4], "triton")
+    with pytest.raises(ValueError, match="offsets must have shape"):
+        torch.ops.piip.deform_cross_attn(value, offsets, logits, [5, 7], [4, 4], "triton")
+    feats, weights = merge_inputs([(3, 3), (6, 6)])
+    feats, weights = on_device(feats), weights.to(DEVICE)
+    with pytest.raises(ValueError, match="weights must have shape"):
+        torch.ops.piip.branch_merge(feats, weights[:1], [6, 6], False, "triton")
+    with pytest.raises(ValueError, match=r"features\[1\] must have shape"):
+        torch.ops.piip.branch_merge([feats[0], feats[1][:1]], weights, [6, 6], False, "triton")
 
 
 def test_triton_rejects_float64():
@@ -144,17 +186,24 @@ def test_triton_deform_cross_attn_bf16():
                          ids=lambda c: f"{len(c[0])}br-{c[1][0]}x{c[1][1]}")
 def test_triton_branch_merge(case, align_corners):
     sizes, out_size = case
-    cpu_feats, cpu_weights = merge_inputs(sizes, C=2)
-    feats, weights = on_device(cpu_feats), cpu_weights.to(DEVICE)
+    feats, weights = merge_inputs(sizes, C=2)
     fn = lambda f, w, s, a: piip_kernels.branch_merge(f, w, s, align_corners=a, backend="triton")  # noqa: E731
-    got, grad_out = merge_grads(fn, feats, weights, out_size, align_corners)
-    ref, _ = merge_grads(merge_reference_fn, feats, weights, out_size, align_corners, grad_out)
-    truth, _ = merge_grads(branch_merge_reference, [f.double() for f in cpu_feats], cpu_weights.double(), out_size,
-                           align_corners, grad_out)
-    names = ["out"] + [f"grad_f{i}" for i in range(len(feats))] + ["grad_w"]
-    for name, g, r, t in zip(names, got, ref, truth):
-        assert g.dtype == r.dtype and g.shape == r.shape and g.device == DEVICE
-        assert_derived_close(name, host(g), host(r), t, floor=1e-6)
+    check_merge_against_reference(fn, merge_reference_fn, feats, weights, out_size, align_corners, DEVICE)
+
+
+@pytest.mark.parametrize("case", merge_edge_cases(), ids=lambda c: f"{c[0]}-{c[1]}-ac{int(c[2])}")
+def test_triton_branch_merge_edge_sizes(case):
+    sizes, out_size, align_corners = case
+    feats, weights = merge_inputs(sizes, C=2)
+    fn = lambda f, w, s, a: piip_kernels.branch_merge(f, w, s, align_corners=a, backend="triton")  # noqa: E731
+    check_merge_against_reference(fn, merge_reference_fn, feats, weights, out_size, align_corners, DEVICE)
+
+
+def test_triton_branch_merge_float64_weights_promote():
+    feats, weights = merge_inputs([(3, 3), (5, 4), (6, 6)])
+    fn = lambda f, w, s, a: piip_kernels.branch_merge(f, w, s, align_corners=a, backend="triton")  # noqa: E731
+    # The GPU kernels merge in fp32 and give the float64 map promote_types asks for.
+    check_merge_against_reference(fn, merge_reference_fn, feats, weights.double(), (6, 6), False, DEVICE)
 
 
 def test_triton_branch_merge_bf16_is_deterministic():
@@ -184,6 +233,52 @@ def test_triton_autotune_configs_per_head_dim(monkeypatch):
         assert per_thread[0] == tk.ELEMENTS_PER_THREAD and set(per_thread) <= {4, 8}
     monkeypatch.setenv("PIIP_TRITON_AUTOTUNE", "0")
     assert len(tk._prune(candidates, {}, BLOCK_D=32)) == 1
+
+
+def test_launch_grid_folds_rows_past_cudas_limit():
+    """CUDA caps grid axes 1 and 2 at 65535: rows (N * M heads, N * C merge planes) beyond that
+    fold over axes 1 and 2, every row is one program exactly once, and a launch beyond every
+    limit is refused."""
+    from piip_kernels.msda.triton import GRID_YZ_LIMIT, launch_grid
+
+    assert GRID_YZ_LIMIT == 65535
+    assert launch_grid(5, 8) == (5, 8, 1)
+    assert launch_grid(5, 65535) == (5, 65535, 1)
+    assert launch_grid(5, 65536) == (5, 65535, 2)    # batch 64 x 1024 channels of a merge
+    assert launch_grid(1, 2 * 65535 + 2) == (1, 65535, 3)
+    assert launch_grid(2 ** 31 - 1, 65535 ** 2) == (2 ** 31 - 1, 65535, 65535)
+    for blocks, rows in ((2 ** 31, 1), (1, 65535 ** 2 + 1)):
+        with pytest.raises(ValueError, match="exceeds CUDA's grid limits"):
+            launch_grid(blocks, rows)
+    for rows in (1, 7, 65535, 65536, 200000):
+        _, y, z = launch_grid(1, rows)
+        assert y <= 65535 and z <= 65535
+        covered = torch.arange(y)[:, None] + torch.arange(z)[None, :] * y  # each program's row, as _row computes it
+        assert torch.equal(covered.flatten().sort().values[:rows], torch.arange(rows))
+
+
+@pytest.mark.skipif(DEVICE.type == "meta", reason="runs the kernels")
+def test_folded_launches_at_a_small_limit(monkeypatch):
+    """With the limit lowered to 3, N * M = 8 rows fold into a (blocks, 3, 3) grid whose last
+    program has no row: all three ops still match the float64 reference."""
+    from piip_kernels.msda import triton as tk
+
+    monkeypatch.setattr(tk, "GRID_YZ_LIMIT", 3)
+    assert tk.launch_grid(2, 8) == (2, 3, 3)
+    cpu_inputs = msda_inputs([(5, 7), (3, 4)], N=2, Lq=9, M=4, D=8, P=2)
+    got, grad_out = run_with_grads(triton_fn(), on_device(cpu_inputs))
+    truth = reference64(cpu_inputs, grad_out)
+    for name, g, t in zip(["out", "grad_value", "grad_loc", "grad_attn"], got, truth):
+        torch.testing.assert_close(host(g).double(), t, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    cpu_inputs = dca_inputs(N=2, M=4, D=8)
+    fn = lambda *a: piip_kernels.deform_cross_attn(*a, backend="triton")  # noqa: E731
+    got, grad_out = dca_grads(fn, on_device(cpu_inputs), (5, 7), (3, 4))
+    truth, _ = dca_grads(deform_cross_attn_reference, [t.double() for t in cpu_inputs], (5, 7), (3, 4), grad_out)
+    for g, t in zip(got, truth):
+        torch.testing.assert_close(host(g).double(), t, rtol=1e-4, atol=1e-5)
+    feats, weights = merge_inputs([(3, 3), (4, 5), (6, 6)], N=2, C=4)
+    fn = lambda f, w, s, a: piip_kernels.branch_merge(f, w, s, align_corners=a, backend="triton")  # noqa: E731
+    check_merge_against_reference(fn, merge_reference_fn, feats, weights, (6, 6), False, DEVICE)
 
 
 COMPILE = r"""
@@ -219,8 +314,8 @@ def build(fn, sig, constexprs, num_warps=4, check=False, vector_loads=False):
             spills.append(f"{fn.__name__} {constexprs} warps={num_warps}: {spilled} bytes")
 
 
-msda_sizes = {k: "i32" for k in ("S", "Lq", "M", "L", "P")} | {"D": "constexpr"}
-dca_sizes = {k: "i32" for k in ("Hv", "Wv", "Hq", "Wq", "M", "P")} | {"D": "constexpr"}
+msda_sizes = {k: "i32" for k in ("S", "Lq", "M", "L", "P", "NM")} | {"D": "constexpr"}
+dca_sizes = {k: "i32" for k in ("Hv", "Wv", "Hq", "Wq", "M", "P", "NM")} | {"D": "constexpr"}
 for vt in ("fp32", "bf16", "fp16"):
     # Every dtype compiles; bf16 also at every config autotuning can pick for head dims up to 128.
     configs = [(D, bd, c.kwargs["BLOCK_Q"], c.num_warps) for D, bd in ((12, 16), (24, 32), (100, 128))
@@ -249,12 +344,15 @@ for vt in ("fp32", "bf16"):
         hw = {k: "i32" for k in ("H0", "W0", "H1", "W1", "H2", "W2", "H3", "W3")}
         sc = {k: "fp32" for k in ("sy0", "sx0", "sy1", "sx1", "sy2", "sx2", "sy3", "sx3")}
         sig = dict(out_ptr="*fp32", w_ptr="*fp32", f0="*" + vt, f1="*" + vt, f2="*" + vt, f3="*" + vt, **hw, **sc,
-                   Ho="i32", Wo="i32", NB="constexpr", ALIGN="constexpr", BLOCK="constexpr")
-        build(mk._merge_fwd_kernel, sig, {"NB": 3, "ALIGN": align, "BLOCK": 256}, check=True)
+                   Ho="i32", Wo="i32", planes="i32", NB="constexpr", ALIGN="constexpr", ID0="constexpr", ID1="constexpr",
+                   ID2="constexpr", ID3="constexpr", BLOCK="constexpr")
+        build(mk._merge_fwd_kernel, sig, {"NB": 3, "ALIGN": align, "ID0": False, "ID1": False, "ID2": True, "ID3": True,
+                                          "BLOCK": 256}, check=True)
         sig = dict(grad_out_ptr="*fp32", f_ptr="*" + vt, grad_f_ptr="*" + vt, partial_ptr="*fp32", weight_ptr="*fp32",
                    H="i32", W="i32", Ho="i32", Wo="i32", sy="fp32", sx="fp32", inv_sy="fp32", inv_sx="fp32", KY="i32",
-                   KX="i32", ALIGN="constexpr", BLOCK="constexpr")
-        build(mk._merge_bwd_kernel, sig, {"ALIGN": align, "BLOCK": 256}, check=True)
+                   KX="i32", planes="i32", ALIGN="constexpr", IDENTITY="constexpr", BLOCK="constexpr")
+        for identity in (False, True):
+            build(mk._merge_bwd_kernel, sig, {"ALIGN": align, "IDENTITY": identity, "BLOCK": 256}, check=True)
 assert not spills, "register spills:\n" + "\n".join(spills)
 print("compiled")
 """
@@ -264,3 +362,18 @@ def test_triton_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
+
+
+@pytest.mark.skipif(DEVICE.type == "meta", reason="tangents along locations need the level sizes' values")
+def test_triton_forward_mode_ad():
+    """Tangents of the three ops on the triton backend against the reference backend's in float64."""
+    value, shapes, starts, loc, attn = msda_inputs([(3, 4), (2, 5)], N=2, Lq=5, M=2, D=8, P=2, dtype=torch.float64)
+    check_gpu_tangents(lambda v, lc, a: ms_deform_attn(v, shapes.to(DEVICE), starts.to(DEVICE), lc, a, backend="triton"),
+                       lambda v, lc, a: ms_deform_attn(v, shapes, starts, lc, a, backend="reference"), [value, loc, attn], DEVICE)
+    check_gpu_tangents(lambda *a: piip_kernels.deform_cross_attn(a[0], (5, 7), a[1], a[2], (3, 4), backend="triton"),
+                       lambda *a: piip_kernels.deform_cross_attn(a[0], (5, 7), a[1], a[2], (3, 4), backend="reference"),
+                       list(dca_inputs(dtype=torch.float64)), DEVICE)
+    feats, weights = merge_inputs([(3, 3), (4, 5), (6, 6)], dtype=torch.float64)
+    check_gpu_tangents(lambda *a: piip_kernels.branch_merge(list(a[:3]), a[3], (6, 6), backend="triton"),
+                       lambda *a: piip_kernels.branch_merge(list(a[:3]), a[3], (6, 6), backend="reference"),
+                       [*feats, weights.double()], DEVICE)

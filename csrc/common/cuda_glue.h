@@ -63,8 +63,11 @@ struct GradValueAccumulator {
   Tensor acc;
   msda::cuda::GradValue gv{nullptr, nullptr, nullptr};
 
+  // `weights` (may be null for weights bounded by 1) bounds the weights by max|weights|; with
+  // softmax_points = P > 0 it holds softmax logits in rows of P instead, whose weights are bounded
+  // by 1, or by NaN where a row's softmax is not finite.
   GradValueAccumulator(const Tensor& value, const Tensor& grad_output, const Tensor* weights, double points_per_entry,
-                       bool deterministic, cudaStream_t stream)
+                       bool deterministic, cudaStream_t stream, int64_t softmax_points = 0)
       : acc(alloc_zeros(sizes_of(value), deterministic ? ScalarType::Long : ScalarType::Float, value)) {
     if (!deterministic) {
       gv.f32 = mut_ptr<float>(acc);
@@ -76,7 +79,11 @@ struct GradValueAccumulator {
     auto* absmax = static_cast<unsigned int*>(scratch_.mutable_data_ptr());
     double* scale = static_cast<double*>(scratch_.mutable_data_ptr()) + 1;
     absmax_of(grad_output, absmax, stream);
-    if (weights != nullptr) absmax_of(*weights, absmax + 1, stream);
+    if (weights != nullptr && softmax_points > 0) {
+      softmax_bound_of(*weights, softmax_points, absmax + 1, stream);
+    } else if (weights != nullptr) {
+      absmax_of(*weights, absmax + 1, stream);
+    }
     check_launch("fixed-point scale", fixed_point::launch_scale(absmax, weights != nullptr, points_per_entry, scale, stream));
     gv.scale = scale;
   }
@@ -87,6 +94,13 @@ struct GradValueAccumulator {
   static void absmax_of(const Tensor& t, unsigned int* out, cudaStream_t stream) {
     dispatch("fixed-point scale", t.scalar_type(), t.scalar_type(), [&]<typename T, typename>() {
       check_launch("fixed-point scale", fixed_point::launch_absmax(dev_ptr<T>(t), t.numel(), out, stream));
+    });
+  }
+
+  static void softmax_bound_of(const Tensor& logits, int64_t points, unsigned int* out, cudaStream_t stream) {
+    dispatch("fixed-point scale", logits.scalar_type(), logits.scalar_type(), [&]<typename T, typename>() {
+      check_launch("fixed-point scale",
+                   fixed_point::launch_softmax_bound(dev_ptr<T>(logits), logits.numel() / points, points, out, stream));
     });
   }
 };

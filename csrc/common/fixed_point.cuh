@@ -35,6 +35,27 @@ __global__ void absmax_kernel(const T* __restrict__ x, int64_t n, unsigned int* 
   if (m != 0) atomicMax(out, m);
 }
 
+// out = max(out, bits of b_r) over rows r of P softmax logits, where b_r = 1 when row r's largest
+// logit is finite and NaN when it is not (a NaN or +inf logit, or every logit -inf): the bound of a
+// softmax's weights, NaN exactly where the softmax itself is not finite. A -inf logit beside finite
+// ones is a weight of 0 and leaves the bound 1 (max|logits| would be +inf there).
+template <typename T>
+__global__ void softmax_bound_kernel(const T* __restrict__ logits, int64_t rows, int64_t P, unsigned int* out) {
+  unsigned int m = 0;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < rows; r += step) {
+    float top = -INFINITY;
+    bool nan = false;
+    for (int64_t p = 0; p < P; ++p) {
+      const float v = msda::cuda::to_f(logits[r * P + p]);
+      nan |= isnan(v);
+      top = fmaxf(top, v);
+    }
+    m = max(m, (!nan && isfinite(top)) ? 0x3f800000u : 0x7fc00000u);  // 1.0f or a quiet NaN
+  }
+  if (m != 0) atomicMax(out, m);
+}
+
 // scale = 2^62 / (max(bound, 1e-30) * max(1, points_per_entry)), bound = absmax[0]
 // (x absmax[1] when kWeighted); a NaN bound stays NaN, an infinite one gives 0. (A template,
 // as every kernel in these headers: one definition however many glue files include it.)
@@ -52,6 +73,14 @@ cudaError_t launch_absmax(const T* x, int64_t n, unsigned int* out, cudaStream_t
   const int64_t blocks = (n + kThreads - 1) / kThreads;
   return launch(absmax_kernel<T>, static_cast<unsigned>(blocks < kMaxBlocks ? blocks : kMaxBlocks), kThreads, stream, x,
                 n, out);
+}
+
+template <typename T>
+cudaError_t launch_softmax_bound(const T* logits, int64_t rows, int64_t P, unsigned int* out, cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  const int64_t blocks = (rows + kThreads - 1) / kThreads;
+  return launch(softmax_bound_kernel<T>, static_cast<unsigned>(blocks < kMaxBlocks ? blocks : kMaxBlocks), kThreads,
+                stream, logits, rows, P, out);
 }
 
 inline cudaError_t launch_scale(const unsigned int* absmax, bool weighted, double points_per_entry, double* scale,

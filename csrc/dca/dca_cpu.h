@@ -22,6 +22,14 @@ struct Sizes {
   int64_t Lq() const { return Hq * Wq; }
 };
 
+// Whether an H x W grid has exactly `cells` cells, decided without forming H * W: the
+// glue checks value_hw against value's rows and query_hw against the queries this way,
+// since sizes whose product wraps int64 to the right count would otherwise pass and send
+// the kernels far outside value.
+inline bool grid_has(int64_t H, int64_t W, int64_t cells) {
+  return H > 0 && W > 0 && cells % H == 0 && cells / H == W;
+}
+
 // Sampling location of point p from the reference and its raw offset.
 template <typename acc_t, typename U>
 inline void location(const Sizes& z, acc_t rx, acc_t ry, const U* off, acc_t& x, acc_t& y) {
@@ -44,12 +52,16 @@ void forward_rows(const Sizes& z, const T* value, const U* offsets, const U* log
       const int64_t pt0 = (row * M + m) * P;
       softmax<acc_t, U>(logits + pt0, P, w);
       for (int64_t d = 0; d < D; ++d) acc[d] = acc_t(0);
+      acc_t outside = 0;  // what points outside the map add to every channel: 0 or NaN
       const T* img = value + (n * z.S() * M + m) * D;
       for (int64_t p = 0; p < P; ++p) {
         acc_t x, y;
         location<acc_t, U>(z, rx, ry, offsets + 2 * (pt0 + p), x, y);
         msda::Bilinear<acc_t> b;
-        if (!msda::make_bilinear<acc_t>(x, y, z.Hv, z.Wv, b)) continue;
+        if (!msda::make_bilinear<acc_t>(x, y, z.Hv, z.Wv, b)) {
+          outside += msda::outside_sample(b, w[p]);
+          continue;
+        }
         for (int c = 0; c < 4; ++c) {
           if (b.idx[c] < 0) continue;
           const acc_t coef = w[p] * b.w[c];
@@ -59,7 +71,7 @@ void forward_rows(const Sizes& z, const T* value, const U* offsets, const U* log
         }
       }
       T* o = out + (row * M + m) * D;
-      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[d]);
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[d] + outside);
     }
   }
 }
@@ -81,7 +93,11 @@ void backward_heads(const Sizes& z, const T* value, const U* offsets, const U* l
     grid_reference<acc_t>(q, z.Hq, z.Wq, rx, ry);
     for (int64_t m = m_begin; m < m_end; ++m) {
       const T* go = grad_out + (row * M + m) * D;
-      for (int64_t d = 0; d < D; ++d) g[d] = static_cast<acc_t>(go[d]);
+      acc_t gz = 0;  // the dot product of this row with a zero corner: 0 or NaN
+      for (int64_t d = 0; d < D; ++d) {
+        g[d] = static_cast<acc_t>(go[d]);
+        gz += msda::zero_dot(g[d]);
+      }
       const int64_t pt0 = (row * M + m) * P;
       softmax<acc_t, U>(logits + pt0, P, w);
       const int64_t img_off = (n * z.S() * M + m) * D;
@@ -90,13 +106,10 @@ void backward_heads(const Sizes& z, const T* value, const U* offsets, const U* l
         location<acc_t, U>(z, rx, ry, offsets + 2 * (pt0 + p), x, y);
         U* go_xy = grad_off + 2 * (pt0 + p);
         msda::Bilinear<acc_t> b;
-        if (!msda::make_bilinear<acc_t>(x, y, z.Hv, z.Wv, b)) {
-          gw[p] = 0;
-          go_xy[0] = U(0);
-          go_xy[1] = U(0);
-          continue;
-        }
-        acc_t s[4] = {0, 0, 0, 0};
+        msda::make_bilinear<acc_t>(x, y, z.Hv, z.Wv, b);
+        // Corners outside the map (all four for a point outside it) are not loaded: their
+        // dot products are the zero one.
+        acc_t s[4] = {gz, gz, gz, gz};
         for (int c = 0; c < 4; ++c) {
           if (b.idx[c] < 0) continue;
           const int64_t off = img_off + b.idx[c] * M * D;

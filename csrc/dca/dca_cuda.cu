@@ -58,9 +58,10 @@ std::tuple<Tensor, Tensor, Tensor> dca_backward_cuda(const Tensor& grad_output, 
   Tensor grad_off = alloc_like(offsets);
   Tensor grad_logits = alloc_like(logits);
   const cudaStream_t stream = cuda_glue::current_stream(value.get_device_index());
-  // Softmax weights are at most 1, and each of the Lq * P points reaches an entry at most once.
-  const cuda_glue::GradValueAccumulator accum(value, go, nullptr, static_cast<double>(z.Lq()) * z.P, deterministic,
-                                              stream);
+  // Softmax weights are at most 1, and each of the Lq * P points reaches an entry at most once. The
+  // weights' bound is 1, or NaN where a head's softmax is not finite (a NaN or +inf logit, or all -inf).
+  const cuda_glue::GradValueAccumulator accum(value, go, &logits, static_cast<double>(z.Lq()) * z.P, deterministic,
+                                              stream, /*softmax_points=*/z.P);
   const auto& gv = accum.gv;
   cuda_glue::dispatch("deform_cross_attn", value.scalar_type(), offsets.scalar_type(), [&]<typename T, typename U>() {
     using DT = typename Device<T>::type;

@@ -84,14 +84,19 @@ __global__ void forward_kernel(Params<T, U> p, T* __restrict__ out, int GP) {
     float acc[V];
 #pragma unroll
     for (int i = 0; i < V; ++i) acc[i] = 0.f;
+    float outside = 0.f;  // what points outside the map add to every channel: 0 or NaN (msda_math.h)
 #pragma unroll
     for (int64_t pp = 0; pp < P; ++pp) {
       msda::Bilinear<float> b;
-      if (point(p, row, pp, rx, ry, b)) msda::cuda::gather_point<T, V>(img + c * V, p.M * p.D, b, w[pp], acc);
+      if (point(p, row, pp, rx, ry, b)) {
+        msda::cuda::gather_point<T, V>(img + c * V, p.M * p.D, b, w[pp], acc);
+      } else {
+        outside += msda::outside_sample(b, w[pp]);
+      }
     }
     Vec<T, V> o;
 #pragma unroll
-    for (int i = 0; i < V; ++i) o.v[i] = from_f<T>(acc[i]);
+    for (int i = 0; i < V; ++i) o.v[i] = from_f<T>(acc[i] + outside);
     *reinterpret_cast<Vec<T, V>*>(out + row * p.D + c * V) = o;
   }
 }
@@ -113,18 +118,21 @@ __global__ void backward_kernel(Params<T, U> p, const T* __restrict__ grad_out, 
   }
   const int64_t img = n * p.Hv * p.Wv * p.M * p.D + m * p.D;
   const double scale = msda::cuda::fixed_scale(gv);
+  // This lane's share of the dot product of the row with a corner that is not loaded.
+  const float gz = live ? msda::cuda::zero_dot_share<T, V>(grad_out + row * p.D, lane, GP, p.D / V) : 0.f;
 #pragma unroll
   for (int64_t pp = 0; pp < P; ++pp) {
     msda::Bilinear<float> b;
     const bool ok = live && point(p, row, pp, rx, ry, b);
-    float s[4] = {0.f, 0.f, 0.f, 0.f};
+    // Corners outside the map (all four for a point outside it) keep the zero dot product.
+    float s[4] = {gz, gz, gz, gz};
     if (ok) {
       msda::cuda::scatter_point<T, V>(p.value, grad_out + row * p.D, img, p.M * p.D, b, w[pp], gv, scale, lane, GP,
                                       p.D / V, s);
     }
     msda::cuda::group_sum4(s, grp.mask, GP);
     float ga = 0.f, gx = 0.f, gy = 0.f;
-    if (ok) msda::point_grads<float>(b, s, w[pp], p.Hv, p.Wv, ga, gx, gy);
+    if (live) msda::point_grads<float>(b, s, w[pp], p.Hv, p.Wv, ga, gx, gy);
     gw[pp] = ga;  // every lane holds the group's sums after group_sum4
     if (live && lane == 0) {
       // x = rx + off_x / Wv: the offset gradient is the location gradient over Wv.

@@ -15,8 +15,10 @@ inline Sizes check_and_sizes(const Tensor& value, const Tensor& offsets, const T
                   o.shape());
   STD_TORCH_CHECK(Hv > 0 && Wv > 0 && Hq > 0 && Wq > 0, "deform_cross_attn: grid sizes must be positive");
   Sizes z{v.size(0), Hv, Wv, v.size(2), v.size(3), Hq, Wq, o.size(3)};
-  STD_TORCH_CHECK(v.size(1) == z.S(), "deform_cross_attn: value has ", v.size(1), " rows, value_hw gives ", z.S());
-  STD_TORCH_CHECK(o.size(0) == z.N && o.size(1) == z.Lq() && o.size(2) == z.M, "deform_cross_attn: offsets ",
+  // grid_has compares without forming H * W, which may overflow int64 (dca_cpu.h).
+  STD_TORCH_CHECK(grid_has(Hv, Wv, v.size(1)), "deform_cross_attn: value has ", v.size(1), " rows, value_hw is ", Hv,
+                  " x ", Wv);
+  STD_TORCH_CHECK(o.size(0) == z.N && grid_has(Hq, Wq, o.size(1)) && o.size(2) == z.M, "deform_cross_attn: offsets ",
                   o.shape(), " do not match value and query_hw");
   STD_TORCH_CHECK(l.dim == 4 && l.same_sizes(o, 4), "deform_cross_attn: logits must be offsets.shape[:4]");
   STD_TORCH_CHECK(o.dtype == l.dtype, "deform_cross_attn: offsets and logits must share a dtype");

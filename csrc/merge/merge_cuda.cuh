@@ -12,6 +12,7 @@
 #include "../msda/msda_cuda.cuh"
 #include "merge_math.h"
 
+#include <algorithm>
 #include <cmath>
 
 namespace piip {
@@ -58,10 +59,13 @@ __global__ void forward_kernel(ForwardParams<T> p, O* __restrict__ out) {
   out[i] = from_f<O>(acc);
 }
 
-// Weight with which output index o reads input index in_idx along one axis (0 if it does not).
-__device__ __forceinline__ float axis_weight(int64_t o, int64_t in_idx, int64_t size_in, float scale, bool align) {
+// Whether output index o reads input index in_idx along one axis, and with which weight `w`.
+// A tap of weight 0 is a read all the same: the reference multiplies its gradient by 0, so
+// a NaN in grad_output reaches that input (0 * NaN) there too.
+__device__ __forceinline__ bool axis_read(int64_t o, int64_t in_idx, int64_t size_in, float scale, bool align, float& w) {
   const Tap<float> t = axis_tap<float>(o, size_in, scale, align);
-  return (t.i0 == in_idx ? 1.f - t.l : 0.f) + (t.i1 == in_idx ? t.l : 0.f);
+  w = (t.i0 == in_idx ? 1.f - t.l : 0.f) + (t.i1 == in_idx ? t.l : 0.f);
+  return t.i0 == in_idx || t.i1 == in_idx;
 }
 
 // First output index whose source coordinate can reach input index i (one early, clamped at 0).
@@ -80,7 +84,7 @@ struct BackwardParams {
   const float* weight;
   int64_t planes, H, W, Ho, Wo;
   float sy, sx, inv_sy, inv_sx;
-  int ky, kx;         // candidate output rows / columns per input index
+  int64_t ky, kx;     // candidate output rows / columns per input index
   bool align_corners;
 };
 
@@ -95,16 +99,15 @@ __global__ void backward_kernel(BackwardParams<T, O> p) {
     const int64_t y0 = first_reader(iy, p.inv_sy, p.align_corners), x0 = first_reader(ix, p.inv_sx, p.align_corners);
     const bool identity = p.H == p.Ho && p.W == p.Wo;  // the finest branch: its gradient is grad_out itself
     float G = identity ? to_f(g[iy * p.Wo + ix]) : 0.f;
-    for (int a = 0; a < (identity ? 0 : p.ky); ++a) {
+    for (int64_t a = 0; a < (identity ? 0 : p.ky); ++a) {
       const int64_t oy = y0 + a;
       if (oy >= p.Ho) break;
-      const float wy = axis_weight(oy, iy, p.H, p.sy, p.align_corners);
-      if (wy == 0.f) continue;
-      for (int b = 0; b < p.kx; ++b) {
+      float wy, wx;
+      if (!axis_read(oy, iy, p.H, p.sy, p.align_corners, wy)) continue;
+      for (int64_t b = 0; b < p.kx; ++b) {
         const int64_t ox = x0 + b;
         if (ox >= p.Wo) break;
-        const float wx = axis_weight(ox, ix, p.W, p.sx, p.align_corners);
-        if (wx != 0.f) G += wy * wx * to_f(g[oy * p.Wo + ox]);
+        if (axis_read(ox, ix, p.W, p.sx, p.align_corners, wx)) G += wy * wx * to_f(g[oy * p.Wo + ox]);
       }
     }
     p.grad_f[i] = from_f<T>(*p.weight * G);
@@ -124,9 +127,14 @@ __global__ void backward_kernel(BackwardParams<T, O> p) {
 // of the tests both build them here).
 inline float scale_of(int64_t in, int64_t out, bool align) { return axis_scale<float>(in, out, align); }
 
-// Output rows (columns) whose taps can touch one input row (column): the reach of a tap,
-// 2 / scale, plus margin for first_reader's one-early start and rounding.
-inline int candidates(float scale) { return scale <= 0.f ? 4 : static_cast<int>(std::ceil(2.0 / scale)) + 4; }
+// Output rows (columns) whose taps can touch one input row (column), for an axis of `out`
+// outputs: the reach of a tap, 2 / scale, plus margin for first_reader's one-early start
+// and rounding, never more than the axis. A zero scale (align_corners with an input side
+// of 1, or an output side of 1) has every output read input 0: all `out` are candidates.
+inline int64_t candidates(float scale, int64_t out) {
+  if (scale <= 0.f) return out;
+  return std::min<int64_t>(out, static_cast<int64_t>(std::ceil(2.0 / scale)) + 4);
+}
 
 // maps[b] of sizes H[b] x W[b] (b < nb), weights [nb] fp32 on the device.
 template <typename T>
@@ -171,8 +179,8 @@ BackwardParams<T, O> backward_params(const O* grad_out, const T* f, T* grad_f, f
   p.sx = scale_of(W, Wo, align_corners);
   p.inv_sy = p.sy > 0.f ? 1.f / p.sy : 0.f;
   p.inv_sx = p.sx > 0.f ? 1.f / p.sx : 0.f;
-  p.ky = candidates(p.sy);
-  p.kx = candidates(p.sx);
+  p.ky = candidates(p.sy, Ho);
+  p.kx = candidates(p.sx, Wo);
   p.align_corners = align_corners;
   return p;
 }
@@ -188,7 +196,7 @@ template <typename T, typename O>
 cudaError_t launch_backward(const BackwardParams<T, O>& p, cudaStream_t stream) {
   const int64_t blocks = backward_blocks(p.planes, p.H, p.W);
   if (blocks == 0) return cudaSuccess;
-  return launch(backward_kernel<T, O>, static_cast<unsigned>(blocks), kThreads, stream, p);
+  return launch(backward_kernel<T, O>, blocks, kThreads, stream, p);
 }
 
 }  // namespace cuda

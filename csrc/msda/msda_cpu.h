@@ -11,11 +11,38 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "msda_math.h"
 
 namespace piip {
 namespace msda {
+
+// Why the levels do not tile value's S rows in order, or "" when they do: every level
+// non-empty, starting where the levels before it end, and inside value. The CPU kernels
+// read levels without bounds checks, so their glue refuses inputs this rejects (the
+// Python-side check is skipped under torch.compile and by torch.ops.piip.*). No sum or
+// product can overflow: a level counts only once level_fits has shown that its rows end
+// inside value, so the running total never exceeds S (sizes whose H * W wraps int64 used
+// to pass a plain sum and send the kernel 2**32 rows past the end of value).
+inline std::string level_problem(const int64_t* shapes, const int64_t* starts, int64_t L, int64_t S) {
+  int64_t total = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t H = shapes[2 * l], W = shapes[2 * l + 1], start = starts[l];
+    const std::string level = "level " + std::to_string(l) + " (" + std::to_string(H) + " x " + std::to_string(W) + ")";
+    if (H <= 0 || W <= 0) return level + " is empty or negative";
+    if (start != total) {
+      return "level_start_index[" + std::to_string(l) + "] = " + std::to_string(start) + ", but the levels before it cover " +
+             std::to_string(total) + " rows";
+    }
+    if (!level_fits(H, W, start, S)) {
+      return level + " does not fit in value's S = " + std::to_string(S) + " rows from row " + std::to_string(start);
+    }
+    total += H * W;
+  }
+  if (total != S) return "spatial_shapes cover " + std::to_string(total) + " rows, but value has S = " + std::to_string(S);
+  return "";
+}
 
 // Sizes and pointers of one call. Layouts (all contiguous, row-major):
 //   value      [N, S, M, D]         S = sum over levels of H_l * W_l
@@ -50,6 +77,7 @@ void forward_rows(const Sizes& z, const Inputs<T, U>& in, T* out, int64_t row_be
     const int64_t n = row / z.Lq;
     for (int64_t m = 0; m < M; ++m) {
       for (int64_t d = 0; d < D; ++d) acc[d] = acc_t(0);
+      acc_t outside = 0;  // what points outside their level add to every channel: 0 or NaN
       // Points of (row, m) are contiguous in loc and attn.
       const int64_t pt0 = (row * M + m) * L * P;
       for (int64_t l = 0; l < L; ++l) {
@@ -59,11 +87,12 @@ void forward_rows(const Sizes& z, const Inputs<T, U>& in, T* out, int64_t row_be
         for (int64_t p = 0; p < P; ++p) {
           const int64_t pt = pt0 + l * P + p;
           Bilinear<acc_t> b;
+          const acc_t a = static_cast<acc_t>(in.attn[pt]);
           if (!make_bilinear<acc_t>(static_cast<acc_t>(in.loc[2 * pt]),
                                     static_cast<acc_t>(in.loc[2 * pt + 1]), H, W, b)) {
+            outside += outside_sample(b, a);
             continue;
           }
-          const acc_t a = static_cast<acc_t>(in.attn[pt]);
           for (int c = 0; c < 4; ++c) {
             if (b.idx[c] < 0) continue;
             const acc_t coef = a * b.w[c];
@@ -76,7 +105,7 @@ void forward_rows(const Sizes& z, const Inputs<T, U>& in, T* out, int64_t row_be
         }
       }
       T* o = out + (row * M + m) * D;
-      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[d]);
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[d] + outside);
     }
   }
 }
@@ -101,7 +130,11 @@ void backward_heads(const Sizes& z, const Inputs<T, U>& in, const T* grad_out,
     const int64_t row = n * z.Lq + q;
     for (int64_t m = m_begin; m < m_end; ++m) {
       const T* go = grad_out + (row * M + m) * D;
-      for (int64_t d = 0; d < D; ++d) g[d] = static_cast<acc_t>(go[d]);
+      acc_t gz = 0;  // the dot product of this row with a zero corner: 0 or NaN
+      for (int64_t d = 0; d < D; ++d) {
+        g[d] = static_cast<acc_t>(go[d]);
+        gz += zero_dot(g[d]);
+      }
       const int64_t pt0 = (row * M + m) * L * P;
       for (int64_t l = 0; l < L; ++l) {
         const int64_t H = in.shapes[2 * l], W = in.shapes[2 * l + 1];
@@ -109,15 +142,11 @@ void backward_heads(const Sizes& z, const Inputs<T, U>& in, const T* grad_out,
         for (int64_t p = 0; p < P; ++p) {
           const int64_t pt = pt0 + l * P + p;
           Bilinear<acc_t> b;
-          if (!make_bilinear<acc_t>(static_cast<acc_t>(in.loc[2 * pt]),
-                                    static_cast<acc_t>(in.loc[2 * pt + 1]), H, W, b)) {
-            grad_attn[pt] = U(0);
-            grad_loc[2 * pt] = U(0);
-            grad_loc[2 * pt + 1] = U(0);
-            continue;
-          }
+          make_bilinear<acc_t>(static_cast<acc_t>(in.loc[2 * pt]), static_cast<acc_t>(in.loc[2 * pt + 1]), H, W, b);
           const acc_t a = static_cast<acc_t>(in.attn[pt]);
-          acc_t s[4] = {0, 0, 0, 0};
+          // Corners outside the level (all four for a point outside it) are not loaded:
+          // their dot products are the zero one.
+          acc_t s[4] = {gz, gz, gz, gz};
           for (int c = 0; c < 4; ++c) {
             if (b.idx[c] < 0) continue;
             const int64_t off = level_off + b.idx[c] * M * D;

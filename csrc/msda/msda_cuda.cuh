@@ -186,6 +186,20 @@ __device__ __forceinline__ void scatter_point(const T* value, const T* g_row, in
   }
 }
 
+// This lane's share (chunks lane, lane + GP, ...) of zero_dot over a grad_out row: 0, or NaN
+// when those channels hold a non-finite number. Summed over the group with the corner dot
+// products, it is what a corner that is not loaded contributes (msda_math.h).
+template <typename T, int V>
+__device__ __forceinline__ float zero_dot_share(const T* g_row, int lane, int GP, int64_t chunks) {
+  float gz = 0.f;
+  for (int64_t c = lane; c < chunks; c += GP) {
+    const Vec<T, V> g = *reinterpret_cast<const Vec<T, V>*>(g_row + c * V);
+#pragma unroll
+    for (int i = 0; i < V; ++i) gz += zero_dot(to_f(g.v[i]));
+  }
+  return gz;
+}
+
 // One row (n, q, m) per group of GP lanes; `rows` = N * Lq * M.
 template <typename T, typename U, int V>
 __global__ void forward_kernel(Params<T, U> p, T* __restrict__ out, int GP) {
@@ -200,6 +214,7 @@ __global__ void forward_kernel(Params<T, U> p, T* __restrict__ out, int GP) {
     float acc[V];
 #pragma unroll
     for (int i = 0; i < V; ++i) acc[i] = 0.f;
+    float outside = 0.f;  // what points outside their level add to every channel: 0 or NaN (msda_math.h)
     bool fits = true;
     for (int64_t l = 0; l < p.L; ++l) {
       const int64_t H = p.shapes[2 * l], W = p.shapes[2 * l + 1], start = p.starts[l];
@@ -211,13 +226,17 @@ __global__ void forward_kernel(Params<T, U> p, T* __restrict__ out, int GP) {
       for (int64_t pp = 0; pp < p.P; ++pp) {
         const int64_t pt = (row * p.L + l) * p.P + pp;
         Bilinear<float> b;
-        if (!make_bilinear<float>(to_f(p.loc[2 * pt]), to_f(p.loc[2 * pt + 1]), H, W, b)) continue;
-        gather_point<T, V>(level, p.M * p.D, b, to_f(p.attn[pt]), acc);
+        const float a = to_f(p.attn[pt]);
+        if (make_bilinear<float>(to_f(p.loc[2 * pt]), to_f(p.loc[2 * pt + 1]), H, W, b)) {
+          gather_point<T, V>(level, p.M * p.D, b, a, acc);
+        } else {
+          outside += outside_sample(b, a);
+        }
       }
     }
     Vec<T, V> o;
 #pragma unroll
-    for (int i = 0; i < V; ++i) o.v[i] = from_f<T>(fits ? acc[i] : quiet_nan());
+    for (int i = 0; i < V; ++i) o.v[i] = from_f<T>(fits ? acc[i] + outside : quiet_nan());
     *reinterpret_cast<Vec<T, V>*>(out + row * p.D + c * V) = o;
   }
 }
@@ -242,6 +261,8 @@ __global__ void __launch_bounds__(kThreads, kBackwardMinBlocks<V>)
   const int64_t n = live ? row / (p.Lq * p.M) : 0;
   const int64_t chunks = p.D / V;
   const double scale = fixed_scale(gv);
+  // This lane's share of the dot product of the row with a corner that is not loaded.
+  const float gz = live ? zero_dot_share<T, V>(grad_out + row * p.D, lane, GP, chunks) : 0.f;
   for (int64_t l = 0; l < p.L; ++l) {
     const int64_t H = live ? p.shapes[2 * l] : 1, W = live ? p.shapes[2 * l + 1] : 1;
     const int64_t start = live ? p.starts[l] : 0;
@@ -256,13 +277,13 @@ __global__ void __launch_bounds__(kThreads, kBackwardMinBlocks<V>)
         ok = make_bilinear<float>(to_f(p.loc[2 * pt]), to_f(p.loc[2 * pt + 1]), H, W, b);
         a = to_f(p.attn[pt]);
       }
-      float s[4] = {0.f, 0.f, 0.f, 0.f};
+      // Corners outside the level (all four for a point outside it) keep the zero dot product.
+      float s[4] = {gz, gz, gz, gz};
       if (ok) scatter_point<T, V>(p.value, grad_out + row * p.D, level_off, p.M * p.D, b, a, gv, scale, lane, GP, chunks, s);
       group_sum4(s, grp.mask, GP);
       if (live && lane == 0) {
-        float ga = 0.f, gx = 0.f, gy = 0.f;
-        if (ok) point_grads<float>(b, s, a, H, W, ga, gx, gy);
-        if (!fits) ga = gx = gy = quiet_nan();
+        float ga = quiet_nan(), gx = quiet_nan(), gy = quiet_nan();  // a level that does not fit
+        if (fits) point_grads<float>(b, s, a, H, W, ga, gx, gy);
         grad_attn[pt] = from_f<U>(ga);
         grad_loc[2 * pt] = from_f<U>(gx);
         grad_loc[2 * pt + 1] = from_f<U>(gy);
@@ -294,7 +315,7 @@ inline int group_size(int64_t chunks) {
   return gp;
 }
 
-inline unsigned blocks_for(int64_t threads) { return static_cast<unsigned>((threads + kThreads - 1) / kThreads); }
+inline int64_t blocks_for(int64_t threads) { return (threads + kThreads - 1) / kThreads; }
 
 // Converts the grad_value accumulator into the value dtype (after a backward kernel).
 template <typename T>

@@ -31,15 +31,9 @@ inline Sizes check_and_sizes(const Tensor& value, const Tensor& shapes, const Te
     // Levels must tile value exactly, or the kernel would read out of bounds.
     const Tensor sp = contig(shapes);
     const Tensor sa = contig(starts);
-    const int64_t* s = ptr<int64_t>(sp);
-    const int64_t* b = ptr<int64_t>(sa);
-    int64_t total = 0;
-    for (int64_t lvl = 0; lvl < z.L; ++lvl) {
-      STD_TORCH_CHECK(s[2 * lvl] > 0 && s[2 * lvl + 1] > 0, "ms_deform_attn: level ", lvl, " is empty");
-      STD_TORCH_CHECK(b[lvl] == total, "ms_deform_attn: level_start_index[", lvl, "] = ", b[lvl], ", expected ", total);
-      total += s[2 * lvl] * s[2 * lvl + 1];
-    }
-    STD_TORCH_CHECK(total == z.S, "ms_deform_attn: spatial_shapes cover ", total, " rows, value has S = ", z.S);
+    // Overflow-safe: the running total never passes S (msda_cpu.h), whatever the level sizes.
+    const std::string problem = level_problem(ptr<int64_t>(sp), ptr<int64_t>(sa), z.L, z.S);
+    STD_TORCH_CHECK(problem.empty(), "ms_deform_attn: ", problem);
   }
   return z;
 }

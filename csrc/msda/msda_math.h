@@ -10,6 +10,15 @@
 // align_corners=False)): a normalised location (x, y) in [0, 1] maps to the
 // pixel coordinate (w_im, h_im) = (x * W - 0.5, y * H - 0.5); corners outside
 // the H x W grid contribute zero.
+//
+// Non-finite numbers reach the results as in the reference (grid_sample followed by the
+// weighted sum), which computes every corner weight and multiplies corners outside the
+// grid by zero: a NaN or infinite coordinate makes the weights NaN and the sample NaN, a
+// non-finite attention weight times a zero sample is NaN, and a non-finite grad_output
+// row makes the point's corner dot products NaN even where every corner is outside. The
+// kernels skip the corner loads of a point outside the grid (the fast path), so
+// make_bilinear describes such a point by fractions that carry the NaN instead (see
+// there), and the kernels add what the skipped zero corners would have given.
 #pragma once
 
 #include "../common/hd.h"
@@ -43,29 +52,42 @@ PIIP_HD int64_t floor_to_int(acc_t v) {
   return (static_cast<acc_t>(i) > v) ? i - 1 : i;
 }
 
-// Sets up the bilinear sample of location (x, y) on an H x W level.
-// Returns false when no corner lies inside the grid (the point reads zeros,
-// and its gradient with respect to the location is zero as in grid_sample).
 template <typename acc_t>
-PIIP_HD bool make_bilinear(acc_t x, acc_t y, int64_t H, int64_t W, Bilinear<acc_t>& b) {
-  const acc_t h_im = y * static_cast<acc_t>(H) - acc_t(0.5);
-  const acc_t w_im = x * static_cast<acc_t>(W) - acc_t(0.5);
-  // The negated form also rejects NaN locations: every comparison with NaN
-  // is false, so a NaN point reads zeros instead of indexing garbage.
-  if (!(h_im > acc_t(-1) && w_im > acc_t(-1) && h_im < static_cast<acc_t>(H) &&
-        w_im < static_cast<acc_t>(W))) {
-    return false;
-  }
-  const int64_t h0 = floor_to_int(h_im);
-  const int64_t w0 = floor_to_int(w_im);
-  b.lh = h_im - static_cast<acc_t>(h0);
-  b.lw = w_im - static_cast<acc_t>(w0);
+PIIP_HD void set_weights(Bilinear<acc_t>& b) {
   const acc_t hh = acc_t(1) - b.lh;
   const acc_t hw = acc_t(1) - b.lw;
   b.w[0] = hh * hw;
   b.w[1] = hh * b.lw;
   b.w[2] = b.lh * hw;
   b.w[3] = b.lh * b.lw;
+}
+
+// Sets up the bilinear sample of location (x, y) on an H x W level.
+// Returns false when no corner lies inside the grid: the point reads zeros and its
+// corners need no loads. `b` then has every idx -1 and fractions that are 0 for a finite
+// coordinate and NaN for a NaN or infinite one (the NaN the reference's weights carry),
+// so a kernel that runs the same arithmetic on it with zero corners (point_grads with s
+// the zero dot products, or the forward's `attn * (lh + lw)`) gets the reference's NaN or
+// exact zero without loading anything.
+template <typename acc_t>
+PIIP_HD bool make_bilinear(acc_t x, acc_t y, int64_t H, int64_t W, Bilinear<acc_t>& b) {
+  const acc_t h_im = y * static_cast<acc_t>(H) - acc_t(0.5);
+  const acc_t w_im = x * static_cast<acc_t>(W) - acc_t(0.5);
+  // The negated form also rejects NaN locations: every comparison with NaN is false, so
+  // a NaN point never indexes garbage.
+  if (!(h_im > acc_t(-1) && w_im > acc_t(-1) && h_im < static_cast<acc_t>(H) &&
+        w_im < static_cast<acc_t>(W))) {
+    b.lh = h_im - h_im;  // 0, or NaN for NaN and +-inf
+    b.lw = w_im - w_im;
+    set_weights(b);
+    b.idx[0] = b.idx[1] = b.idx[2] = b.idx[3] = -1;
+    return false;
+  }
+  const int64_t h0 = floor_to_int(h_im);
+  const int64_t w0 = floor_to_int(w_im);
+  b.lh = h_im - static_cast<acc_t>(h0);
+  b.lw = w_im - static_cast<acc_t>(w0);
+  set_weights(b);
   const bool top = h0 >= 0, bottom = h0 + 1 <= H - 1;
   const bool left = w0 >= 0, right = w0 + 1 <= W - 1;
   b.idx[0] = (top && left) ? h0 * W + w0 : -1;
@@ -73,6 +95,22 @@ PIIP_HD bool make_bilinear(acc_t x, acc_t y, int64_t H, int64_t W, Bilinear<acc_
   b.idx[2] = (bottom && left) ? (h0 + 1) * W + w0 : -1;
   b.idx[3] = (bottom && right) ? (h0 + 1) * W + w0 + 1 : -1;
   return true;
+}
+
+// What a point outside the grid adds to each output channel: attn times its zero sample,
+// i.e. 0, or NaN when the weight or the location is not finite (`b` from make_bilinear
+// returning false). The forward kernels add it to the row instead of a zero.
+template <typename acc_t>
+PIIP_HD acc_t outside_sample(const Bilinear<acc_t>& b, acc_t attn) {
+  return attn * (b.lh + b.lw);
+}
+
+// The zero dot product <grad_out_row, 0> of a corner that is not loaded: 0, or NaN when
+// the row holds a non-finite number. Accumulated over a row's channels by the backward
+// kernels and used as the corner dot products of a point outside the grid.
+template <typename acc_t>
+PIIP_HD acc_t zero_dot(acc_t g) {
+  return g * acc_t(0);
 }
 
 // Derivatives of the corner weights with respect to w_im and h_im.

@@ -5,8 +5,9 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ..ops import deform_cross_attn_op
-from .reference import deform_cross_attn_reference
+from ..msda.api import ms_deform_attn_tangent
+from ..ops import deform_cross_attn_op, forward_mode
+from .reference import deform_cross_attn_reference, sampling_locations
 
 OP = "deform_cross_attn"
 _HALF = (torch.float16, torch.bfloat16)
@@ -48,7 +49,13 @@ def deform_cross_attn(value: Tensor, value_hw, offsets: Tensor, logits: Tensor, 
 
     Returns:
         [N, Hq*Wq, M*D] in value's dtype (accumulated in fp32, fp64 for fp64).
+        Differentiable in reverse mode and in forward mode (``torch.func.jvp``,
+        ``torch.autograd.forward_ad``; see :func:`deform_cross_attn_tangent`).
     """
+    dual = forward_mode(deform_cross_attn, deform_cross_attn_tangent, (value, value_hw, offsets, logits, query_hw),
+                        (0, 2, 3), backend=backend, deterministic=deterministic)
+    if dual is not None:
+        return dual
     for name, t in (("value", value), ("offsets", offsets), ("logits", logits)):
         if not isinstance(t, Tensor) or not t.is_floating_point():
             raise ValueError(f"{OP}: {name} must be a floating torch.Tensor")
@@ -78,3 +85,29 @@ def deform_cross_attn(value: Tensor, value_hw, offsets: Tensor, logits: Tensor, 
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     return deform_cross_attn_op(value, offsets, logits, [Hv, Wv], [Hq, Wq], name, bool(deterministic))
+
+
+def deform_cross_attn_tangent(value, value_hw, offsets, logits, query_hw, value_t, offsets_t, logits_t, **kw) -> Tensor:
+    """The forward-mode derivative of deform_cross_attn along the tangents ``value_t``,
+    ``offsets_t`` and ``logits_t`` (each None or shaped like its input): [N, Hq*Wq, M*D].
+    The value term is the op on ``value_t``; offsets and logits move the locations
+    (``offsets_t / (Wv, Hv)``) and the softmax weights (``w * (logits_t - sum(w * logits_t))``)
+    of the one-level ms_deform_attn the op equals, whose tangent gives the rest. ``kw``:
+    backend and deterministic."""
+    terms = []
+    if value_t is not None:
+        terms.append(deform_cross_attn(value_t, value_hw, offsets, logits, query_hw, **kw))
+    if offsets_t is not None or logits_t is not None:
+        Hv, Wv = _hw("value_hw", value_hw)
+        weights = logits.softmax(-1)
+        weights_t = None if logits_t is None else weights * (logits_t - (weights * logits_t).sum(-1, keepdim=True))
+        loc_t = None if offsets_t is None else offsets_t / offsets.new_tensor([Wv, Hv])
+
+        def level(t):  # [N, Lq, M, P, ...] -> [N, Lq, M, 1, P, ...]: the one level of ms_deform_attn
+            return None if t is None else t[:, :, :, None]
+
+        loc = sampling_locations((Hv, Wv), offsets, _hw("query_hw", query_hw))
+        terms.append(ms_deform_attn_tangent(value, torch.tensor([[Hv, Wv]], device=value.device),
+                                            torch.zeros(1, dtype=torch.long, device=value.device), level(loc),
+                                            level(weights), None, level(loc_t), level(weights_t), **kw))
+    return sum(terms[1:], terms[0])

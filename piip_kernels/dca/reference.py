@@ -21,6 +21,14 @@ def grid_reference_points(query_hw, device=None, dtype=torch.float32) -> Tensor:
     return torch.stack([x.reshape(-1), y.reshape(-1)], -1)
 
 
+def sampling_locations(value_hw, offsets: Tensor, query_hw) -> Tensor:
+    """[N, Hq*Wq, M, P, 2]: each query's grid reference point plus its raw offsets (value
+    pixels) over the value grid size (Wv, Hv)."""
+    Hv, Wv = value_hw
+    ref = grid_reference_points(query_hw, offsets.device, offsets.dtype)
+    return ref[None, :, None, None, :] + offsets / offsets.new_tensor([Wv, Hv])
+
+
 def deform_cross_attn_reference(value: Tensor, value_hw, offsets: Tensor, logits: Tensor, query_hw) -> Tensor:
     """
     Args:
@@ -34,10 +42,7 @@ def deform_cross_attn_reference(value: Tensor, value_hw, offsets: Tensor, logits
         [N, Hq*Wq, M*D].
     """
     Hv, Wv = value_hw
-    ref = grid_reference_points(query_hw, offsets.device, offsets.dtype)
-    scale = torch.tensor([Wv, Hv], device=offsets.device, dtype=offsets.dtype)
-    loc = ref[None, :, None, None, :] + offsets / scale  # [N, Lq, M, P, 2]
+    loc = sampling_locations(value_hw, offsets, query_hw)
     weights = logits.softmax(-1)
-    shapes = torch.tensor([[Hv, Wv]], device=value.device)
-    start = torch.zeros(1, dtype=torch.long, device=value.device)
-    return ms_deform_attn_reference(value, shapes, start, loc[:, :, :, None], weights[:, :, :, None])
+    # The level as Python ints: nothing for torch.compile to read from a tensor.
+    return ms_deform_attn_reference(value, [(Hv, Wv)], [0], loc[:, :, :, None], weights[:, :, :, None])

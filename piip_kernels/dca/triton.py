@@ -15,7 +15,8 @@ import triton.language as tl
 
 import torch
 
-from ..msda.triton import _bilinear, _point_backward, _sample, _tile, autotuned, fixed_point_result, fixed_point_scale
+from ..msda.triton import (_bilinear, _point_backward, _sample, _tile, autotuned, check_shapes, fixed_point_result,
+                           fixed_point_scale, query_grid, softmax_bound)
 
 
 @triton.jit
@@ -30,7 +31,7 @@ def _softmax_tile(logits_ptr, base, qmask, P, BLOCK_P: tl.constexpr):
     e = tl.exp(lg - mx[:, None])
     e = tl.where(pmask[None, :], e, 0.0)
     s = tl.sum(e, axis=1)
-    s = tl.where(s > 0, s, 1.0)
+    s = tl.where(qmask, s, 1.0)  # queries past the end have no points; a NaN sum stays NaN
     return e / s[:, None]
 
 
@@ -46,13 +47,13 @@ def _point(off_ptr, w, pcol, base, p, rx, ry, Hv, Wv, qmask):
 
 
 @triton.jit
-def _rows(logits_ptr, Hv, Wv, Hq, Wq, M, D: tl.constexpr, P, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+def _rows(logits_ptr, Hv, Wv, Hq, Wq, M, D: tl.constexpr, P, NM, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
           BLOCK_P: tl.constexpr):
     """This program's queries as _tile gives them, plus their reference points (the cell
     centres of the Hq x Wq grid), the softmax weights [BLOCK_Q, BLOCK_P] of their points,
     the point columns, the base index of their points and the first value row of image n."""
     Lq = Hq * Wq
-    n, m, q, qmask, d, dmask = _tile(Lq, M, D, BLOCK_Q, BLOCK_D)
+    n, m, q, qmask, d, dmask = _tile(Lq, M, D, NM, BLOCK_Q, BLOCK_D)
     rx = ((q % Wq).to(tl.float32) + 0.5) / Wq
     ry = ((q // Wq).to(tl.float32) + 0.5) / Hq
     base = ((n * Lq + q) * M + m) * P
@@ -61,10 +62,10 @@ def _rows(logits_ptr, Hv, Wv, Hq, Wq, M, D: tl.constexpr, P, BLOCK_Q: tl.constex
 
 
 @triton.jit
-def _dca_fwd_kernel(value_ptr, off_ptr, logits_ptr, out_ptr, Hv, Wv, Hq, Wq, M, D: tl.constexpr, P,
+def _dca_fwd_kernel(value_ptr, off_ptr, logits_ptr, out_ptr, Hv, Wv, Hq, Wq, M, D: tl.constexpr, P, NM,
                     BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
-    # value [N, Hv*Wv, M, D]; offsets [N, Lq, M, P, 2]; logits [N, Lq, M, P]; out [N, Lq, M, D]
-    Lq, n, m, q, qmask, d, dmask, rx, ry, base, w, pcol, row0 = _rows(logits_ptr, Hv, Wv, Hq, Wq, M, D, P,
+    # value [N, Hv*Wv, M, D]; offsets [N, Lq, M, P, 2]; logits [N, Lq, M, P]; out [N, Lq, M, D]; NM = N * M
+    Lq, n, m, q, qmask, d, dmask, rx, ry, base, w, pcol, row0 = _rows(logits_ptr, Hv, Wv, Hq, Wq, M, D, P, NM,
                                                                       BLOCK_Q, BLOCK_D, BLOCK_P)
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
     for p in range(P):
@@ -76,9 +77,9 @@ def _dca_fwd_kernel(value_ptr, off_ptr, logits_ptr, out_ptr, Hv, Wv, Hq, Wq, M, 
 
 @triton.jit
 def _dca_bwd_kernel(value_ptr, off_ptr, logits_ptr, grad_out_ptr, grad_value_ptr, grad_off_ptr, grad_logits_ptr,
-                    scale_ptr, Hv, Wv, Hq, Wq, M, D: tl.constexpr, P,
+                    scale_ptr, Hv, Wv, Hq, Wq, M, D: tl.constexpr, P, NM,
                     DETERMINISTIC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
-    Lq, n, m, q, qmask, d, dmask, rx, ry, base, w, pcol, row0 = _rows(logits_ptr, Hv, Wv, Hq, Wq, M, D, P,
+    Lq, n, m, q, qmask, d, dmask, rx, ry, base, w, pcol, row0 = _rows(logits_ptr, Hv, Wv, Hq, Wq, M, D, P, NM,
                                                                       BLOCK_Q, BLOCK_D, BLOCK_P)
     g = tl.load(grad_out_ptr + ((n * Lq + q) * M + m)[:, None] * D + d[None, :],
                 mask=qmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
@@ -102,39 +103,48 @@ _fwd = autotuned(_dca_fwd_kernel, ["Hq", "Wq", "M", "D", "P"])
 _bwd = autotuned(_dca_bwd_kernel, ["Hq", "Wq", "M", "D", "P"], reset_to_zero=["grad_value_ptr"])
 
 
-def _grid(Lq, N, M):
-    return lambda meta: (triton.cdiv(Lq, meta["BLOCK_Q"]), N * M)
+def _sizes(value, offsets, logits, value_hw, query_hw, grad_output=None):
+    """(N, M, D, P, (Hv, Wv), (Hq, Wq)) of a call, after check_shapes."""
+    if value.dim() != 4 or offsets.dim() != 5:
+        raise ValueError(f"deform_cross_attn (triton): value must be [N, Hv*Wv, M, D] and offsets [N, Hq*Wq, M, P, 2], "
+                         f"got {tuple(value.shape)} and {tuple(offsets.shape)}")
+    N, _, M, D = value.shape
+    P = offsets.shape[3]
+    (Hv, Wv), (Hq, Wq) = value_hw, query_hw
+    want = {"value": (value, (N, Hv * Wv, M, D)), "offsets": (offsets, (N, Hq * Wq, M, P, 2)),
+            "logits": (logits, (N, Hq * Wq, M, P))}
+    if grad_output is not None:
+        want["grad_output"] = (grad_output, (N, Hq * Wq, M * D))
+    check_shapes("deform_cross_attn (triton)", want)
+    return N, M, D, P, (Hv, Wv), (Hq, Wq)
 
 
 def dca_forward(value, offsets, logits, value_hw, query_hw):
     """Shapes as in piip_kernels.deform_cross_attn; returns [N, Hq*Wq, M*D]."""
     value, offsets, logits = value.contiguous(), offsets.contiguous(), logits.contiguous()
-    N, _, M, D = value.shape
-    P = offsets.shape[3]
-    (Hv, Wv), (Hq, Wq) = value_hw, query_hw
+    N, M, D, P, (Hv, Wv), (Hq, Wq) = _sizes(value, offsets, logits, value_hw, query_hw)
     out = torch.empty(N, Hq * Wq, M, D, device=value.device, dtype=value.dtype)
     if out.numel() == 0:
         return out.view(N, Hq * Wq, M * D)
-    _fwd[_grid(Hq * Wq, N, M)](value, offsets, logits, out, Hv, Wv, Hq, Wq, M, D, P,
-                               BLOCK_D=triton.next_power_of_2(D), BLOCK_P=triton.next_power_of_2(P))
+    _fwd[query_grid(Hq * Wq, N * M)](value, offsets, logits, out, Hv, Wv, Hq, Wq, M, D, P, N * M,
+                                     BLOCK_D=triton.next_power_of_2(D), BLOCK_P=triton.next_power_of_2(P))
     return out.view(N, Hq * Wq, M * D)
 
 
 def dca_backward(grad_output, value, offsets, logits, value_hw, query_hw, deterministic: bool = False):
     """Gradients (value, offsets, logits)."""
     value, offsets, logits, go = value.contiguous(), offsets.contiguous(), logits.contiguous(), grad_output.contiguous()
-    N, _, M, D = value.shape
-    P = offsets.shape[3]
-    (Hv, Wv), (Hq, Wq) = value_hw, query_hw
+    N, M, D, P, (Hv, Wv), (Hq, Wq) = _sizes(value, offsets, logits, value_hw, query_hw, go)
     if N * Hq * Wq * M * D == 0:
         return torch.zeros_like(value), torch.zeros_like(offsets), torch.zeros_like(logits)
     gv = torch.zeros(value.shape, device=value.device, dtype=torch.int64 if deterministic else torch.float32)
     goff = torch.empty(offsets.shape, device=value.device, dtype=torch.float32)
     glog = torch.empty(logits.shape, device=value.device, dtype=torch.float32)
     # Softmax weights are at most 1, and each of the Hq * Wq * P points reaches an entry at most once.
-    scale = fixed_point_scale(go, Hq * Wq * P) if deterministic else torch.ones((), dtype=torch.float64, device=value.device)
-    _bwd[_grid(Hq * Wq, N, M)](value, offsets, logits, go, gv, goff, glog, scale.reshape(1), Hv, Wv, Hq, Wq, M, D, P,
-                               DETERMINISTIC=deterministic, BLOCK_D=triton.next_power_of_2(D), BLOCK_P=triton.next_power_of_2(P))
+    scale = fixed_point_scale(go, Hq * Wq * P, softmax_bound(logits)) if deterministic else torch.ones((), dtype=torch.float64, device=value.device)
+    _bwd[query_grid(Hq * Wq, N * M)](value, offsets, logits, go, gv, goff, glog, scale.reshape(1), Hv, Wv, Hq, Wq, M, D,
+                                     P, N * M, DETERMINISTIC=deterministic, BLOCK_D=triton.next_power_of_2(D),
+                                     BLOCK_P=triton.next_power_of_2(P))
     if deterministic:
         gv = fixed_point_result(gv, scale)
     return gv.to(value.dtype), goff.to(offsets.dtype), glog.to(logits.dtype)

@@ -1,11 +1,13 @@
 """Public multi-scale deformable attention: input checks, backend choice, dispatch."""
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 from .. import backends
-from ..ops import ms_deform_attn_op
+from ..ops import forward_mode, ms_deform_attn_op
 from .reference import ms_deform_attn_reference
 
 OP = "ms_deform_attn"
@@ -98,7 +100,9 @@ def ms_deform_attn(
             index tensors on the CPU the levels must tile ``value`` (ValueError otherwise);
             on a GPU they are not read on the host, and a level outside ``value`` gives NaN.
         sampling_locations: [N, Lq, M, L, P, 2], normalised (x, y) in [0, 1]; points
-            outside read zeros (``grid_sample`` with ``align_corners=False``, zero padding).
+            outside read zeros (``grid_sample`` with ``align_corners=False``, zero padding);
+            a NaN or inf location reads NaN, and a non-finite weight times such a zero is NaN,
+            as in ``grid_sample`` and the reference.
         attention_weights: [N, Lq, M, L, P].
         backend: "reference", "cpu", "cuda" or "triton"; default: ``PIIP_KERNELS_BACKEND``
             if set, else the fastest available for the device. A requested backend
@@ -111,7 +115,14 @@ def ms_deform_attn(
 
     Returns:
         [N, Lq, M * D] in value's dtype (accumulated in fp32, fp64 for fp64 inputs).
+        Differentiable in reverse mode and in forward mode (``torch.func.jvp``,
+        ``torch.autograd.forward_ad``; see :func:`ms_deform_attn_tangent`).
     """
+    dual = forward_mode(ms_deform_attn, ms_deform_attn_tangent,
+                        (value, spatial_shapes, level_start_index, sampling_locations, attention_weights), (0, 3, 4),
+                        backend=backend, deterministic=deterministic)
+    if dual is not None:
+        return dual
     value, spatial_shapes, level_start_index, sampling_locations, attention_weights = check_inputs(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights
     )
@@ -134,3 +145,56 @@ def ms_deform_attn(
         deterministic = torch.are_deterministic_algorithms_enabled()
     return ms_deform_attn_op(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, name,
                              bool(deterministic))
+
+
+def ms_deform_attn_tangent(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                           value_t, locations_t, weights_t, **kw) -> Tensor:
+    """The forward-mode derivative of ms_deform_attn along the tangents ``value_t``,
+    ``locations_t`` and ``weights_t`` (each None or shaped like its input; not all None):
+    [N, Lq, M * D].
+
+    The op is linear in value and in the weights, so those terms are the op itself on the
+    tangents. Along a location, a bilinear sample is linear inside a pixel cell: its
+    derivative in x is, at the point's row, the bilinear sample of the map's horizontal
+    differences ``dx[h, j] = V[h, j] - V[h, j - 1]`` (zero outside, one column more than V)
+    at the column ``j = floor(w_im) + 1`` of the point's cell, times W; in y likewise. So the
+    location term is the op again, on difference maps, with each point moved to its cell's
+    column (row) centre and weighted by ``weight * W * x_t`` (``weight * H * y_t``). Points
+    outside a level have zero derivative here as there. The level sizes are read on the host.
+    ``kw``: backend and deterministic.
+    """
+    op = functools.partial(ms_deform_attn, **kw)
+    terms = []
+    if value_t is not None:
+        terms.append(op(value_t, spatial_shapes, level_start_index, sampling_locations, attention_weights))
+    if weights_t is not None:
+        terms.append(op(value, spatial_shapes, level_start_index, sampling_locations, weights_t))
+    if locations_t is not None:
+        terms += _location_terms(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                                 locations_t, op)
+    return sum(terms[1:], terms[0])
+
+
+def _location_terms(value, spatial_shapes, level_start_index, loc, weights, loc_t, op) -> list:
+    """The x and y terms of ms_deform_attn_tangent (see there)."""
+    N, _, M, D = value.shape
+    dtype = torch.float64 if loc.dtype == torch.float64 else torch.float32  # the kernels' pixel arithmetic
+    shapes = spatial_shapes.long()
+    H, W = shapes[:, :1].to(dtype), shapes[:, 1:].to(dtype)  # [L, 1]: broadcast over [..., L, P]
+    x, y = loc.to(dtype).unbind(-1)
+    x_cell = (torch.floor(x * W - 0.5) + 1.5) / (W + 1)  # column floor(w_im) + 1 of a map one column wider
+    y_cell = (torch.floor(y * H - 0.5) + 1.5) / (H + 1)
+    dx_maps, dy_maps = [], []
+    for (h, w), start in zip(shapes.tolist(), level_start_index.tolist()):
+        v = value[:, start:start + h * w].reshape(N, h, w, M, D)
+        dx_maps.append(torch.diff(v, dim=2, prepend=v.new_zeros(N, h, 1, M, D), append=v.new_zeros(N, h, 1, M, D)))
+        dy_maps.append(torch.diff(v, dim=1, prepend=v.new_zeros(N, 1, w, M, D), append=v.new_zeros(N, 1, w, M, D)))
+    a = weights.to(dtype)
+    terms = []
+    for maps, grow, cell_loc, scale, t in ((dx_maps, [0, 1], torch.stack([x_cell, y], -1), W, loc_t[..., 0]),
+                                          (dy_maps, [1, 0], torch.stack([x, y_cell], -1), H, loc_t[..., 1])):
+        grown = shapes + torch.tensor(grow, device=shapes.device)
+        starts = torch.cumsum(grown.prod(1), 0) - grown.prod(1)
+        flat = torch.cat([m.reshape(N, -1, M, D) for m in maps], 1)
+        terms.append(op(flat, grown, starts, cell_loc, a * scale * t.to(dtype)))
+    return terms

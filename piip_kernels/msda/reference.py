@@ -22,8 +22,8 @@ def ms_deform_attn_reference(
 
     Args:
         value: [N, S, M, D], the levels' feature maps flattened row-major and concatenated.
-        spatial_shapes: [L, 2] int64, (H_l, W_l) of each level.
-        level_start_index: [L] int64, first row of each level in ``value``.
+        spatial_shapes: [L, 2] int64, (H_l, W_l) of each level (or a list of (H_l, W_l)).
+        level_start_index: [L] int64, first row of each level in ``value`` (or a list).
         sampling_locations: [N, Lq, M, L, P, 2], normalised (x, y); (0, 0) is the
             top-left corner of the map, (1, 1) the bottom-right. Points outside read zeros.
         attention_weights: [N, Lq, M, L, P].
@@ -38,7 +38,16 @@ def ms_deform_attn_reference(
     dtype = torch.promote_types(value.dtype, sampling_locations.dtype)
     grids = (2 * sampling_locations - 1).to(dtype)  # grid_sample's [-1, 1] coordinates
     per_level = []
-    for lvl, ((H, W), start) in enumerate(zip(spatial_shapes.tolist(), level_start_index.tolist())):
+    shapes = spatial_shapes.tolist() if isinstance(spatial_shapes, torch.Tensor) else spatial_shapes
+    starts = level_start_index.tolist() if isinstance(level_start_index, torch.Tensor) else level_start_index
+    for lvl, ((H, W), start) in enumerate(zip(shapes, starts)):
+        # Under torch.compile, sizes read from tensors are unknown symbols: state what the
+        # levels satisfy (checked in eager mode by the public function), so that slicing and
+        # reshaping by them need no guard on their values.
+        torch._check(H > 0)
+        torch._check(W > 0)
+        torch._check(start >= 0)
+        torch._check(start + H * W <= S)
         # [N, H*W, M, D] -> [N*M, D, H, W]
         v = value[:, start : start + H * W].to(dtype).permute(0, 2, 3, 1).reshape(N * M, D, H, W)
         # [N, Lq, M, P, 2] -> [N*M, Lq, P, 2]

@@ -97,14 +97,39 @@ def _scatter(gv_ptr, row, inside, coef, g, m, M, D, d, dmask, scale, DETERMINIST
         tl.atomic_add(ptrs, contrib, mask=mask)
 
 
+# CUDA caps a launch grid at 2**31 - 1 programs on axis 0 and 65535 on axes 1 and 2. The
+# kernels put blocks of queries (or pixels) on axis 0 and fold their rows (image x head, or
+# the N * C planes of a merge) over axes 1 and 2, so more than 65535 rows still launch.
+GRID_X_LIMIT = 2 ** 31 - 1
+GRID_YZ_LIMIT = 65535
+
+
+def launch_grid(blocks: int, rows: int) -> tuple[int, int, int]:
+    """The grid for ``blocks`` programs per row and ``rows`` rows: (blocks, min(rows, limit),
+    ceil(rows / limit)), rows folded over axes 1 and 2 (a kernel finds its row with _row; the
+    programs past the last row do nothing). The limits are read at each call, so a test can
+    lower them to run a folded launch in the interpreter."""
+    slabs = triton.cdiv(rows, GRID_YZ_LIMIT)
+    if blocks > GRID_X_LIMIT or slabs > GRID_YZ_LIMIT:
+        raise ValueError(f"a launch of {blocks} program blocks x {rows} rows exceeds CUDA's grid limits "
+                         f"({GRID_X_LIMIT} x {GRID_YZ_LIMIT} x {GRID_YZ_LIMIT})")
+    return blocks, min(rows, GRID_YZ_LIMIT), slabs
+
+
 @triton.jit
-def _tile(Lq, M, D, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+def _row():
+    """This program's row in a grid from launch_grid."""
+    return tl.program_id(1).to(tl.int64) + tl.program_id(2).to(tl.int64) * tl.num_programs(1)
+
+
+@triton.jit
+def _tile(Lq, M, D, NM, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
     """This program's image n, head m, BLOCK_Q queries and BLOCK_D channels (with masks);
-    the grid is (query blocks, N * M)."""
-    nm = tl.program_id(1)
+    the grid is launch_grid(query blocks, NM = N * M)."""
+    nm = _row()
     q = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     d = tl.arange(0, BLOCK_D)
-    return (nm // M).to(tl.int64), (nm % M).to(tl.int64), q, q < Lq, d, d < D
+    return nm // M, nm % M, q, (q < Lq) & (nm < NM), d, d < D
 
 
 @triton.jit
@@ -122,14 +147,18 @@ def _level(shapes_ptr, starts_ptr, lvl, n, S):
 
 @triton.jit
 def _bilinear(h_im, w_im, H, W, qmask):
-    """Top-left corner (h0, w0), fractions (lh, lw) and validity of pixel coordinates
-    (h_im, w_im) = location * size - 0.5; the negated comparisons also reject NaN."""
+    """Validity, top-left corner (h0, w0) and fractions (lh, lw) of pixel coordinates
+    (h_im, w_im) = location * size - 0.5; the comparisons also reject NaN. An invalid point
+    (no corner inside the map) gets corner (0, 0), never loaded, but keeps its fractions:
+    NaN for a NaN or infinite coordinate, as the reference's bilinear weights. The sampling
+    arithmetic then runs on its zero corners as the reference's does, and gives NaN where
+    the reference does (see csrc/msda/msda_math.h)."""
     valid = qmask & (h_im > -1.0) & (w_im > -1.0) & (h_im < H) & (w_im < W)
-    h_im = tl.where(valid, h_im, 0.0)
-    w_im = tl.where(valid, w_im, 0.0)
     h0f = tl.floor(h_im)
     w0f = tl.floor(w_im)
-    return valid, h0f.to(tl.int32), w0f.to(tl.int32), h_im - h0f, w_im - w0f
+    h0 = tl.where(valid, h0f, 0.0).to(tl.int32)
+    w0 = tl.where(valid, w0f, 0.0).to(tl.int32)
+    return valid, h0, w0, h_im - h0f, w_im - w0f
 
 
 @triton.jit
@@ -160,7 +189,9 @@ def _point_backward(value_ptr, gv_ptr, row0, H, W, h0, w0, lh, lw, a, valid, g, 
                     DETERMINISTIC: tl.constexpr):
     """Scatters a * w_c * g into grad_value and returns, per query, the derivatives of the
     sample with respect to its weight, w_im and h_im (msda_math.h's point_grads without the
-    factors a * W and a * H): (g_attn, g_w, g_h), zero for invalid points."""
+    factors a * W and a * H): (g_attn, g_w, g_h). Corners outside the map read zero, so for
+    an invalid point these are zero, or NaN where the reference's are (a non-finite
+    coordinate or grad_output row)."""
     v00, i00, r00 = _corner(value_ptr, row0, H, W, h0, w0, valid, m, M, D, d, dmask)
     v01, i01, r01 = _corner(value_ptr, row0, H, W, h0, w0 + 1, valid, m, M, D, d, dmask)
     v10, i10, r10 = _corner(value_ptr, row0, H, W, h0 + 1, w0, valid, m, M, D, d, dmask)
@@ -178,16 +209,16 @@ def _point_backward(value_ptr, gv_ptr, row0, H, W, h0, w0, lh, lw, a, valid, g, 
     _scatter(gv_ptr, r01, i01, a * hh * lw, g, m, M, D, d, dmask, scale, DETERMINISTIC)
     _scatter(gv_ptr, r10, i10, a * lh * hw, g, m, M, D, d, dmask, scale, DETERMINISTIC)
     _scatter(gv_ptr, r11, i11, a * lh * lw, g, m, M, D, d, dmask, scale, DETERMINISTIC)
-    return tl.where(valid, g_attn, 0.0), tl.where(valid, g_w, 0.0), tl.where(valid, g_h, 0.0)
+    return g_attn, g_w, g_h
 
 
 @triton.jit
 def _msda_fwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr,
-                     S, Lq, M, D: tl.constexpr, L, P,
+                     S, Lq, M, D: tl.constexpr, L, P, NM,
                      BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
     # value [N, S, M, D]; shapes [L, 2]; starts [L]; loc [N, Lq, M, L, P, 2];
-    # attn [N, Lq, M, L, P]; out [N, Lq, M, D]
-    n, m, q, qmask, d, dmask = _tile(Lq, M, D, BLOCK_Q, BLOCK_D)
+    # attn [N, Lq, M, L, P]; out [N, Lq, M, D]; NM = N * M
+    n, m, q, qmask, d, dmask = _tile(Lq, M, D, NM, BLOCK_Q, BLOCK_D)
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
     unfit = 0
     for lvl in range(L):
@@ -204,11 +235,11 @@ def _msda_fwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_p
 @triton.jit
 def _msda_bwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_out_ptr,
                      grad_value_ptr, grad_loc_ptr, grad_attn_ptr, scale_ptr,
-                     S, Lq, M, D: tl.constexpr, L, P,
+                     S, Lq, M, D: tl.constexpr, L, P, NM,
                      DETERMINISTIC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
     # grad_out [N, Lq, M, D]; grad_value [N, S, M, D] fp32 (or int64 fixed point when
     # DETERMINISTIC); grad_loc [N, Lq, M, L, P, 2] and grad_attn [N, Lq, M, L, P] fp32.
-    n, m, q, qmask, d, dmask = _tile(Lq, M, D, BLOCK_Q, BLOCK_D)
+    n, m, q, qmask, d, dmask = _tile(Lq, M, D, NM, BLOCK_Q, BLOCK_D)
     g = tl.load(grad_out_ptr + ((n * Lq + q) * M + m)[:, None] * D + d[None, :],
                 mask=qmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr)
@@ -224,12 +255,38 @@ def _msda_bwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_
             tl.store(grad_loc_ptr + 2 * pt + 1, a * H * g_h + poison, mask=qmask)
 
 
-def _grid(Lq, N, M):
-    return lambda meta: (triton.cdiv(Lq, meta["BLOCK_Q"]), N * M)
+def query_grid(Lq, rows):
+    """The autotuned kernels' grid: blocks of BLOCK_Q queries, for each of ``rows`` rows."""
+    return lambda meta: launch_grid(triton.cdiv(Lq, meta["BLOCK_Q"]), rows)
 
 
 _fwd = autotuned(_msda_fwd_kernel, ["Lq", "M", "D", "L", "P"])
 _bwd = autotuned(_msda_bwd_kernel, ["Lq", "M", "D", "L", "P"], reset_to_zero=["grad_value_ptr"])
+
+
+def check_shapes(op: str, want: dict) -> None:
+    """{name: (tensor, shape)}: raises ValueError naming the first tensor of another shape. The
+    Triton wrappers check the shapes that keep the kernels' reads and writes inside their
+    tensors: torch.ops.piip.* reaches them without the public functions' checks."""
+    for name, (t, shape) in want.items():
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _sizes(value, spatial_shapes, level_start_index, loc, attn, grad_output=None):
+    """(N, S, M, D, Lq, L, P) of a call, after check_shapes (the levels' fit inside value is
+    checked by the kernels)."""
+    if value.dim() != 4 or loc.dim() != 6:
+        raise ValueError(f"ms_deform_attn (triton): value must be [N, S, M, D] and sampling_locations "
+                         f"[N, Lq, M, L, P, 2], got {tuple(value.shape)} and {tuple(loc.shape)}")
+    N, S, M, D = value.shape
+    _, Lq, _, L, P, _ = loc.shape
+    want = {"sampling_locations": (loc, (N, Lq, M, L, P, 2)), "attention_weights": (attn, (N, Lq, M, L, P)),
+            "spatial_shapes": (spatial_shapes, (L, 2)), "level_start_index": (level_start_index, (L,))}
+    if grad_output is not None:
+        want["grad_output"] = (grad_output, (N, Lq, M * D))
+    check_shapes("ms_deform_attn (triton)", want)
+    return N, S, M, D, Lq, L, P
 
 
 def msda_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
@@ -237,15 +294,14 @@ def msda_forward(value, spatial_shapes, level_start_index, sampling_locations, a
     value = value.contiguous()
     loc = sampling_locations.contiguous()
     attn = attention_weights.contiguous()
-    N, S, M, D = value.shape
-    _, Lq, _, L, P, _ = loc.shape
+    N, S, M, D, Lq, L, P = _sizes(value, spatial_shapes, level_start_index, loc, attn)
     out = torch.empty(N, Lq, M, D, device=value.device, dtype=value.dtype)
     if out.numel() == 0:
         return out.view(N, Lq, M * D)
     if L * P == 0:
         return out.zero_().view(N, Lq, M * D)
-    _fwd[_grid(Lq, N, M)](value, spatial_shapes.contiguous(), level_start_index.contiguous(), loc, attn, out,
-                          S, Lq, M, D, L, P, BLOCK_D=triton.next_power_of_2(D))
+    _fwd[query_grid(Lq, N * M)](value, spatial_shapes.contiguous(), level_start_index.contiguous(), loc, attn, out,
+                                S, Lq, M, D, L, P, N * M, BLOCK_D=triton.next_power_of_2(D))
     return out.view(N, Lq, M * D)
 
 
@@ -265,6 +321,14 @@ def fixed_point_scale(grad_output: torch.Tensor, points_per_entry: int, weights:
     return 2.0 ** 62 / (bound.clamp_min(1e-30) * max(1, points_per_entry))
 
 
+def softmax_bound(logits: torch.Tensor) -> torch.Tensor:
+    """The ``weights`` to give ``fixed_point_scale`` for softmax weights over the last axis of
+    ``logits``: 1 per head (softmax weights are at most 1), or NaN for a head whose softmax is
+    not finite (a NaN or +inf logit, or every logit -inf), so that grad_value is NaN rather
+    than a sum of rounded NaNs."""
+    return logits.detach().amax(-1) * 0 + 1
+
+
 def fixed_point_result(acc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The float64 sums of an int64 fixed-point accumulator (NaN where the scale is unusable)."""
     usable = torch.isfinite(scale) & (scale > 0)
@@ -278,8 +342,7 @@ def msda_backward(grad_output, value, spatial_shapes, level_start_index, samplin
     loc = sampling_locations.contiguous()
     attn = attention_weights.contiguous()
     go = grad_output.contiguous()
-    N, S, M, D = value.shape
-    _, Lq, _, L, P, _ = loc.shape
+    N, S, M, D, Lq, L, P = _sizes(value, spatial_shapes, level_start_index, loc, attn, go)
     if N * Lq * M * D * L * P == 0:
         return torch.zeros_like(value), torch.zeros_like(loc), torch.zeros_like(attn)
     gv = torch.zeros(value.shape, device=value.device, dtype=torch.int64 if deterministic else torch.float32)
@@ -287,9 +350,9 @@ def msda_backward(grad_output, value, spatial_shapes, level_start_index, samplin
     ga = torch.empty(attn.shape, device=value.device, dtype=torch.float32)
     # An entry of level l can receive one contribution from each of the Lq * P points on that level.
     scale = fixed_point_scale(go, Lq * P, attn) if deterministic else torch.ones((), dtype=torch.float64, device=value.device)
-    _bwd[_grid(Lq, N, M)](value, spatial_shapes.contiguous(), level_start_index.contiguous(), loc, attn, go,
-                          gv, gl, ga, scale.reshape(1), S, Lq, M, D, L, P,
-                          DETERMINISTIC=deterministic, BLOCK_D=triton.next_power_of_2(D))
+    _bwd[query_grid(Lq, N * M)](value, spatial_shapes.contiguous(), level_start_index.contiguous(), loc, attn, go,
+                                gv, gl, ga, scale.reshape(1), S, Lq, M, D, L, P, N * M,
+                                DETERMINISTIC=deterministic, BLOCK_D=triton.next_power_of_2(D))
     if deterministic:
         gv = fixed_point_result(gv, scale)
     return gv.to(value.dtype), gl.to(loc.dtype), ga.to(attn.dtype)

@@ -32,6 +32,8 @@
 #endif
 
 #define PIIP_CUDA_EMULATION 1
+#include "common/launch.cuh"  // kMaxGridX; with PIIP_CUDA_EMULATION it leaves launch() to this file
+
 #define __launch_bounds__(...)
 #undef __shared__
 #define __shared__ static
@@ -108,16 +110,18 @@ using std::isfinite;
 
 namespace piip {
 
-// Runs kernel(args...) on `blocks` blocks of `threads` threads (see the file comment).
+// Runs kernel(args...) on `blocks` blocks of `threads` threads (see the file comment), after the
+// grid check of csrc/common/launch.cuh's launch.
 template <typename... KernelArgs, typename... Args>
-cudaError_t launch(void (*kernel)(KernelArgs...), unsigned blocks, unsigned threads, cudaStream_t, Args&&... args) {
+cudaError_t launch(void (*kernel)(KernelArgs...), int64_t blocks, unsigned threads, cudaStream_t, Args&&... args) {
+  if (blocks > kMaxGridX) return cudaErrorInvalidConfiguration;
   for (unsigned b = 0; b < blocks; ++b) {
     piip_emu::Block block(static_cast<int>(threads));
     std::vector<std::thread> pool;
     pool.reserve(threads);
     for (unsigned t = 0; t < threads; ++t) {
       pool.emplace_back([&, b, t] {
-        piip_emu::self = {{b, 0, 0}, {t, 0, 0}, {threads, 1, 1}, {blocks, 1, 1}, &block};
+        piip_emu::self = {{b, 0, 0}, {t, 0, 0}, {threads, 1, 1}, {static_cast<unsigned>(blocks), 1, 1}, &block};
         kernel(args...);
         // An exited thread no longer takes part in its warp's shuffles or the block's barriers.
         block.warps[t / 32]->exited[t % 32] = true;

@@ -34,11 +34,21 @@ piip::msda::cuda::GradValue grad_value(float* f32, unsigned long long* fixed, co
 template <typename T>
 uintptr_t addr(const T* p) { return reinterpret_cast<uintptr_t>(p); }
 
+__global__ void count_blocks(unsigned long long* blocks) {
+  if (threadIdx.x == 0) atomicAdd(blocks, 1ull);
+}
+
 }  // namespace
 
 extern "C" {
 
 long piip_emu_errors() { return piip_emu::errors.exchange(0); }
+
+// Launches a kernel that counts its blocks into *counted through piip::launch: the return code
+// and the count show whether a grid of `blocks` was run or refused.
+int piip_emu_launch_blocks(int64_t blocks, unsigned long long* counted) {
+  return static_cast<int>(piip::launch(count_blocks, blocks, 2, nullptr, counted));
+}
 
 int piip_emu_msda_forward(int t, int u, const void* value, const int64_t* shapes, const int64_t* starts, const void* loc,
                           const void* attn, void* out, int64_t N, int64_t S, int64_t M, int64_t D, int64_t Lq, int64_t L,
