@@ -11,6 +11,7 @@ serves every torch from 2.10 on. Checked on the binaries of this install:
 scripts/check_wheel.sh checks the published wheel the same way, and under other torch releases.
 """
 import importlib.util
+import os
 import re
 import shutil
 import subprocess
@@ -84,6 +85,8 @@ def tool(name):
 
 def binary(which: str) -> Path:
     so = [b for b in binaries() if b.name.startswith(which + ".")]
+    if not so and os.environ.get("PIIP_KERNELS_CUDA") == "1":
+        pytest.fail(f"{which} was not built although PIIP_KERNELS_CUDA=1 asked for it (CI builds it)")
     if not so:
         pytest.skip(f"{which} was not built")
     return so[0]
