@@ -128,6 +128,15 @@ inline Tensor alloc_zeros(const std::vector<int64_t>& sizes, ScalarType dtype, c
 
 inline Tensor zeros_as(const Tensor& t) { return alloc_zeros(sizes_of(t), t.scalar_type(), t); }
 
+// The kernel variant an op was asked for (the schemas' `int variant`): 0 is the default, and
+// the tuned dispatch table (piip_kernels/tuned) picks others by name. `count` is how many
+// variants this backend compiles for the op; a number outside them is an error, never a
+// silent fallback to another variant.
+inline void check_variant(const char* op, const char* backend, int64_t variant, int64_t count) {
+  STD_TORCH_CHECK(variant >= 0 && variant < count, op, " (", backend, "): no kernel variant ", variant, "; this build has ",
+                  count, " (0..", count - 1, "), listed in piip_kernels/variants.py");
+}
+
 // --- registration ------------------------------------------------------------
 //
 // Each glue file adds the kernels it implements with one static Kernels object; nothing

@@ -65,7 +65,8 @@ void dispatch(ScalarType t, ScalarType o, F&& f) {
 }
 
 Tensor merge_forward_cpu(const std::vector<Tensor>& features, const Tensor& weights, int64_t Ho, int64_t Wo,
-                         bool align_corners, ScalarType out_dtype) {
+                         bool align_corners, ScalarType out_dtype, int64_t variant) {
+  check_variant("branch_merge forward", "cpu", variant, 1);
   std::vector<Tensor> feats;
   const int64_t planes = check_features(features, weights, feats);
   STD_TORCH_CHECK(Ho > 0 && Wo > 0, "branch_merge: out_size must be positive");
@@ -84,7 +85,9 @@ Tensor merge_forward_cpu(const std::vector<Tensor>& features, const Tensor& weig
 
 std::tuple<std::vector<Tensor>, Tensor> merge_backward_cpu(const Tensor& grad_output,
                                                            const std::vector<Tensor>& features,
-                                                           const Tensor& weights, bool align_corners) {
+                                                           const Tensor& weights, bool align_corners,
+                                                           int64_t variant) {
+  check_variant("branch_merge backward", "cpu", variant, 1);
   std::vector<Tensor> feats;
   const int64_t planes = check_features(features, weights, feats);
   STD_TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == features[0].size(0) &&

@@ -42,7 +42,8 @@ void dispatch(ScalarType t, ScalarType o, F&& f) {
 }
 
 Tensor merge_forward_cuda(const std::vector<Tensor>& features, const Tensor& weights, int64_t Ho, int64_t Wo,
-                          bool align_corners, ScalarType out_dtype) {
+                          bool align_corners, ScalarType out_dtype, int64_t variant) {
+  check_variant("branch_merge forward", "cuda", variant, cuda::kForwardVariants);
   auto feats = check_features(features, weights);
   STD_TORCH_CHECK(Ho > 0 && Wo > 0, "branch_merge: out_size must be positive");
   const cuda_glue::DeviceGuard guard(feats[0].get_device_index());
@@ -68,7 +69,8 @@ Tensor merge_forward_cuda(const std::vector<Tensor>& features, const Tensor& wei
 
 std::tuple<std::vector<Tensor>, Tensor> merge_backward_cuda(const Tensor& grad_output,
                                                             const std::vector<Tensor>& features, const Tensor& weights,
-                                                            bool align_corners) {
+                                                            bool align_corners, int64_t variant) {
+  check_variant("branch_merge backward", "cuda", variant, cuda::kBackwardVariants);
   auto feats = check_features(features, weights);
   const cuda_glue::DeviceGuard guard(feats[0].get_device_index());
   STD_TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == feats[0].size(0) &&

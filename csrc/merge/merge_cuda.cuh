@@ -26,6 +26,11 @@ using msda::cuda::to_f;
 
 constexpr int kMaxBranches = 8;
 
+// How many variants of each kernel this file has (the glue's `variant` argument picks one;
+// piip_kernels/variants.py names them in this order, and 0 is the default).
+constexpr int kForwardVariants = 1;
+constexpr int kBackwardVariants = 1;
+
 template <typename T>
 struct ForwardParams {
   const T* f[kMaxBranches];  // [planes, H_i, W_i]

@@ -75,7 +75,8 @@ void backward_impl(const Sizes& z, const Args& args, const Tensor& grad_out, Ten
 }
 
 Tensor msda_forward_cpu(const Tensor& value, const Tensor& spatial_shapes, const Tensor& level_start_index,
-                        const Tensor& sampling_locations, const Tensor& attention_weights) {
+                        const Tensor& sampling_locations, const Tensor& attention_weights, int64_t variant) {
+  check_variant("ms_deform_attn forward", "cpu", variant, 1);
   Sizes z = check_and_sizes(value, spatial_shapes, level_start_index, sampling_locations,
                             attention_weights, /*cuda=*/false);
   const Args args{contig(value), contig(spatial_shapes), contig(level_start_index),
@@ -90,7 +91,8 @@ Tensor msda_forward_cpu(const Tensor& value, const Tensor& spatial_shapes, const
 std::tuple<Tensor, Tensor, Tensor> msda_backward_cpu(const Tensor& grad_output, const Tensor& value,
                                                      const Tensor& spatial_shapes, const Tensor& level_start_index,
                                                      const Tensor& sampling_locations,
-                                                     const Tensor& attention_weights) {
+                                                     const Tensor& attention_weights, int64_t variant) {
+  check_variant("ms_deform_attn backward", "cpu", variant, 1);
   Sizes z = check_and_sizes(value, spatial_shapes, level_start_index, sampling_locations,
                             attention_weights, /*cuda=*/false);
   check_grad_output(grad_output, value, z);

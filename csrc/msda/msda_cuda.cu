@@ -23,7 +23,8 @@ cuda::Params<typename Device<T>::type, typename Device<U>::type> params(const Si
 }
 
 Tensor msda_forward_cuda(const Tensor& value_, const Tensor& shapes_, const Tensor& starts_, const Tensor& loc_,
-                         const Tensor& attn_) {
+                         const Tensor& attn_, int64_t variant) {
+  check_variant("ms_deform_attn forward", "cuda", variant, cuda::kForwardVariants);
   const Sizes z = check_and_sizes(value_, shapes_, starts_, loc_, attn_, /*cuda=*/true);
   const cuda_glue::DeviceGuard guard(value_.get_device_index());
   const Tensor value = contig(value_), shapes = contig(shapes_), starts = contig(starts_);
@@ -47,7 +48,10 @@ Tensor msda_forward_cuda(const Tensor& value_, const Tensor& shapes_, const Tens
 
 std::tuple<Tensor, Tensor, Tensor> msda_backward_cuda_impl(const Tensor& grad_output, const Tensor& value_,
                                                            const Tensor& shapes_, const Tensor& starts_,
-                                                           const Tensor& loc_, const Tensor& attn_, bool deterministic) {
+                                                           const Tensor& loc_, const Tensor& attn_, bool deterministic,
+                                                           int64_t variant) {
+  check_variant(deterministic ? "ms_deform_attn backward (deterministic)" : "ms_deform_attn backward", "cuda", variant,
+                deterministic ? cuda::kDeterministicBackwardVariants : cuda::kBackwardVariants);
   const Sizes z = check_and_sizes(value_, shapes_, starts_, loc_, attn_, /*cuda=*/true);
   check_grad_output(grad_output, value_, z);
   const cuda_glue::DeviceGuard guard(value_.get_device_index());
@@ -80,14 +84,15 @@ std::tuple<Tensor, Tensor, Tensor> msda_backward_cuda_impl(const Tensor& grad_ou
 
 std::tuple<Tensor, Tensor, Tensor> msda_backward_cuda(const Tensor& grad_output, const Tensor& value,
                                                       const Tensor& shapes, const Tensor& starts, const Tensor& loc,
-                                                      const Tensor& attn) {
-  return msda_backward_cuda_impl(grad_output, value, shapes, starts, loc, attn, false);
+                                                      const Tensor& attn, int64_t variant) {
+  return msda_backward_cuda_impl(grad_output, value, shapes, starts, loc, attn, false, variant);
 }
 
 std::tuple<Tensor, Tensor, Tensor> msda_backward_deterministic_cuda(const Tensor& grad_output, const Tensor& value,
                                                                     const Tensor& shapes, const Tensor& starts,
-                                                                    const Tensor& loc, const Tensor& attn) {
-  return msda_backward_cuda_impl(grad_output, value, shapes, starts, loc, attn, true);
+                                                                    const Tensor& loc, const Tensor& attn,
+                                                                    int64_t variant) {
+  return msda_backward_cuda_impl(grad_output, value, shapes, starts, loc, attn, true, variant);
 }
 
 }  // namespace

@@ -45,6 +45,12 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float
 
 constexpr int kThreads = 256;  // threads per block of every kernel here
 
+// How many variants of each kernel this file has (the glue's `variant` argument picks one;
+// piip_kernels/variants.py names them in this order, and 0 is the default).
+constexpr int kForwardVariants = 1;
+constexpr int kBackwardVariants = 1;
+constexpr int kDeterministicBackwardVariants = 1;
+
 // What a kernel writes where its inputs make the result meaningless (see level_fits).
 __device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000); }
 
