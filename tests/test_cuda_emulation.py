@@ -10,9 +10,7 @@ atomics, the rounding of the fast-math intrinsics); tests/test_cuda.py does that
 """
 import ctypes
 import os
-import re
-import shutil
-import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,131 +19,21 @@ import torch
 from piip_kernels.dca.reference import deform_cross_attn_reference
 from piip_kernels.merge.reference import branch_merge_reference
 from piip_kernels.msda.reference import ms_deform_attn_reference
-from piip_kernels.msda.triton import fixed_point_scale, softmax_bound
 
 from helpers import (assert_derived_close, check_dca_nonfinite, check_fixed_point_extremes, check_levels_outside_value,
                      check_merge_against_reference, check_merge_nonfinite, check_msda_nonfinite, dca_grads, dca_inputs,
                      dca_nonfinite_cases, merge_edge_cases, merge_grads, merge_inputs, merge_nonfinite_cases, msda_inputs,
                      msda_nonfinite_cases, reference64, run_with_grads)
 
-ROOT = Path(__file__).resolve().parents[1]
-NVCC = shutil.which("nvcc")
+sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emulation"))
+from emulated import NVCC, build  # noqa: E402
+
 pytestmark = pytest.mark.skipif(NVCC is None and os.environ.get("PIIP_REQUIRE_NVCC") != "1",
                                 reason="needs the CUDA headers (nvcc on PATH)")
-CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
-
-def cuda_include_dirs() -> list[str]:
-    """The include folders nvcc itself uses (from its dry run)."""
-    probe = subprocess.run([NVCC or "nvcc", "--dryrun", "-c", "x.cu"], capture_output=True, text=True)
-    dirs = re.findall(r'INCLUDES="-I([^"]+?)"', probe.stderr) + re.findall(r'SYSTEM_INCLUDES="-isystem" "([^"]+)"', probe.stderr)
-    assert dirs, f"no include folder in nvcc's dry run:\n{probe.stderr[-2000:]}"
-    return [d.strip() for d in dirs]
-
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    import torch.utils.cpp_extension as ext
-
-    lib = tmp_path_factory.mktemp("emu") / "kernels.so"
-    cmd = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wall", "-Wno-unknown-pragmas",
-           # torch's extension build disables the implicit 16-bit conversions; so does this one
-           *[f for f in ext.COMMON_NVCC_FLAGS if f.startswith("-D")],
-           "-I", str(ROOT / "csrc"), *[f"-I{d}" for d in cuda_include_dirs()],
-           str(ROOT / "tests" / "cuda_emulation" / "kernels.cpp"), "-o", str(lib)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
-    assert "warning" not in res.stderr, res.stderr[-4000:]
-    return Emulated(ctypes.CDLL(str(lib)))
-
-
-def p(t):
-    return ctypes.c_void_p(t.data_ptr() if t is not None else None)
-
-
-def i64(*values):
-    return [ctypes.c_int64(v) for v in values]
-
-
-class Emulated:
-    """The emulated kernels with the glue's buffers: the shapes of the public ops."""
-
-    def __init__(self, lib):
-        self.lib = lib
-
-    def _run(self, name, *args):
-        rc = getattr(self.lib, name)(*args)
-        errors = self.lib.piip_emu_errors()
-        assert rc == 0, f"{name} returned {rc}"
-        assert errors == 0, f"{name}: {errors} undefined warp shuffles (lane or source outside the mask, or exited)"
-
-    def msda_forward(self, value, shapes, starts, loc, attn):
-        N, S, M, D = value.shape
-        _, Lq, _, L, P, _ = loc.shape
-        out = torch.full((N, Lq, M * D), float("nan"), dtype=value.dtype)
-        self._run("piip_emu_msda_forward", CODE[value.dtype], CODE[loc.dtype], p(value), p(shapes), p(starts), p(loc), p(attn),
-                  p(out), *i64(N, S, M, D, Lq, L, P))
-        return out
-
-    def msda_backward(self, grad_out, value, shapes, starts, loc, attn, deterministic=False):
-        N, S, M, D = value.shape
-        _, Lq, _, L, P, _ = loc.shape
-        acc, scale = self._accumulator(value, grad_out, attn, Lq * P, deterministic)
-        gv, gl, ga = (torch.full_like(t, float("nan")) for t in (value, loc, attn))
-        self._run("piip_emu_msda_backward", CODE[value.dtype], CODE[loc.dtype], p(grad_out), p(value), p(shapes), p(starts), p(loc),
-                  p(attn), p(None if deterministic else acc), p(acc if deterministic else None), p(scale), p(gv), p(gl), p(ga),
-                  *i64(N, S, M, D, Lq, L, P))
-        return gv, gl, ga
-
-    @staticmethod
-    def _accumulator(value, grad_out, weights, points, deterministic):
-        # As csrc/common/cuda_glue.h's GradValueAccumulator.
-        if deterministic:
-            return torch.zeros(value.shape, dtype=torch.int64), fixed_point_scale(grad_out, points, weights).reshape(1)
-        return torch.zeros(value.shape, dtype=torch.float32), None
-
-    def dca_forward(self, value, value_hw, offsets, logits, query_hw):
-        N, _, M, D = value.shape
-        P = offsets.shape[3]
-        out = torch.full((N, offsets.shape[1], M * D), float("nan"), dtype=value.dtype)
-        self._run("piip_emu_dca_forward", CODE[value.dtype], CODE[offsets.dtype], p(value), p(offsets), p(logits), p(out),
-                  *i64(N, *value_hw, *query_hw, M, D, P))
-        return out
-
-    def dca_backward(self, grad_out, value, value_hw, offsets, logits, query_hw, deterministic=False):
-        N, _, M, D = value.shape
-        P = offsets.shape[3]
-        acc, scale = self._accumulator(value, grad_out, softmax_bound(logits), query_hw[0] * query_hw[1] * P, deterministic)
-        gv, go, gl = (torch.full_like(t, float("nan")) for t in (value, offsets, logits))
-        self._run("piip_emu_dca_backward", CODE[value.dtype], CODE[offsets.dtype], p(grad_out), p(value), p(offsets), p(logits),
-                  p(None if deterministic else acc), p(acc if deterministic else None), p(scale), p(gv), p(go), p(gl),
-                  *i64(N, *value_hw, *query_hw, M, D, P))
-        return gv, go, gl
-
-    def merge_forward(self, feats, weights, out_size, align_corners, out_dtype):
-        N, C = feats[0].shape[:2]
-        maps = (ctypes.c_void_p * len(feats))(*[f.data_ptr() for f in feats])
-        H = (ctypes.c_int64 * len(feats))(*[f.shape[2] for f in feats])
-        W = (ctypes.c_int64 * len(feats))(*[f.shape[3] for f in feats])
-        w = weights.float().contiguous()
-        out = torch.full((N, C, *out_size), float("nan"), dtype=out_dtype)
-        self._run("piip_emu_merge_forward", CODE[feats[0].dtype], CODE[out_dtype], len(feats), maps, H, W, p(w), p(out),
-                  *i64(N * C, *out_size), int(align_corners))
-        return out
-
-    def merge_backward(self, grad_out, feats, weights, align_corners):
-        N, C, Ho, Wo = grad_out.shape
-        w = weights.float().contiguous()
-        grads, shares = [], []
-        for b, f in enumerate(feats):
-            H, W = f.shape[2:]
-            partial = torch.full((self.lib.piip_emu_merge_backward_blocks(*i64(N * C, H, W)),), float("nan"))
-            gf = torch.full_like(f, float("nan"))
-            self._run("piip_emu_merge_backward", CODE[f.dtype], CODE[grad_out.dtype], p(grad_out), p(f), p(gf), p(partial),
-                      ctypes.c_void_p(w.data_ptr() + 4 * b), *i64(N * C, H, W, Ho, Wo), int(align_corners))
-            grads.append(gf)
-            shares.append(partial.double().sum())  # as the glue: block shares summed in double
-        return grads, torch.stack(shares).to(weights.dtype)
+    return build(tmp_path_factory.mktemp("emu"))
 
 
 class EmulatedOp(torch.autograd.Function):
@@ -323,3 +211,15 @@ def test_launch_refuses_grids_past_cudas_limit(emu):
     for blocks in (2 ** 32 + 3, 2 ** 31):  # 2**32 + 3 blocks used to become 3
         assert emu.lib.piip_emu_launch_blocks(ctypes.c_int64(blocks), ctypes.byref(counted)) == 9  # invalid configuration
         assert counted.value == 0
+
+
+def test_emulated_unknown_variant_is_refused(emu):
+    """A variant number past the op's list is an error (-2), as the glue's check_variant."""
+    from piip_kernels.variants import VARIANTS
+
+    inputs = msda_inputs([(5, 7)], N=1, Lq=3, M=2, D=8, P=2)
+    value, shapes, starts, loc, attn = inputs
+    with pytest.raises(AssertionError, match="returned -2"):
+        emu.msda_forward(value, shapes, starts, loc, attn, variant=len(VARIANTS["msda_forward"]))
+    with pytest.raises(AssertionError, match="returned -2"):
+        emu.msda_forward(value, shapes, starts, loc, attn, variant=-1)

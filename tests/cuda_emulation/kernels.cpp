@@ -2,7 +2,8 @@
 // that tests/test_cuda_emulation.py calls through ctypes with CPU tensors' pointers.
 // Each entry mirrors its glue file in csrc/*/*_cuda.cu: the same launch_* functions,
 // vector-width choice and parameter builders; only the ATen side is left out.
-// dtype codes: 0 float32, 1 float16, 2 bfloat16. Entries return 0, or the cudaError_t.
+// dtype codes: 0 float32, 1 float16, 2 bfloat16. Entries return 0, or the cudaError_t; -2 for a
+// variant number the op does not have. `variant` is the glue's `int variant` (piip_kernels/variants.py).
 #include "emulation.h"  // first: it defines PIIP_CUDA_EMULATION and piip::launch
 
 #include "dca/dca_cuda.cuh"
@@ -50,10 +51,11 @@ int piip_emu_launch_blocks(int64_t blocks, unsigned long long* counted) {
   return static_cast<int>(piip::launch(count_blocks, blocks, 2, nullptr, counted));
 }
 
-int piip_emu_msda_forward(int t, int u, const void* value, const int64_t* shapes, const int64_t* starts, const void* loc,
+int piip_emu_msda_forward(int variant, int t, int u, const void* value, const int64_t* shapes, const int64_t* starts, const void* loc,
                           const void* attn, void* out, int64_t N, int64_t S, int64_t M, int64_t D, int64_t Lq, int64_t L,
                           int64_t P) {
   namespace k = piip::msda::cuda;
+  if (variant < 0 || variant >= k::kForwardVariants) return -2;
   return dispatch(t, u, [&]<typename T, typename U>() {
     const k::Params<T, U> p{static_cast<const T*>(value), shapes, starts, static_cast<const U*>(loc),
                             static_cast<const U*>(attn), N, S, M, D, Lq, L, P};
@@ -64,11 +66,12 @@ int piip_emu_msda_forward(int t, int u, const void* value, const int64_t* shapes
   });
 }
 
-int piip_emu_msda_backward(int t, int u, const void* grad_out, const void* value, const int64_t* shapes, const int64_t* starts,
+int piip_emu_msda_backward(int variant, int t, int u, const void* grad_out, const void* value, const int64_t* shapes, const int64_t* starts,
                            const void* loc, const void* attn, float* acc_f32, unsigned long long* acc_fixed, const double* scale,
                            void* grad_value_out, void* grad_loc, void* grad_attn, int64_t N, int64_t S, int64_t M, int64_t D,
                            int64_t Lq, int64_t L, int64_t P) {
   namespace k = piip::msda::cuda;
+  if (variant < 0 || variant >= (acc_fixed != nullptr ? k::kDeterministicBackwardVariants : k::kBackwardVariants)) return -2;
   const auto gv = grad_value(acc_f32, acc_fixed, scale);
   return dispatch(t, u, [&]<typename T, typename U>() {
     const k::Params<T, U> p{static_cast<const T*>(value), shapes, starts, static_cast<const U*>(loc),
@@ -112,9 +115,10 @@ int piip_emu_dca_backward(int t, int u, const void* grad_out, const void* value,
 }
 
 // maps: nb pointers to [planes, H[b], W[b]]; the output dtype o is t or float (0).
-int piip_emu_merge_forward(int t, int o, int nb, const void* const* maps, const int64_t* H, const int64_t* W,
+int piip_emu_merge_forward(int variant, int t, int o, int nb, const void* const* maps, const int64_t* H, const int64_t* W,
                            const float* weights, void* out, int64_t planes, int64_t Ho, int64_t Wo, int align_corners) {
   namespace k = piip::merge::cuda;
+  if (variant < 0 || variant >= k::kForwardVariants) return -2;
   return dispatch(t, o, [&]<typename T, typename O>() {
     const auto p = k::forward_params<T>(nb, reinterpret_cast<const T* const*>(maps), H, W, weights, planes, Ho, Wo,
                                         align_corners != 0);
@@ -124,10 +128,11 @@ int piip_emu_merge_forward(int t, int o, int nb, const void* const* maps, const 
 
 long piip_emu_merge_backward_blocks(int64_t planes, int64_t H, int64_t W) { return piip::merge::cuda::backward_blocks(planes, H, W); }
 
-int piip_emu_merge_backward(int t, int o, const void* grad_out, const void* map, void* grad_map, float* partial,
+int piip_emu_merge_backward(int variant, int t, int o, const void* grad_out, const void* map, void* grad_map, float* partial,
                             const float* weight, int64_t planes, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
                             int align_corners) {
   namespace k = piip::merge::cuda;
+  if (variant < 0 || variant >= k::kBackwardVariants) return -2;
   return dispatch(t, o, [&]<typename T, typename O>() {
     const auto p = k::backward_params<T, O>(static_cast<const O*>(grad_out), static_cast<const T*>(map),
                                             static_cast<T*>(grad_map), partial, weight, planes, H, W, Ho, Wo,
