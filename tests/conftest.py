@@ -14,3 +14,16 @@ try:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 except ImportError:  # pragma: no cover
     pass
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def emu(tmp_path_factory):
+    """The CUDA kernels of csrc/ under the CPU emulation (tests/cuda_emulation/emulated.py),
+    compiled once per run for every test file that uses them."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cuda_emulation"))
+    from emulated import build
+
+    return build(tmp_path_factory.mktemp("emu"))

@@ -26,15 +26,10 @@ from helpers import (assert_derived_close, check_dca_nonfinite, check_fixed_poin
                      msda_nonfinite_cases, reference64, run_with_grads)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emulation"))
-from emulated import NVCC, build  # noqa: E402
+from emulated import NVCC  # noqa: E402  (the `emu` fixture is in conftest.py)
 
 pytestmark = pytest.mark.skipif(NVCC is None and os.environ.get("PIIP_REQUIRE_NVCC") != "1",
                                 reason="needs the CUDA headers (nvcc on PATH)")
-
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory):
-    return build(tmp_path_factory.mktemp("emu"))
-
 
 class EmulatedOp(torch.autograd.Function):
     """ms_deform_attn on the emulated kernels, so the helpers' gradient runs apply."""
