@@ -91,3 +91,35 @@ def test_two_process_training_falls_checkpoints_and_resumes(tmp_path):
     assert sorted(resumed) == list(range(1, 10))
     # The first six steps are the first run's (a fresh run to 9 steps decays lr over 9 and differs).
     assert {s: resumed[s] for s in first} == first
+
+
+def test_resume_mid_epoch_continues_the_uninterrupted_run(tmp_path):
+    """One process, bf16 with masters: a run to 6 steps, and a second run resumed from its step-3
+    checkpoint (mid-epoch: 8 images, 4 steps per epoch) with another number of loader workers,
+    log the same losses at steps 4 to 6 (same data, same augmentation, same weights and
+    optimizer state; nothing in the step differs, so the losses are equal, not close)."""
+    import shutil
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import train_segmentation as ts
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    from piip.hf import piip_config_to_dict
+
+    make_ade20k(tmp_path / "ade")
+    config = tmp_path / "tiny_piip.json"
+    config.write_text(json.dumps(piip_config_to_dict(tiny_config(2))))
+
+    def run(out, workers, *extra):
+        ts.main(["--data", str(tmp_path / "ade"), "--output-dir", str(out), "--backbone-config", str(config),
+                 "--num-labels", "3", "--head-width", "16", "--size", "64", "--batch-size", "2", "--max-steps", "6",
+                 "--warmup-steps", "0", "--lr", "5e-3", "--save-steps", "3", "--logging-steps", "1", "--workers",
+                 str(workers), "--no-eval", "--bf16", *extra])
+
+    run(tmp_path / "a", 0)
+    shutil.copytree(tmp_path / "a" / "checkpoint-3", tmp_path / "b" / "checkpoint-3")
+    run(tmp_path / "b", 2, "--resume")
+    whole, resumed = _losses(tmp_path / "a" / "checkpoint-6"), _losses(tmp_path / "b" / "checkpoint-6")
+    assert sorted(whole) == sorted(resumed) == list(range(1, 7))
+    assert {s: resumed[s] for s in (4, 5, 6)} == {s: whole[s] for s in (4, 5, 6)}, (whole, resumed)
