@@ -9,6 +9,8 @@
     ... --resume
     # evaluate an official mmseg checkpoint
     python examples/train_segmentation.py --data ... --output-dir runs/eval --checkpoint upernet_h6b_192.pth --eval-only
+    # evaluate the latest checkpoint of a run
+    python examples/train_segmentation.py --data ... --output-dir runs/upernet_h6b --bf16 --eval-only
 
 The folder: ``images/{training,validation}/<name>.jpg`` and ``annotations/{training,validation}/<name>.png``
 (label 0 is "other", ignored; 1..150 are the classes 0..149, as mmseg's ``reduce_zero_label``).
@@ -81,9 +83,13 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
-    p.add_argument("--eval-only", action="store_true")
+    p.add_argument("--eval-only", action="store_true",
+                   help="evaluate --checkpoint, or else the latest checkpoint in --output-dir (no training)")
     p.add_argument("--no-eval", action="store_true", help="skip evaluation (during and after training)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.eval_only and args.no_eval:
+        p.error("--eval-only with --no-eval: nothing to do")
+    return args
 
 
 # ------------------------------------------------------------------------------------- data
@@ -228,6 +234,20 @@ def build_model(args):
     return model
 
 
+def load_trainer_checkpoint(model, checkpoint: str) -> None:
+    """The model weights of a Trainer checkpoint folder, every key checked (cast to the
+    parameters' dtypes: a --bf16 run's checkpoint into an fp32 model and the other way)."""
+    from safetensors.torch import load_file
+
+    path = Path(checkpoint) / "model.safetensors"
+    if not path.exists():
+        raise SystemExit(f"{checkpoint} holds no model.safetensors")
+    missing, unexpected = model.load_state_dict(load_file(path), strict=False)
+    if missing or unexpected:
+        raise SystemExit(f"{path} does not fit the model built from these arguments: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     import piip
@@ -269,6 +289,14 @@ def main(argv=None):
     trainer = Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=val,
                       optimizers=(optimizer, schedule), compute_metrics=MeanIoU(args.num_labels),
                       preprocess_logits_for_metrics=argmax_logits, callbacks=[epoch_callback()])
+    if args.eval_only and not args.checkpoint:
+        # Never an evaluation of freshly initialised weights: the run's latest checkpoint, or an error.
+        last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        if last is None:
+            raise SystemExit(f"--eval-only: no --checkpoint and no checkpoint in {args.output_dir}: nothing to evaluate")
+        load_trainer_checkpoint(model, last)
+        if trainer.is_world_process_zero():
+            print(f"evaluating {last}")
     if not args.eval_only:
         resume = get_last_checkpoint(args.output_dir) if args.resume else None
         if args.resume and trainer.is_world_process_zero():
