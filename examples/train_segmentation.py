@@ -281,7 +281,8 @@ def main(argv=None):
         model.backbone.to(torch.bfloat16)  # the heads stay fp32; PIIPBackbone returns fp32 maps to them
     model.to(training_args.device)  # before the optimizer: its master weights live on the parameters' device
     recipe = {"lr": args.lr} if args.lr else {}
-    optimizer = piip.build_optimizer(model, preset=args.preset, **recipe)
+    # master_weights=True also without --bf16: a --bf16 run resumed in fp32 continues from its masters.
+    optimizer = piip.build_optimizer(model, preset=args.preset, master_weights=True, **recipe)
     schedule = get_polynomial_decay_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps, lr_end=0.0, power=1.0)
 
     train = None if args.eval_only else ADE20KFolder(args.data, "training", args.size, train=True, seed=args.seed)
