@@ -149,3 +149,27 @@ def test_unknown_deterministic_variant_is_refused(emu):
     with pytest.raises(AssertionError, match="returned -2"):
         emu.msda_backward(grad_out, value, shapes, starts, loc, attn, deterministic=True,
                           variant=len(VARIANTS["msda_backward_deterministic"]))
+
+
+def test_two_pass_refuses_what_its_int32_indices_cannot_hold(emu):
+    """Sizes past int32 get no workspace size (-1; the glue raises a clear error there), and a
+    workspace smaller than asked for is refused (cudaErrorInvalidValue) rather than overrun."""
+    import ctypes
+
+    from emulated import CODE, i64, p
+
+    lib = emu.lib
+    lib.piip_emu_msda_two_pass_workspace.restype = ctypes.c_int64
+    assert lib.piip_emu_msda_two_pass_workspace(*i64(1, 2 ** 31, 1, 1, 1, 1)) == -1  # cells
+    assert lib.piip_emu_msda_two_pass_workspace(*i64(1, 4, 8, 2 ** 26, 1, 1)) == -1  # 2^31 corners
+    value, shapes, starts, loc, attn = msda_inputs([(5, 7)], N=1, Lq=3, M=2, D=8, P=2)
+    size = lib.piip_emu_msda_two_pass_workspace(*i64(1, 35, 2, 3, 1, 2))
+    assert size > 0
+    workspace = torch.zeros(size, dtype=torch.uint8)
+    grad_out = torch.randn(1, 3, 16)
+    gv, gl, ga = (torch.full_like(t, float("nan")) for t in (value, loc, attn))
+    rc = lib.piip_emu_msda_backward_two_pass(CODE[value.dtype], CODE[loc.dtype], p(grad_out), p(value), p(shapes), p(starts),
+                                             p(loc), p(attn), p(workspace), ctypes.c_int64(size - 1), p(gv), p(gl), p(ga),
+                                             *i64(1, 35, 2, 8, 3, 1, 2))
+    assert rc == 1  # cudaErrorInvalidValue
+    assert torch.isnan(gv).all()  # nothing ran

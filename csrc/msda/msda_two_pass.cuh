@@ -4,8 +4,8 @@
 // Variant 0 ("fixed_point", msda_cuda.cuh) makes the grad_value scatter order-independent by
 // adding 64-bit fixed-point integers. This one never adds two floats in an order that depends
 // on scheduling: it turns the scatter into a gather over a list of contributions sorted by
-// target. Every sum is formed in one fixed order, so the bits are the same run to run, on any
-// GPU with the same arithmetic, and NaN and infinity reach grad_value exactly where the
+// target. Every sum is formed in one fixed order (entry order, whatever the grid or the
+// scheduling), so the bits are the same run to run, and NaN and infinity reach grad_value exactly where the
 // reference puts them (a fixed-point sum cannot hold them and variant 0 poisons all of
 // grad_value instead).
 //
@@ -15,8 +15,8 @@
 // c = (n * S + s) * M + m, C = N * S * M of them.
 //
 // 1. Pass 1 (pass1_kernel, GP lanes per row as in msda_cuda.cuh's backward): the location and
-//    weight gradients exactly as variant 0 (the same corner dot products, lane split and
-//    shuffles, hence the same bits), and for every entry its target cell (C when the corner
+//    weight gradients as variant 0 computes them (the same corner dot products, lane split
+//    and shuffles, so the same arithmetic), and for every entry its target cell (C when the corner
 //    is outside the map, the point outside it, or its level does not fit value) and its
 //    coefficient attn * w_k.
 // 2. Sort the entries by cell, stably: an LSD radix sort of (cell, entry) pairs on 4-bit
@@ -118,8 +118,9 @@ inline size_t carve(const Problem& z, char* base, Workspace* ws) {
   return total;
 }
 
-// Bytes of workspace a call needs (256-byte aligned pieces; the caller's buffer must be
-// 256-byte aligned too, as every CUDA allocation is).
+// Bytes of workspace a call needs. The pieces start on 256-byte boundaries of the buffer, so a
+// buffer aligned as CUDA allocations are (256 bytes or more) gives aligned, coalesced arrays;
+// 4 bytes is all correctness needs.
 inline size_t workspace_bytes(const Problem& z) { return carve(z, nullptr, nullptr); }
 
 // One sampling point, this lane's chunks (lane, lane + GP, ... < chunks): adds the partial dot
@@ -147,8 +148,10 @@ __device__ __forceinline__ void dot_point(const T* value, const T* g_row, int64_
 
 // Pass 1: one row (n, q, m) per group of GP lanes. Writes grad_loc and grad_attn, and each
 // entry's cell (C when unused) and coefficient, and its own number as the sort's payload.
+// The occupancy caps of variant 0's backward (64 registers, 80 for 16-byte vectors of 16-bit
+// values): pass 1 holds less (no scatter), and ptxas reports no spills at these caps.
 template <typename T, typename U, int V>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, cuda::kBackwardMinBlocks<V>)
     pass1_kernel(Params<T, U> p, const T* __restrict__ grad_out, U* __restrict__ grad_loc, U* __restrict__ grad_attn,
                  int32_t* __restrict__ keys, int32_t* __restrict__ ids, float* __restrict__ coef, int GP) {
   const Group grp = cuda::my_group(GP);
@@ -340,14 +343,17 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // The whole backward: grad_loc, grad_attn, and grad_value (every element written), using
-// `workspace` (workspace_bytes(problem(...)) bytes, 256-byte aligned). V divides D and aligns value,
-// grad_out and grad_value (vector_width over them). Returns cudaErrorInvalidValue when the
-// call does not fit int32 indices (fits_int32) or the workspace is too small.
+// `workspace` (workspace_bytes(problem(...)) bytes; see there for its alignment), whose contents
+// are ignored. V divides D and aligns value, grad_out and grad_value (vector_width over them).
+// Returns cudaErrorInvalidValue when the call does not fit int32 indices (fits_int32) or the
+// workspace is too small or misaligned.
 template <typename T, typename U, int V>
 cudaError_t launch_backward(const Params<T, U>& p, const T* grad_out, U* grad_loc, U* grad_attn, T* grad_value,
                             void* workspace, size_t workspace_size, cudaStream_t stream) {
   const Problem z = problem(p.N, p.S, p.M, p.Lq, p.L, p.P);
-  if (!fits_int32(z) || workspace_size < workspace_bytes(z)) return cudaErrorInvalidValue;
+  if (!fits_int32(z) || workspace_size < workspace_bytes(z) || reinterpret_cast<uintptr_t>(workspace) % 4 != 0) {
+    return cudaErrorInvalidValue;
+  }
   Workspace ws;
   carve(z, static_cast<char*>(workspace), &ws);
   const int64_t rows = p.N * p.Lq * p.M;

@@ -156,7 +156,7 @@ int64_t piip_emu_msda_two_pass_workspace(int64_t N, int64_t S, int64_t M, int64_
 }
 
 // Variant 1 ("two_pass") of msda_backward_deterministic, as csrc/msda/msda_cuda.cu runs it:
-// `workspace` holds `workspace_size` bytes (256-byte aligned), its contents ignored.
+// `workspace` holds `workspace_size` bytes (aligned as a CUDA allocation), its contents ignored.
 int piip_emu_msda_backward_two_pass(int t, int u, const void* grad_out, const void* value, const int64_t* shapes,
                                     const int64_t* starts, const void* loc, const void* attn, void* workspace,
                                     int64_t workspace_size, void* grad_value_out, void* grad_loc, void* grad_attn, int64_t N,
