@@ -13,7 +13,7 @@ from __future__ import annotations
 VARIANTS: dict[str, tuple[str, ...]] = {
     "msda_forward": ("lanes",),
     "msda_backward": ("atomic",),
-    "msda_backward_deterministic": ("fixed_point",),
+    "msda_backward_deterministic": ("fixed_point", "two_pass"),
     "merge_forward": ("pixel",),
     "merge_backward": ("gather",),
 }

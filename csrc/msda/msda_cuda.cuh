@@ -49,7 +49,7 @@ constexpr int kThreads = 256;  // threads per block of every kernel here
 // piip_kernels/variants.py names them in this order, and 0 is the default).
 constexpr int kForwardVariants = 1;
 constexpr int kBackwardVariants = 1;
-constexpr int kDeterministicBackwardVariants = 1;
+constexpr int kDeterministicBackwardVariants = 2;
 
 // What a kernel writes where its inputs make the result meaningless (see level_fits).
 __device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000); }

@@ -9,6 +9,7 @@
 #include "dca/dca_cuda.cuh"
 #include "merge/merge_cuda.cuh"
 #include "msda/msda_cuda.cuh"
+#include "msda/msda_two_pass.cuh"
 
 namespace {
 
@@ -138,6 +139,39 @@ int piip_emu_merge_backward(int variant, int t, int o, const void* grad_out, con
                                             static_cast<T*>(grad_map), partial, weight, planes, H, W, Ho, Wo,
                                             align_corners != 0);
     return static_cast<int>(k::launch_backward<T, O>(p, nullptr));
+  });
+}
+
+}  // extern "C"
+
+// --- the deterministic MSDA backward without atomics (csrc/msda/msda_two_pass.cuh) ----------
+extern "C" {
+
+// Bytes of workspace piip_emu_msda_backward_two_pass needs for these sizes; -1 when they do not
+// fit its int32 indices.
+int64_t piip_emu_msda_two_pass_workspace(int64_t N, int64_t S, int64_t M, int64_t Lq, int64_t L, int64_t P) {
+  namespace tp = piip::msda::two_pass;
+  const tp::Problem z = tp::problem(N, S, M, Lq, L, P);
+  return tp::fits_int32(z) ? static_cast<int64_t>(tp::workspace_bytes(z)) : -1;
+}
+
+// Variant 1 ("two_pass") of msda_backward_deterministic, as csrc/msda/msda_cuda.cu runs it:
+// `workspace` holds `workspace_size` bytes (aligned as a CUDA allocation), its contents ignored.
+int piip_emu_msda_backward_two_pass(int t, int u, const void* grad_out, const void* value, const int64_t* shapes,
+                                    const int64_t* starts, const void* loc, const void* attn, void* workspace,
+                                    int64_t workspace_size, void* grad_value_out, void* grad_loc, void* grad_attn, int64_t N,
+                                    int64_t S, int64_t M, int64_t D, int64_t Lq, int64_t L, int64_t P) {
+  namespace k = piip::msda::cuda;
+  return dispatch(t, u, [&]<typename T, typename U>() {
+    const k::Params<T, U> p{static_cast<const T*>(value), shapes, starts, static_cast<const U*>(loc),
+                            static_cast<const U*>(attn), N, S, M, D, Lq, L, P};
+    const T* g = static_cast<const T*>(grad_out);
+    T* gv = static_cast<T*>(grad_value_out);
+    const int v = std::min(k::vector_width<T>(D, addr(p.value), addr(g)), k::vector_width<T>(D, addr(gv), addr(g)));
+    return static_cast<int>(k::with_vector_width<T>(v, [&]<int V>() {
+      return piip::msda::two_pass::launch_backward<T, U, V>(p, g, static_cast<U*>(grad_loc), static_cast<U*>(grad_attn), gv,
+                                                            workspace, static_cast<size_t>(workspace_size), nullptr);
+    }));
   });
 }
 
