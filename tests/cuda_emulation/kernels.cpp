@@ -45,6 +45,14 @@ extern "C" {
 
 long piip_emu_errors() { return piip_emu::errors.exchange(0); }
 
+// Counts the fp32 atomics into [begin, begin + bytes) from now on (a float4 atomic once); returns
+// the count since the previous call.
+long piip_emu_watch_atomics(const void* begin, int64_t bytes) {
+  piip_emu::watch_begin = begin;
+  piip_emu::watch_end = static_cast<const char*>(begin) + bytes;
+  return piip_emu::watched_atomics.exchange(0);
+}
+
 // Launches a kernel that counts its blocks into *counted through piip::launch: the return code
 // and the count show whether a grid of `blocks` was run or refused.
 int piip_emu_launch_blocks(int64_t blocks, unsigned long long* counted) {
@@ -61,7 +69,7 @@ int piip_emu_msda_forward(int variant, int t, int u, const void* value, const in
                             static_cast<const U*>(attn), N, S, M, D, Lq, L, P};
     T* o = static_cast<T*>(out);
     return static_cast<int>(k::with_vector_width<T>(k::vector_width<T>(D, addr(p.value), addr(o)), [&]<int V>() {
-      return k::launch_forward<T, U, V>(p, o, nullptr);
+      return k::launch_forward<T, U, V>(p, o, nullptr, variant);
     }));
   });
 }
@@ -79,7 +87,7 @@ int piip_emu_msda_backward(int variant, int t, int u, const void* grad_out, cons
     const T* g = static_cast<const T*>(grad_out);
     return static_cast<int>(k::with_vector_width<T>(k::vector_width<T>(D, addr(p.value), addr(g)), [&]<int V>() {
       return k::launch_backward<T, U, V>(p, g, gv, static_cast<U*>(grad_loc), static_cast<U*>(grad_attn),
-                                         static_cast<T*>(grad_value_out), nullptr);
+                                         static_cast<T*>(grad_value_out), nullptr, variant);
     }));
   });
 }
