@@ -512,8 +512,10 @@ __device__ __forceinline__ void aggregated_scatter_point(const T* value, const T
 // the L2 where many queries sample the same cells (PIIP's interactions: the query grid is
 // often denser than the value grid). A row of 32 lanes (GP = 32) is alone in its warp and its
 // lanes hold different chunks, so nothing can coincide: those rows scatter as variant 0.
+// The match key, the peer mask and the sums beside variant 0's state need more than variant 0's
+// 64 registers (ptxas spilled 32 bytes at that cap for V = 1 and 4): 3 blocks per SM (80).
 template <typename T, typename U, int V>
-__global__ void __launch_bounds__(kThreads, kBackwardMinBlocks<V>)
+__global__ void __launch_bounds__(kThreads, 3)
     warp_aggregated_backward_kernel(Params<T, U> p, const T* __restrict__ grad_out, float* __restrict__ gv,
                                     U* __restrict__ grad_loc, U* __restrict__ grad_attn, int GP) {
   const Group grp = my_group(GP);
