@@ -14,6 +14,14 @@
 // integer atomics (integer addition is associative, so every run gives the same bits)
 // followed by a conversion kernel.
 //
+// Variants (the glue's `variant`, named in piip_kernels/variants.py; 0 is the above):
+// forward 1 point_major (a row's points set up once, one per lane, and broadcast by shuffles),
+// 2 flat (one thread per output chunk, no idle group lanes), 3 block128 (variant 0 in
+// 128-thread blocks); backward 1 warp_aggregated (lanes of a warp that hit the same grad_value
+// address add first, one atomic per address), 2 shared_privatized (a block's grad_value band
+// accumulated in shared memory, then flushed). The backward variants add in fp32 only; every
+// variant gives variant 0's results up to the order of fp32 additions.
+//
 // Layouts as in msda_cpu.h: value [N, S, M, D], shapes [L, 2], starts [L],
 // loc [N, Lq, M, L, P, 2], attn [N, Lq, M, L, P], out / grad_out [N, Lq, M, D].
 #pragma once
