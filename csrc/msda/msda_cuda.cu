@@ -41,7 +41,7 @@ Tensor msda_forward_cuda(const Tensor& value_, const Tensor& shapes_, const Tens
     DT* o = dev_mut_ptr<T>(out);
     const int v = cuda::vector_width<DT>(z.D, reinterpret_cast<uintptr_t>(p.value), reinterpret_cast<uintptr_t>(o));
     const cudaError_t err = cuda::with_vector_width<DT>(v, [&]<int V>() {
-      return cuda::launch_forward<DT, typename Device<U>::type, V>(p, o, stream);
+      return cuda::launch_forward<DT, typename Device<U>::type, V>(p, o, stream, static_cast<int>(variant));
     });
     cuda_glue::check_launch("ms_deform_attn forward", err);
   });
@@ -77,7 +77,7 @@ std::tuple<Tensor, Tensor, Tensor> msda_backward_cuda_impl(const Tensor& grad_ou
     const int v = cuda::vector_width<DT>(z.D, reinterpret_cast<uintptr_t>(p.value), reinterpret_cast<uintptr_t>(g));
     const cudaError_t err = cuda::with_vector_width<DT>(v, [&]<int V>() {
       return cuda::launch_backward<DT, DU, V>(p, g, gv, dev_mut_ptr<U>(grad_loc), dev_mut_ptr<U>(grad_attn),
-                                              dev_mut_ptr<T>(grad_value), stream);
+                                              dev_mut_ptr<T>(grad_value), stream, static_cast<int>(variant));
     });
     cuda_glue::check_launch("ms_deform_attn backward", err);
   });

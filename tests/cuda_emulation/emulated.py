@@ -80,9 +80,11 @@ class Emulated:
             return self._msda_backward_two_pass(grad_out, value, shapes, starts, loc, attn)
         acc, scale = self._accumulator(value, grad_out, attn, Lq * P, deterministic)
         gv, gl, ga = (torch.full_like(t, float("nan")) for t in (value, loc, attn))
+        self._watch(acc)
         self._run("piip_emu_msda_backward", variant, CODE[value.dtype], CODE[loc.dtype], p(grad_out), p(value), p(shapes), p(starts), p(loc),
                   p(attn), p(None if deterministic else acc), p(acc if deterministic else None), p(scale), p(gv), p(gl), p(ga),
                   *i64(N, S, M, D, Lq, L, P))
+        self.last_atomics = self._watch(None)
         return gv, gl, ga
 
     def _msda_backward_two_pass(self, grad_out, value, shapes, starts, loc, attn):
@@ -102,6 +104,14 @@ class Emulated:
                   p(starts), p(loc), p(attn), p(workspace), ctypes.c_int64(size), p(gv), p(gl), p(ga),
                   *i64(N, S, M, D, Lq, L, P))
         return gv, gl, ga
+
+    def _watch(self, acc):
+        """Counts the fp32 atomics into `acc` from now on (None: stops); returns the count of the
+        previous watch. msda_backward leaves its count in ``last_atomics``: the atomics that
+        reached the grad_value accumulator (global memory), a float4 one counted once."""
+        fn = self.lib.piip_emu_watch_atomics
+        fn.restype = ctypes.c_long
+        return fn(p(acc), ctypes.c_int64(acc.numel() * acc.element_size() if acc is not None else 0))
 
     @staticmethod
     def _accumulator(value, grad_out, weights, points, deterministic):

@@ -46,6 +46,14 @@ extern "C" {
 
 long piip_emu_errors() { return piip_emu::errors.exchange(0); }
 
+// Counts the fp32 atomics into [begin, begin + bytes) from now on (a float4 atomic once); returns
+// the count since the previous call.
+long piip_emu_watch_atomics(const void* begin, int64_t bytes) {
+  piip_emu::watch_begin = begin;
+  piip_emu::watch_end = static_cast<const char*>(begin) + bytes;
+  return piip_emu::watched_atomics.exchange(0);
+}
+
 // Launches a kernel that counts its blocks into *counted through piip::launch: the return code
 // and the count show whether a grid of `blocks` was run or refused.
 int piip_emu_launch_blocks(int64_t blocks, unsigned long long* counted) {
@@ -62,7 +70,7 @@ int piip_emu_msda_forward(int variant, int t, int u, const void* value, const in
                             static_cast<const U*>(attn), N, S, M, D, Lq, L, P};
     T* o = static_cast<T*>(out);
     return static_cast<int>(k::with_vector_width<T>(k::vector_width<T>(D, addr(p.value), addr(o)), [&]<int V>() {
-      return k::launch_forward<T, U, V>(p, o, nullptr);
+      return k::launch_forward<T, U, V>(p, o, nullptr, variant);
     }));
   });
 }
@@ -72,7 +80,8 @@ int piip_emu_msda_backward(int variant, int t, int u, const void* grad_out, cons
                            void* grad_value_out, void* grad_loc, void* grad_attn, int64_t N, int64_t S, int64_t M, int64_t D,
                            int64_t Lq, int64_t L, int64_t P) {
   namespace k = piip::msda::cuda;
-  if (variant < 0 || variant >= (acc_fixed != nullptr ? k::kDeterministicBackwardVariants : k::kBackwardVariants)) return -2;
+  // The deterministic variants past 0 (two_pass) have an entry of their own below.
+  if (variant < 0 || variant >= (acc_fixed != nullptr ? 1 : k::kBackwardVariants)) return -2;
   const auto gv = grad_value(acc_f32, acc_fixed, scale);
   return dispatch(t, u, [&]<typename T, typename U>() {
     const k::Params<T, U> p{static_cast<const T*>(value), shapes, starts, static_cast<const U*>(loc),
@@ -80,7 +89,7 @@ int piip_emu_msda_backward(int variant, int t, int u, const void* grad_out, cons
     const T* g = static_cast<const T*>(grad_out);
     return static_cast<int>(k::with_vector_width<T>(k::vector_width<T>(D, addr(p.value), addr(g)), [&]<int V>() {
       return k::launch_backward<T, U, V>(p, g, gv, static_cast<U*>(grad_loc), static_cast<U*>(grad_attn),
-                                         static_cast<T*>(grad_value_out), nullptr);
+                                         static_cast<T*>(grad_value_out), nullptr, variant);
     }));
   });
 }
