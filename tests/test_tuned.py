@@ -231,3 +231,28 @@ def test_public_api_on_cpu_and_triton_ignores_a_broken_table(tmp_path, monkeypat
         pytest.skip("neither the CPU extension nor Triton is available")
     with pytest.raises(ValueError, match="no_such_variant"):  # the same table does raise when read
         tuned.choose("msda_forward", value, D=4, rows=10)
+
+
+def test_tables_ship_with_the_package():
+    """pyproject's package data takes every piip_kernels/tuned/*.json into the wheel."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    data = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    patterns = data["tool"]["setuptools"]["package-data"]["piip_kernels"]
+    assert any(fnmatch.fnmatch("tuned/sm_90.json", p) for p in patterns), patterns
+
+
+def test_public_merge_on_cpu_ignores_a_broken_table(tmp_path, monkeypatch):
+    from piip_kernels.merge.reference import branch_merge_reference
+
+    monkeypatch.setenv("PIIP_KERNELS_TUNED", str(write(tmp_path, [entry("merge_forward", "no_such_variant")])))
+    if piip_kernels.merge.api.BACKENDS["cpu"](torch.device("cpu"), torch.float32):
+        pytest.skip("the CPU extension is not built")
+    feats = [torch.randn(1, 2, 3, 3, requires_grad=True), torch.randn(1, 2, 5, 5, requires_grad=True)]
+    weights = torch.rand(2, requires_grad=True)
+    out = piip_kernels.branch_merge(feats, weights, (5, 5), backend="cpu")
+    torch.testing.assert_close(out, branch_merge_reference(feats, weights, (5, 5)))
+    out.sum().backward()
+    assert all(f.grad is not None for f in feats)
