@@ -534,6 +534,24 @@ def write_outputs(out_dir: Path, stem: str, env: dict, rows: list[dict], table: 
     table_path.write_text(json.dumps(table, indent=1) + "\n")
 
 
+def run_budgeted(work: list[tuple[str, Case]], budget_s: float | None, run) -> int:
+    """Calls run(what, case) for each unit of ``work`` in order until ``budget_s`` seconds have
+    passed (checked between units: the unit in progress finishes), printing progress; returns
+    how many units ran."""
+    start = time.monotonic()
+    for i, (what, case) in enumerate(work):
+        elapsed = time.monotonic() - start
+        if budget_s is not None and elapsed > budget_s:
+            progress(f"budget of {budget_s:.0f} s spent: {len(work) - i} of {len(work)} units left out "
+                     f"({sum(w == 'variants' for w, _ in work[i:])} of them variant units); writing what was measured")
+            return i
+        left = f"about {elapsed / i * (len(work) - i):.0f} s left" if i else "estimate after the first unit"
+        progress(f"[{i + 1}/{len(work)}] {what}: {case.name} batch {case.batch} {dtype_name(case.dtype)} "
+                 f"(elapsed {elapsed:.0f} s, {left})")
+        run(what, case)
+    return len(work)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget-s", type=float, default=None, help="stop starting cases after this many seconds, keeping what was measured")
@@ -584,26 +602,18 @@ def main(argv=None) -> int:
 
     rows: list[dict] = []
     work = [("variants", c) for c in cases] + [("baselines", c) for c in cases]
-    start = time.monotonic()
-    done = 0
-    for i, (what, case) in enumerate(work):
-        elapsed = time.monotonic() - start
-        if args.budget_s is not None and elapsed > args.budget_s:
-            progress(f"budget of {args.budget_s:.0f} s spent: {len(work) - i} of {len(work)} units left out "
-                     f"({sum(w == 'variants' for w, _ in work[i:])} of them variant units)")
-            break
-        left = elapsed / i * (len(work) - i) if i else float("nan")
-        progress(f"[{i + 1}/{len(work)}] {what}: {case.name} batch {case.batch} {dtype_name(case.dtype)} "
-                 f"(elapsed {elapsed:.0f} s, about {left:.0f} s left)")
+
+    def run(what: str, case: Case) -> None:
+        nonlocal rows
         if not case.inputs:
             case.inputs = make_inputs(case, device)
         if what == "variants":
             rows += measure_variants(case, kernels, device, bw, rounds, inner)
         else:
             rows += measure_baselines(case, device, bw, rounds, inner, args.dry_run)
-        done += 1
-        if what == "baselines":
             case.inputs = []  # the last use of this case's inputs
+
+    done = run_budgeted(work, args.budget_s, run)
     env["measured_units"] = f"{done} of {len(work)}"
     source = (out / f"{stem}.md")
     try:

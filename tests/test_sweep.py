@@ -4,6 +4,7 @@ import json
 import math
 import os
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -120,3 +121,17 @@ def test_dry_run_writes_results_and_a_valid_table(tmp_path):
     assert table["arch"] == "sm_90" and table["entries"] == record["table"]["entries"]
     loaded = tuned.load(tmp_path / "sm_90.json")
     assert len(loaded) == len(table["entries"])
+
+
+def test_budget_stops_between_units_and_keeps_what_ran():
+    cases = sweep.make_cases(dry=True)
+    work = [("variants", c) for c in cases]
+    ran = []
+
+    def run(what, case):
+        ran.append(case)
+        time.sleep(0.05)
+
+    done = sweep.run_budgeted(work, 0.08, run)
+    assert done == len(ran) and 1 <= done < len(work)
+    assert sweep.run_budgeted(work, None, lambda w, c: None) == len(work)
