@@ -256,3 +256,13 @@ def test_public_merge_on_cpu_ignores_a_broken_table(tmp_path, monkeypatch):
     torch.testing.assert_close(out, branch_merge_reference(feats, weights, (5, 5)))
     out.sum().backward()
     assert all(f.grad is not None for f in feats)
+
+
+def test_arch_names_the_capability_and_asks_once(monkeypatch):
+    monkeypatch.undo()  # the real arch_of, not the fixture's fake
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: asked.append(index) or (9, 0))
+    monkeypatch.setattr(tuned, "_archs", {})
+    assert tuned.arch_of(torch.device("cuda", 1)) == "sm_90"
+    assert tuned.arch_of(torch.device("cuda", 1)) == "sm_90"
+    assert asked == [1]

@@ -97,10 +97,16 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+_archs: dict[int, str] = {}
+
+
 def arch_of(device: torch.device) -> str:
-    """"sm_90" for a device of compute capability 9.0."""
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"sm_{major}{minor}"
+    """"sm_90" for a device of compute capability 9.0 (asked once per device)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _archs:
+        major, minor = torch.cuda.get_device_capability(index)
+        _archs[index] = f"sm_{major}{minor}"
+    return _archs[index]
 
 
 def validate(table: dict, source: str = "the table") -> dict[tuple[str, str, str], int]:
