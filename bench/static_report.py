@@ -17,7 +17,8 @@ otherwise it is the op family's default kernel or a helper shared by its variant
 
 Triton: every kernel of piip_kernels/*/triton.py, for each autotuning config, is compiled
 with ``triton.compile(..., target=GPUTarget("cuda", 90, 32))`` and its cubin read with
-cuobjdump ``--dump-resource-usage`` (pip package nvidia-cuda-cuobjdump).
+cuobjdump ``--dump-resource-usage`` (pip package nvidia-cuda-cuobjdump); shared memory is the
+larger of the cubin's static and Triton's dynamic (launch-time) amount.
 
 Traffic: on the PIIP shapes, the bytes a call moves and the atomics it issues, by an analytic
 model per variant (MODELS; variant 0's only so far: a variant without a model says so), next
@@ -28,7 +29,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -247,6 +247,8 @@ def triton_rows(tool: str, out_dir: Path) -> list[dict]:
                     cubin.write_bytes(compiled.asm["cubin"])
                     res = subprocess.run([tool, "--dump-resource-usage", str(cubin)], capture_output=True, text=True, check=True)
                     (u,) = parse_cuobjdump(res.stdout).values()
+                    # Triton's shared memory is dynamic (launch-time), which cuobjdump does not see.
+                    u["smem"] = max(u["smem"], int(getattr(compiled.metadata, "shared", 0) or 0))
                     blocks, occ, limiter = occupancy(u["registers"], u["smem"], 32 * warps)
                     row.update(**u, blocks_per_sm=blocks, occupancy=occ, limited_by=limiter)
                 except Exception as err:  # noqa: BLE001 - reported in the table, not fatal
