@@ -21,7 +21,7 @@ cuobjdump ``--dump-resource-usage`` (pip package nvidia-cuda-cuobjdump); shared 
 larger of the cubin's static and Triton's dynamic (launch-time) amount.
 
 Traffic: on the PIIP shapes, the bytes a call moves and the atomics it issues, by an analytic
-model per variant (MODELS; variant 0's only so far: a variant without a model says so), next
+model per variant (MODELS; a variant without a model says so in its row), next
 to the memory floor (bench_msda.floor_bytes: every input and the output once).
 """
 from __future__ import annotations
@@ -279,9 +279,27 @@ def _msda_counts(op, Lq, S, M, D, P, N, elem):
     return 3 * floor, moved, atomics
 
 
+def _two_pass_counts(op, Lq, S, M, D, P, N, elem):
+    """msda_backward_deterministic variant two_pass (csrc/msda/msda_two_pass.cuh): pass 1 as the
+    backward's gathers plus a (cell, coefficient) pair per corner entry; an LSD radix sort of
+    (cell, entry) pairs on 4-bit digits at about 20 bytes per entry and pass (the header's
+    figure); CSR offsets; pass 2 reads, per entry, its index, coefficient and grad_out vector
+    and writes grad_value once. No atomics."""
+    floor, _, _ = _msda_counts("msda_forward", Lq, S, M, D, P, N, elem)
+    pts, cells = N * Lq * M * P, N * S * M
+    entries = pts * 4
+    passes = math.ceil(max(cells, 1).bit_length() / 4)
+    pass1 = entries * D * elem + N * Lq * M * D * elem + pts * 12 * 2 + entries * 8
+    sort = entries * 20 * passes
+    csr = entries * 4 + (cells + 1) * 4
+    pass2 = entries * (8 + D * elem) + cells * D * elem + (cells + 1) * 4
+    return 3 * floor, pass1 + sort + csr + pass2, 0
+
+
 # (op, variant) -> counts(op, Lq, S, M, D, P, N, elem) -> (floor bytes, bytes moved, atomics)
 MODELS = {("msda_forward", "lanes"): _msda_counts, ("msda_backward", "atomic"): _msda_counts,
-          ("msda_backward_deterministic", "fixed_point"): _msda_counts}
+          ("msda_backward_deterministic", "fixed_point"): _msda_counts,
+          ("msda_backward_deterministic", "two_pass"): _two_pass_counts}
 
 
 def traffic_rows(variants: dict, N: int = 2) -> list[dict]:

@@ -103,3 +103,11 @@ def test_real_small_compile(tmp_path):
     u = next(iter(usage.values()))
     assert "backward_kernel" in name
     assert u["smem"] == 1024 and 0 < u["registers"] <= 32 and u["spill_stores"] == 0
+
+
+def test_two_pass_model_has_no_atomics_and_sorts_per_entry():
+    rows = [r for r in sr.traffic_rows({"msda_backward_deterministic": ("fixed_point", "two_pass")})
+            if r["call"].endswith("D6") and r["dtype"] == "float32"]
+    fixed, two = (next(r for r in rows if r["variant"] == v) for v in ("fixed_point", "two_pass"))
+    assert two["atomics_M"] == 0 and fixed["atomics_M"] > 0
+    assert two["floor_MB"] == fixed["floor_MB"] and two["moved_MB"] > two["floor_MB"]
