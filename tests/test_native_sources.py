@@ -172,7 +172,7 @@ def test_cuda_kernels_compile_for_sm90_for_every_dtype(tmp_path):
         assert spills == 0, f"{kernel} spills {spills} bytes ({regs} registers)"
         runtime_points = kernel.startswith("void piip::dca::cuda::") and re.search(r", 0>\(", kernel)
         assert frame == 0 or runtime_points, f"{kernel} has a {frame}-byte stack frame: an array went to local memory"
-    msda_backwards = ("backward_kernel", "warp_aggregated_backward_kernel", "privatized_backward_kernel")
+    msda_backwards = ("backward_kernel", "warp_aggregated_backward_kernel", "shared_privatized_backward_kernel")
     for name in msda_backwards + ("point_major_forward_kernel", "flat_forward_kernel"):
         assert any(k.startswith(f"void piip::msda::cuda::{name}<") for k in usage), f"ptxas reported no {name}"
     assert any(k.startswith("void piip::msda::two_pass::") for k in usage), "ptxas reported no two_pass kernel"

@@ -76,6 +76,13 @@ def test_variant_mapping(monkeypatch):
     assert v("void piip::msda::cuda::tiled_forward_kernel<float>(int)", variants) == ("msda_forward", "tiled")
     assert v("void piip::merge::cuda::backward_kernel<float, float>(int)", variants)[0] == "merge_backward"
     assert v("void piip::fixed_point::absmax_kernel<float>(float const*, long, unsigned int*)", variants) == ("fixed_point", "-")
+    # a launch shape of variant 0's kernel: named by its block size, whose occupancy it changes
+    block128 = "void piip::msda::cuda::forward_kernel<float, float, 4, 128, 8>(piip::msda::cuda::Params<float, float>, float*, int)"
+    assert v(block128, {**variants, "msda_forward": ("lanes", "block128")}) == ("msda_forward", "block128")
+    assert sr.block_size(block128) == 128
+    assert v(block128.replace(", 128, 8>", ", 256, 1>"), {**variants, "msda_forward": ("lanes", "block128")}) == \
+        ("msda_forward", "0 or shared")
+    assert sr.block_size("void piip::msda::cuda::flat_forward_kernel<float, float, 4>(int)") == sr.BLOCK_THREADS
     # "lanes" must not match inside another word
     assert v("void piip::msda::cuda::forward_kernel<planesX>(int)", variants) == ("msda_forward", "0 or shared")
 

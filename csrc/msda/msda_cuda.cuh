@@ -583,7 +583,7 @@ constexpr int kPrivateFloats = 8192;
 // blocks_per_map = ceil(Lq / (kThreads / GP)); the grid is N * M * blocks_per_map blocks.
 template <typename T, typename U, int V>
 __global__ void __launch_bounds__(kThreads, kBackwardMinBlocks<V>)
-    privatized_backward_kernel(Params<T, U> p, const T* __restrict__ grad_out, float* __restrict__ gv,
+    shared_privatized_backward_kernel(Params<T, U> p, const T* __restrict__ grad_out, float* __restrict__ gv,
                                U* __restrict__ grad_loc, U* __restrict__ grad_attn, int GP, int64_t blocks_per_map) {
   __shared__ float priv[kPrivateFloats];
   __shared__ int band[2];  // first and last pixel row of the level that the block's points touch
@@ -753,7 +753,7 @@ cudaError_t launch_backward(const Params<T, U>& p, const T* grad_out, const Grad
       default: {
         const int64_t rows_per_block = kThreads / GP;
         const int64_t per_map = (p.Lq + rows_per_block - 1) / rows_per_block;
-        err = launch(privatized_backward_kernel<T, U, V>, p.N * p.M * per_map, kThreads, stream, p, grad_out, gv.f32,
+        err = launch(shared_privatized_backward_kernel<T, U, V>, p.N * p.M * per_map, kThreads, stream, p, grad_out, gv.f32,
                      grad_loc, grad_attn, GP, per_map);
         break;
       }
