@@ -216,3 +216,97 @@ def test_rtdetrv2_finds_nothing_in_other_models(caplog):
 def test_top_level_names():
     assert piip_kernels.use_in_ultralytics and piip_kernels.use_in_rfdetr and piip_kernels.use_in_rtdetrv2
     assert {"use_in_ultralytics", "use_in_rfdetr", "use_in_rtdetrv2"} <= set(piip_kernels.__all__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Copies and pickles of a model swapped per model: a deep copy (an EMA model) is held by the
+# same handle; a pickled model comes back with the library's own code.
+
+def test_rtdetrv2_deep_copy_is_held_and_pickle_carries_theirs():
+    import copy
+    import io
+
+    model = their_decoder()
+    inputs = decoder_inputs()
+    handle = piip_kernels.use_in_rtdetrv2(model)
+    try:
+        twin = copy.deepcopy(model)
+        assert_runs(step(lambda *x: twin(*x, SHAPES), twin, inputs), ours=True, what="deep copy")
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        assert_runs(step(lambda *x: loaded(*x, SHAPES), loaded, inputs), ours=False, what="unpickled")
+        second = piip_kernels.use_in_rtdetrv2(loaded)
+        assert second.swapped
+        assert_runs(step(lambda *x: loaded(*x, SHAPES), loaded, inputs), ours=True, what="unpickled, swapped again")
+        second.remove()
+        assert_runs(step(lambda *x: loaded(*x, SHAPES), loaded, inputs), ours=False, what="unpickled, handle removed")
+    finally:
+        handle.remove()
+    assert_runs(step(lambda *x: twin(*x, SHAPES), twin, inputs), ours=False, what="deep copy after remove()")
+    assert_runs(step(lambda *x: model(*x, SHAPES), model, inputs), ours=False, what="model after remove()")
+    assert_equal_steps(step(lambda *x: twin(*x, SHAPES), twin, inputs, count=False),
+                       step(lambda *x: model(*x, SHAPES), model, inputs, count=False), "copy vs original after remove()")
+
+
+FAKE_LIBRARY = '''
+import torch
+from torch import nn
+
+
+def attn_core(x):
+    return x.tanh() * 2
+
+
+class Attn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return attn_core(self.lin(x))
+'''
+
+
+def test_layer_swap_follows_deep_copies_and_pickles_carry_theirs(monkeypatch):
+    """The per-model route of use_in_ultralytics / use_in_rfdetr (a layer's forward that calls
+    ours in place of the library's module-level function), on a stand-in library."""
+    import copy
+    import io
+    import sys
+    import types
+
+    from piip_kernels.integrations._common import swap_function_by_name
+
+    lib = types.ModuleType("piip_test_fake_library")
+    exec(compile(FAKE_LIBRARY, "piip_test_fake_library.py", "exec"), lib.__dict__)
+    monkeypatch.setitem(sys.modules, lib.__name__, lib)
+    calls = []
+
+    def core(x, theirs):
+        calls.append(1)
+        return theirs(x)
+
+    model = nn.Sequential(lib.Attn(), lib.Attn())
+    x = torch.randn(3, 4)
+    handle = swap_function_by_name("test", lib.__name__, "Attn", "attn_core", core, model)
+    try:
+        assert handle.taken() == 2
+        twin = copy.deepcopy(model)
+        calls.clear()
+        torch.testing.assert_close(twin(x), model(x))
+        assert len(calls) == 4, "the deep copy and the model run ours"
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        calls.clear()
+        torch.testing.assert_close(loaded(x), model(x))
+        assert len(calls) == 2, "the unpickled model runs the library's own code"
+    finally:
+        handle.remove()
+    calls.clear()
+    twin(x), model(x)
+    assert calls == [], "remove() put the library's code back in the model and its deep copy"
+    assert "forward" not in vars(twin[0]) or not getattr(vars(twin[0])["forward"], "__wrapped_by_piip__", None)

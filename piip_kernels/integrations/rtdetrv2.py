@@ -65,6 +65,7 @@ def _is_their_core(obj) -> bool:
 
 
 def _is_ours(obj) -> bool:
+    obj = obj.fn if isinstance(obj, _swap.HeldCall) else obj  # a swap that follows copies
     return isinstance(obj, functools.partial) and obj.func is deformable_attention_core_v2
 
 
@@ -99,7 +100,8 @@ def use_in_rtdetrv2(model: nn.Module) -> _swap.Handle:
                 elif _is_their_core(value):
                     method = value.keywords.get("method", "default")
                     ours = functools.partial(deformable_attention_core_v2, method=method, theirs=value)
-                    _swap.swap(handle, module, attr, ours, kind="bound core", what=what)
+                    # follow: a deep copy of the model is held by this handle too; a pickle carries theirs.
+                    _swap.swap(handle, module, attr, ours, kind="bound core", what=what, follow=True)
     if handle.taken() == 0:
         _swap.log_once(f"{OWNER}: found no RT-DETRv2-style deformable attention core in {type(model).__name__} "
                        f"(a functools.partial of a function taking {', '.join(PARAMETERS)})")
