@@ -14,8 +14,8 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "msda_forward": ("lanes",),
     "msda_backward": ("atomic",),
     "msda_backward_deterministic": ("fixed_point",),
-    "merge_forward": ("pixel",),
-    "merge_backward": ("gather",),
+    "merge_forward": ("pixel", "rows_vectorized"),
+    "merge_backward": ("gather", "fused_branches"),
 }
 
 
