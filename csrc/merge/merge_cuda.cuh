@@ -176,6 +176,21 @@ __device__ __forceinline__ T* stage_slot(unsigned char* buffer, int64_t offset, 
   return reinterpret_cast<T*>(buffer + offset + addr_of(src) % 16);
 }
 
+// Rows [lo, hi] of a plane of a map (or of grad_output), `at` pointing at row lo: in the stage,
+// or in global memory where they were not staged (then `global` == `at`). A row outside
+// [lo, hi] is read through `global`, which points at the same row lo in global memory: the
+// kernels find the rows a block reads with the same tap arithmetic as they then read them,
+// but the compiler may round the two call sites differently (contracting one to an fma), so
+// a read just outside the staged rows stays right, only slower.
+template <typename T>
+struct Staged {
+  const T* at;
+  const T* global;
+  int64_t lo, hi, width;  // width: elements per row
+
+  __device__ __forceinline__ const T* row(int64_t r) const { return (r >= lo && r <= hi ? at : global) + (r - lo) * width; }
+};
+
 // --- forward variant 1: rows_vectorized -----------------------------------------------------
 
 // How the rows_vectorized forward splits the output (host side: rows_plan).
@@ -186,23 +201,22 @@ struct RowsPlan {
   int64_t slot[kMaxBranches];  // byte offset of that slot in the stage (16-byte aligned)
 };
 
-// The merged value of output element (oy, ox), as forward_kernel computes it, with map b's
-// rows from lo[b] on at src[b] (shared or global memory), rows of p.W[b] elements.
+// The merged value of output element (oy, ox), as forward_kernel computes it, map b's rows
+// read through rows[b].
 template <typename T>
-__device__ __forceinline__ float merged_at(const ForwardParams<T>& p, const float* w, const T* const* src,
-                                           const int64_t* lo, int64_t oy, int64_t ox) {
+__device__ __forceinline__ float merged_at(const ForwardParams<T>& p, const float* w, const Staged<T>* rows, int64_t oy,
+                                           int64_t ox) {
   float acc = 0.f;
   for (int b = 0; b < p.nb; ++b) {
-    const T* f = src[b];
-    const int64_t W = p.W[b];
-    if (p.H[b] == p.Ho && W == p.Wo) {  // as forward_kernel: no resampling
-      acc += w[b] * to_f(f[(oy - lo[b]) * W + ox]);
+    const Staged<T>& m = rows[b];
+    if (p.H[b] == p.Ho && p.W[b] == p.Wo) {  // as forward_kernel: no resampling
+      acc += w[b] * to_f(m.row(oy)[ox]);
       continue;
     }
     const Tap<float> ty = axis_tap<float>(oy, p.H[b], p.sy[b], p.align_corners);
-    const Tap<float> tx = axis_tap<float>(ox, W, p.sx[b], p.align_corners);
-    const T* r0 = f + (ty.i0 - lo[b]) * W;
-    const T* r1 = f + (ty.i1 - lo[b]) * W;
+    const Tap<float> tx = axis_tap<float>(ox, p.W[b], p.sx[b], p.align_corners);
+    const T* r0 = m.row(ty.i0);
+    const T* r1 = m.row(ty.i1);
     const float v00 = to_f(r0[tx.i0]), v01 = to_f(r0[tx.i1]);
     const float v10 = to_f(r1[tx.i0]), v11 = to_f(r1[tx.i1]);
     const float top = v00 + tx.l * (v01 - v00), bot = v10 + tx.l * (v11 - v10);
@@ -218,9 +232,8 @@ template <typename T, typename O>
 __global__ void __launch_bounds__(kThreads) rows_forward_kernel(ForwardParams<T> p, RowsPlan plan, O* __restrict__ out) {
   constexpr int VO = 16 / static_cast<int>(sizeof(O));
   __shared__ __align__(16) unsigned char stage[kStageBytes];
-  __shared__ const T* src[kMaxBranches];  // map b's row lo[b]: in the stage, or in global memory
-  __shared__ int64_t lo[kMaxBranches];
-  __shared__ int64_t count[kMaxBranches];  // elements to stage (0: read from global memory)
+  __shared__ Staged<T> rows_of[kMaxBranches];  // the rows of map b the band reads
+  __shared__ int64_t count[kMaxBranches];      // elements to stage (0: read from global memory)
   __shared__ float w[kMaxBranches];
   const int64_t plane = blockIdx.x / plan.bands, oy0 = (blockIdx.x % plan.bands) * plan.rows;
   const int64_t rows = std::min<int64_t>(plan.rows, p.Ho - oy0);
@@ -235,14 +248,13 @@ __global__ void __launch_bounds__(kThreads) rows_forward_kernel(ForwardParams<T>
     // The host sized the slot from the scale; should rounding ever ask for more rows, this
     // map is read from global memory instead (right, only slower).
     const bool staged = last - first + 1 <= plan.cap[b];
-    src[b] = staged ? stage_slot<T>(stage, plan.slot[b], rows_at) : rows_at;
-    lo[b] = first;
+    rows_of[b] = {staged ? stage_slot<T>(stage, plan.slot[b], rows_at) : rows_at, rows_at, first, last, p.W[b]};
     count[b] = staged ? (last - first + 1) * p.W[b] : 0;
     w[b] = p.weights[b];
   }
   __syncthreads();
   for (int b = 0; b < p.nb; ++b) {
-    if (count[b] > 0) stage_rows<T>(const_cast<T*>(src[b]), p.f[b] + (plane * p.H[b] + lo[b]) * p.W[b], count[b]);
+    if (count[b] > 0) stage_rows<T>(const_cast<T*>(rows_of[b].at), rows_of[b].global, count[b]);
   }
   __syncthreads();
 
@@ -251,7 +263,7 @@ __global__ void __launch_bounds__(kThreads) rows_forward_kernel(ForwardParams<T>
   const int64_t head = std::min<int64_t>(n, static_cast<int64_t>(((16 - addr_of(o) % 16) % 16) / sizeof(O)));
   const int64_t body = (n - head) / VO;
   for (int64_t k = threadIdx.x; k < head; k += blockDim.x) {
-    o[k] = from_f<O>(merged_at<T>(p, w, src, lo, oy0 + k / p.Wo, k % p.Wo));
+    o[k] = from_f<O>(merged_at<T>(p, w, rows_of, oy0 + k / p.Wo, k % p.Wo));
   }
   for (int64_t j = threadIdx.x; j < body; j += blockDim.x) {
     const int64_t k = head + j * VO;
@@ -259,13 +271,13 @@ __global__ void __launch_bounds__(kThreads) rows_forward_kernel(ForwardParams<T>
     msda::cuda::Vec<O, VO> v;
 #pragma unroll
     for (int i = 0; i < VO; ++i) {
-      v.v[i] = from_f<O>(merged_at<T>(p, w, src, lo, oy, ox));
+      v.v[i] = from_f<O>(merged_at<T>(p, w, rows_of, oy, ox));
       if (++ox == p.Wo) ox = 0, ++oy;
     }
     *reinterpret_cast<msda::cuda::Vec<O, VO>*>(o + k) = v;
   }
   for (int64_t k = head + body * VO + threadIdx.x; k < n; k += blockDim.x) {
-    o[k] = from_f<O>(merged_at<T>(p, w, src, lo, oy0 + k / p.Wo, k % p.Wo));
+    o[k] = from_f<O>(merged_at<T>(p, w, rows_of, oy0 + k / p.Wo, k % p.Wo));
   }
 }
 
@@ -292,10 +304,10 @@ struct BranchesBackward {
 
 // The unweighted gradient of input element (iy, ix) of a map (H x W, scales s*, candidates k*):
 // the sum over the output elements whose taps read it of their tap weights times grad_out,
-// g [rows from row0 on, Wo]. As backward_kernel, in the same order, but leaving each axis'
+// g: grad_output's rows of the plane. As backward_kernel, in the same order, but leaving each axis'
 // search once past its readers (they are consecutive: i0 and i1 never decrease with o).
 template <typename O>
-__device__ __forceinline__ float gather_rows(const O* g, int64_t row0, int64_t iy, int64_t ix, int64_t H, int64_t W,
+__device__ __forceinline__ float gather_rows(const Staged<O>& g, int64_t iy, int64_t ix, int64_t H, int64_t W,
                                              int64_t Ho, int64_t Wo, float sy, float sx, float inv_sy, float inv_sx,
                                              int64_t ky, int64_t kx, bool align) {
   const int64_t y0 = first_reader(iy, inv_sy, align), x0 = first_reader(ix, inv_sx, align);
@@ -310,7 +322,7 @@ __device__ __forceinline__ float gather_rows(const O* g, int64_t row0, int64_t i
       continue;
     }
     seen_y = true;
-    const O* row = g + (oy - row0) * Wo;
+    const O* row = g.row(oy);
     bool seen_x = false;
     for (int64_t b = 0; b < kx; ++b) {
       const int64_t ox = x0 + b;
@@ -337,8 +349,8 @@ __global__ void __launch_bounds__(kThreads) fused_backward_kernel(BranchesBackwa
   __shared__ __align__(16) unsigned char stage[kStageBytes];
   __shared__ float share[kThreads];
   __shared__ int64_t own0[kMaxBranches], own1[kMaxBranches], first[kMaxBranches];
-  __shared__ const O* g;  // grad_out row `row0` of the plane: in the stage, or in global memory
-  __shared__ int64_t row0, staged;
+  __shared__ Staged<O> g;  // the tile's grad_output rows, with its lead-in
+  __shared__ int64_t staged;
   const int64_t plane = blockIdx.x / p.tiles, t = blockIdx.x % p.tiles;
   const int64_t oy0 = t * p.rows, oy1 = t + 1 == p.tiles ? p.Ho : oy0 + p.rows;
   if (threadIdx.x < static_cast<unsigned>(p.nb)) {
@@ -362,12 +374,11 @@ __global__ void __launch_bounds__(kThreads) fused_backward_kernel(BranchesBackwa
     // The host sized the tile to fit with the usual lead-in; a longer one (a scale of 0: every
     // output row reads input row 0) is read from global memory instead.
     const bool fits = (oy1 - a) * p.Wo <= p.cap;
-    g = fits ? stage_slot<O>(stage, 0, rows_at) : rows_at;
-    row0 = a;
+    g = {fits ? stage_slot<O>(stage, 0, rows_at) : rows_at, rows_at, a, oy1 - 1, p.Wo};
     staged = fits ? (oy1 - a) * p.Wo : 0;
   }
   __syncthreads();
-  if (staged > 0) stage_rows<O>(const_cast<O*>(g), p.grad_out + (plane * p.Ho + row0) * p.Wo, staged);
+  if (staged > 0) stage_rows<O>(const_cast<O*>(g.at), g.global, staged);
   __syncthreads();
 
   for (int b = 0; b < p.nb; ++b) {
@@ -378,8 +389,8 @@ __global__ void __launch_bounds__(kThreads) fused_backward_kernel(BranchesBackwa
     float dot = 0.f;
     for (int64_t i = own0[b] * W + threadIdx.x; i < own1[b] * W; i += blockDim.x) {
       const int64_t iy = i / W, ix = i - iy * W;
-      const float G = identity ? to_f(g[(iy - row0) * p.Wo + ix])
-                               : gather_rows<O>(g, row0, iy, ix, H, W, p.Ho, p.Wo, p.sy[b], p.sx[b], p.inv_sy[b],
+      const float G = identity ? to_f(g.row(iy)[ix])
+                               : gather_rows<O>(g, iy, ix, H, W, p.Ho, p.Wo, p.sy[b], p.sx[b], p.inv_sy[b],
                                                 p.inv_sx[b], p.ky[b], p.kx[b], p.align_corners);
       p.grad_f[b][base + i] = from_f<T>(weight * G);
       dot += to_f(p.f[b][base + i]) * G;
