@@ -147,7 +147,7 @@ __global__ void backward_kernel(BackwardParams<T, O> p) {
   if (threadIdx.x == 0) p.partial[blockIdx.x] = share[0];
 }
 
-// --- staging helpers (variants 1) -------------------------------------------------------
+// --- staging in shared memory (rows_vectorized, fused_branches) ---------------------------
 
 template <typename T>
 __device__ __forceinline__ uintptr_t addr_of(const T* p) { return reinterpret_cast<uintptr_t>(p); }
@@ -294,7 +294,7 @@ struct BranchesBackward {
   int64_t ky[kMaxBranches], kx[kMaxBranches];  // candidate output rows / columns, as BackwardParams
   const float* weights;           // [nb], device
   float* partial;                 // [nb, shares]: shares of each weight gradient, zeroed by the caller
-  int64_t shares;                 // backward_shares(variant, ...)
+  int64_t shares;                 // length of each row of partial (branches_backward sets it per variant)
   int nb;
   int64_t planes, Ho, Wo;
   bool align_corners;
@@ -355,11 +355,20 @@ __global__ void __launch_bounds__(kThreads) fused_backward_kernel(BranchesBackwa
   const int64_t oy0 = t * p.rows, oy1 = t + 1 == p.tiles ? p.Ho : oy0 + p.rows;
   if (threadIdx.x < static_cast<unsigned>(p.nb)) {
     const int b = static_cast<int>(threadIdx.x);
-    // i0 of output row o along y (for a map of the output's size, o itself: its scale is 1).
-    const auto i0 = [&](int64_t o) { return axis_tap<float>(o, p.H[b], p.sy[b], p.align_corners).i0; };
-    const int64_t r0 = t == 0 ? 0 : i0(oy0), r1 = t + 1 == p.tiles ? p.H[b] : i0(oy1);
+    // The owned rows' ends, i0 of the tile's first row and of the next tile's (a map of the
+    // output's size: the rows themselves). One copy of the tap arithmetic computes both, so
+    // that neighbouring tiles agree on their common end to the last bit.
+    const bool identity = p.H[b] == p.Ho && p.W[b] == p.Wo;
+    int64_t r0 = 0, r1 = p.H[b];
+#pragma unroll 1
+    for (int e = 0; e < 2; ++e) {
+      const int64_t o = e == 0 ? oy0 : oy1;
+      const int64_t r = identity ? o : axis_tap<float>(o, p.H[b], p.sy[b], p.align_corners).i0;
+      if (e == 0 && t > 0) r0 = r;
+      if (e == 1 && t + 1 < p.tiles) r1 = r;
+    }
     int64_t a = oy0;
-    if (r0 < r1) {
+    if (r0 < r1 && !identity) {
       while (a > 0 && axis_tap<float>(a - 1, p.H[b], p.sy[b], p.align_corners).i1 >= r0) --a;
     }
     own0[b] = r0;
