@@ -9,6 +9,8 @@
     ... --resume
     # evaluate an official mmseg checkpoint
     python examples/train_segmentation.py --data ... --output-dir runs/eval --checkpoint upernet_h6b_192.pth --eval-only
+    # evaluate the latest checkpoint of a run
+    python examples/train_segmentation.py --data ... --output-dir runs/upernet_h6b --bf16 --eval-only
 
 The folder: ``images/{training,validation}/<name>.jpg`` and ``annotations/{training,validation}/<name>.png``
 (label 0 is "other", ignored; 1..150 are the classes 0..149, as mmseg's ``reduce_zero_label``).
@@ -29,7 +31,11 @@ The recipe (the official mmseg configs of the ``upernet_*`` presets):
     figures are not what this reports).
 
 Checkpoints (model, optimizer with its master weights, schedule, data order, RNG) every
-``--save-steps``; ``--resume`` continues the latest. No training loop of our own: the
+``--save-steps``; ``--resume`` continues the latest as the uninterrupted run would have gone on
+(each sample's augmentation is drawn from (seed, epoch, index), so the number of loader workers
+does not matter). Resuming with another number of processes or another --batch-size continues
+the weights, optimizer and schedule, but not the data order: the Trainer skips the batches
+trained so far as this launch shards them. No training loop of our own: the
 Trainer (accelerate underneath) runs the steps, DDP, logging and checkpoints.
 """
 from __future__ import annotations
@@ -77,18 +83,29 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
-    p.add_argument("--eval-only", action="store_true")
+    p.add_argument("--eval-only", action="store_true",
+                   help="evaluate --checkpoint, or else the latest checkpoint in --output-dir (no training)")
     p.add_argument("--no-eval", action="store_true", help="skip evaluation (during and after training)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.eval_only and args.no_eval:
+        p.error("--eval-only with --no-eval: nothing to do")
+    return args
 
 
 # ------------------------------------------------------------------------------------- data
 
 class ADE20KFolder(torch.utils.data.Dataset):
     """``images/<split>/*`` with ``annotations/<split>/<stem>.png``; samples are
-    ``{"pixel_values": [3, H, W] float, "labels": [H, W] int64}``."""
+    ``{"pixel_values": [3, H, W] float, "labels": [H, W] int64}``.
 
-    def __init__(self, root, split: str, size: int, train: bool):
+    The random augmentation of sample ``i`` draws from a generator seeded by (seed, epoch, i),
+    not from the process's RNG: the Trainer's loader reads a batch ahead of the step and, on
+    resume, skips the trained batches without loading them, so a shared RNG stream would give
+    every later sample other draws than the uninterrupted run (and other draws for another
+    number of workers or processes). ``set_epoch`` is called at each epoch's start
+    (:class:`EpochCallback`), before the loader's workers start."""
+
+    def __init__(self, root, split: str, size: int, train: bool, seed: int = 0):
         images = Path(root) / "images" / split
         self.items = []
         for img in sorted(images.iterdir()) if images.is_dir() else ():
@@ -97,7 +114,10 @@ class ADE20KFolder(torch.utils.data.Dataset):
                 self.items.append((img, ann))
         if not self.items:
             raise FileNotFoundError(f"no image/annotation pairs under {images} and {Path(root) / 'annotations' / split}")
-        self.size, self.train = size, train
+        self.size, self.train, self.seed, self.epoch = size, train, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
 
     def __len__(self):
         return len(self.items)
@@ -110,12 +130,12 @@ class ADE20KFolder(torch.utils.data.Dataset):
         new = (max(1, int(w * s + 0.5)), max(1, int(h * s + 0.5)))
         return img.resize(new, Image.BILINEAR), ann.resize(new, Image.NEAREST)
 
-    def _crop(self, img: np.ndarray, label: np.ndarray):
+    def _crop(self, img: np.ndarray, label: np.ndarray, rng: random.Random):
         """Random crop of at most size x size where no class covers more than 75 % (10 tries)."""
         h, w = label.shape
         ch, cw = min(self.size, h), min(self.size, w)
         for _ in range(10):
-            y, x = random.randint(0, h - ch), random.randint(0, w - cw)
+            y, x = rng.randint(0, h - ch), rng.randint(0, w - cw)
             crop = label[y:y + ch, x:x + cw]
             counts = np.bincount(crop[crop != IGNORE].ravel())
             if len(counts) > 1 and counts.max() / counts.sum() < 0.75:
@@ -124,13 +144,14 @@ class ADE20KFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         img_path, ann_path = self.items[i]
+        rng = random.Random(f"{self.seed}:{self.epoch}:{i}")
         img, ann = Image.open(img_path).convert("RGB"), Image.open(ann_path)
-        img, ann = self._rescale(img, ann, random.uniform(0.5, 2.0) if self.train else 1.0)
+        img, ann = self._rescale(img, ann, rng.uniform(0.5, 2.0) if self.train else 1.0)
         img, label = np.asarray(img, dtype=np.float32), np.asarray(ann, dtype=np.int64)
         label = np.where(label == 0, IGNORE, label - 1)  # reduce_zero_label
         if self.train:
-            img, label = self._crop(img, label)
-            if random.random() < 0.5:
+            img, label = self._crop(img, label, rng)
+            if rng.random() < 0.5:
                 img, label = img[:, ::-1], label[:, ::-1]
             pad_to = (self.size, self.size)
         else:
@@ -139,6 +160,22 @@ class ADE20KFolder(torch.utils.data.Dataset):
         y = torch.from_numpy(label.copy())
         dh, dw = pad_to[0] - y.shape[0], pad_to[1] - y.shape[1]
         return {"pixel_values": F.pad(x, (0, dw, 0, dh)), "labels": F.pad(y, (0, dw, 0, dh), value=IGNORE)}
+
+
+def epoch_callback():
+    """A TrainerCallback that tells the training set the epoch about to run (the epoch of its
+    augmentation draws). The epoch comes from the step count, which a resumed run restores;
+    the accelerate loader tells only its sampler, not the dataset, the epoch."""
+    from transformers import TrainerCallback
+
+    class EpochCallback(TrainerCallback):
+        def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
+            dataset = getattr(train_dataloader, "dataset", None)
+            if hasattr(dataset, "set_epoch") and len(train_dataloader):
+                steps_per_epoch = max(1, len(train_dataloader) // args.gradient_accumulation_steps)
+                dataset.set_epoch(state.global_step // steps_per_epoch)
+
+    return EpochCallback()
 
 
 # ---------------------------------------------------------------------------------- metrics
@@ -197,6 +234,20 @@ def build_model(args):
     return model
 
 
+def load_trainer_checkpoint(model, checkpoint: str) -> None:
+    """The model weights of a Trainer checkpoint folder, every key checked (cast to the
+    parameters' dtypes: a --bf16 run's checkpoint into an fp32 model and the other way)."""
+    from safetensors.torch import load_file
+
+    path = Path(checkpoint) / "model.safetensors"
+    if not path.exists():
+        raise SystemExit(f"{checkpoint} holds no model.safetensors")
+    missing, unexpected = model.load_state_dict(load_file(path), strict=False)
+    if missing or unexpected:
+        raise SystemExit(f"{path} does not fit the model built from these arguments: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     import piip
@@ -230,14 +281,23 @@ def main(argv=None):
         model.backbone.to(torch.bfloat16)  # the heads stay fp32; PIIPBackbone returns fp32 maps to them
     model.to(training_args.device)  # before the optimizer: its master weights live on the parameters' device
     recipe = {"lr": args.lr} if args.lr else {}
-    optimizer = piip.build_optimizer(model, preset=args.preset, **recipe)
+    # master_weights=True also without --bf16: a --bf16 run resumed in fp32 continues from its masters.
+    optimizer = piip.build_optimizer(model, preset=args.preset, master_weights=True, **recipe)
     schedule = get_polynomial_decay_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps, lr_end=0.0, power=1.0)
 
-    train = None if args.eval_only else ADE20KFolder(args.data, "training", args.size, train=True)
+    train = None if args.eval_only else ADE20KFolder(args.data, "training", args.size, train=True, seed=args.seed)
     val = None if args.no_eval else ADE20KFolder(args.data, "validation", args.size, train=False)
     trainer = Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=val,
                       optimizers=(optimizer, schedule), compute_metrics=MeanIoU(args.num_labels),
-                      preprocess_logits_for_metrics=argmax_logits)
+                      preprocess_logits_for_metrics=argmax_logits, callbacks=[epoch_callback()])
+    if args.eval_only and not args.checkpoint:
+        # Never an evaluation of freshly initialised weights: the run's latest checkpoint, or an error.
+        last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        if last is None:
+            raise SystemExit(f"--eval-only: no --checkpoint and no checkpoint in {args.output_dir}: nothing to evaluate")
+        load_trainer_checkpoint(model, last)
+        if trainer.is_world_process_zero():
+            print(f"evaluating {last}")
     if not args.eval_only:
         resume = get_last_checkpoint(args.output_dir) if args.resume else None
         if args.resume and trainer.is_world_process_zero():

@@ -511,8 +511,12 @@ class MasterWeightAdamW(torch.optim.AdamW):
     ``state_dict()`` is torch's, with each stepped parameter's master in its state under
     ``"master"``; ``load_state_dict`` accepts it and plain AdamW checkpoints (masters then come
     from the parameters), in either order with the model's own ``load_state_dict``. A saved
-    master is kept where it rounds to the parameter, which a plain AdamW also loads (it ignores
-    the extra entry).
+    master is kept where it rounds to the parameter. A bf16 run's checkpoint loaded where the
+    parameter is fp32 now (resumed without bf16): the parameter takes the saved master at the
+    next ``step()`` where the master rounds to it (the model's bf16 weights), so training goes on
+    from the fp32 values, and the entry is not kept. A plain torch AdamW loads such a checkpoint
+    too, but keeps every ``"master"`` in its state (an fp32 copy of each weight, never updated,
+    saved again) and steps the rounded weights: build with ``master_weights=True`` to resume one.
     """
 
     def __init__(self, params, *args, master_weights: bool = True, grad_clip_max_norm: float | None = None, **kw):
@@ -522,16 +526,19 @@ class MasterWeightAdamW(torch.optim.AdamW):
         self.grad_clip_max_norm = grad_clip_max_norm
         self._masters: dict = {}   # low-precision parameter -> its fp32 master
         self._seen: dict = {}      # parameter -> _mark at the last write-back or check
+        self._pending: dict = {}   # fp32 parameter -> a loaded master, taken at the next step()
         super().__init__(params, *args, **kw)   # calls add_param_group for each group
         self._step_supports_amp_scaling = True  # GradScaler passes grad_scale / found_inf
 
     def __getstate__(self):
         # torch pickles only defaults, state and groups; the masters and options go along.
         return {**super().__getstate__(), "master_weights": self.master_weights, "_masters": self._masters,
-                "grad_clip_max_norm": self.grad_clip_max_norm, "_step_supports_amp_scaling": True}
+                "grad_clip_max_norm": self.grad_clip_max_norm, "_step_supports_amp_scaling": True,
+                "_pending": self._pending}
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self.__dict__.setdefault("_pending", {})
         self._seen = dict.fromkeys(self._masters)   # checked against the parameters at the next step
 
     def add_param_group(self, param_group: dict) -> None:
@@ -596,6 +603,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         if found_inf is not None and bool(found_inf):
             return loss   # an inf or NaN gradient: skip the step, as torch's fused AdamW does
+        self._take_pending()
         self.sync_masters(changed_only=True)
         pairs = [(p, m) for p, m in self._masters.items() if p.grad is not None]
         if pairs:
@@ -627,6 +635,20 @@ class MasterWeightAdamW(torch.optim.AdamW):
                 self._seen[p] = _mark(p)
         return loss
 
+    @torch.no_grad()
+    def _take_pending(self) -> None:
+        """fp32 parameters take the masters loaded for them (a bf16 checkpoint) where the master
+        rounds to the parameter, i.e. where the parameter holds the checkpoint's bf16/fp16 weight."""
+        for p, v in self._pending.items():
+            lp, lv = _local(p), _local(v)
+            if lp.shape != lv.shape or not lp.is_floating_point():
+                continue
+            rounds = torch.zeros_like(lp, dtype=torch.bool)
+            for dtype in LOW_PRECISION:
+                rounds |= lv.to(dtype).to(lp.dtype) == lp
+            lp.copy_(torch.where(rounds, lv.to(lp.dtype), lp))
+        self._pending.clear()
+
     def state_dict(self):
         self.sync_masters(changed_only=True)
         sd = super().state_dict()
@@ -635,6 +657,8 @@ class MasterWeightAdamW(torch.optim.AdamW):
             m = self._masters.get(p)
             # Only stepped parameters have state; a master differs from its parameter only
             # after a step.
+            if m is None:
+                m = self._pending.get(p)   # loaded, not yet taken: saved again as it was
             if m is not None and i in sd["state"]:
                 sd["state"][i] = {**sd["state"][i], "master": m}
         return sd
@@ -653,10 +677,16 @@ class MasterWeightAdamW(torch.optim.AdamW):
         with self._on_masters():
             super().load_state_dict(state_dict)
         params = (p for g in self.param_groups for p in g["params"])
+        self._pending.clear()
         with torch.no_grad():
             for i, p in zip((i for g in state_dict["param_groups"] for i in g["params"]), params):
                 m = self._masters.get(p)
                 if m is None:
+                    v = saved.get(i)
+                    if v is not None and p.dtype not in LOW_PRECISION and tuple(v.shape) == tuple(p.shape):
+                        # A bf16 run's master for a parameter that is fp32 now: taken at the next step
+                        # (the model's weights may be loaded after the optimizer's).
+                        self._pending[p] = v.to(p.device, torch.float32)
                     continue
                 v = saved.get(i)
                 if v is None:

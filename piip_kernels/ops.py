@@ -102,26 +102,54 @@ def refuse_duals(what: str, tensors) -> None:
 # --- kernels of the compiled and Triton backends ------------------------------
 
 
+def _private_op(name: str):
+    """The private op ``torch.ops.piip_C.<name>`` (tests replace this lookup with a recorder)."""
+    from . import _ext  # noqa: F401  (loads the piip_C registrations)
+
+    return getattr(torch.ops.piip_C, name)
+
+
 def _kernels(prefix: str, backend: str):
     """(forward, backward) callables ``piip_C::<prefix>_forward/_backward`` of a compiled backend."""
     if backend in ("cpu", "cuda"):
-        from . import _ext  # noqa: F401  (loads the piip_C registrations)
-
-        return getattr(torch.ops.piip_C, prefix + "_forward"), getattr(torch.ops.piip_C, prefix + "_backward")
+        return _private_op(prefix + "_forward"), _private_op(prefix + "_backward")
     raise RuntimeError(f"{prefix}: no compiled kernels for backend {backend!r}")
 
 
+def _variant(op: str, backend: str, tensor: Tensor, sizes) -> tuple:
+    """The trailing ``variant`` argument of a private op: the tuned table's choice
+    (piip_kernels/tuned) on the CUDA backend; nothing (the op's default, 0) elsewhere, so the
+    CPU path never reads a table. ``sizes(tuned)``: the call's shape-class sizes."""
+    if backend != "cuda":
+        return ()
+    from . import tuned
+
+    return (tuned.choose(op, tensor, **sizes(tuned)),)
+
+
 def _msda_kernels(backend: str, deterministic: bool = False):
-    """(forward, backward) of ms_deform_attn for a backend. The CPU backward is always
-    deterministic; the GPU ones scatter with atomics unless ``deterministic``."""
+    """(forward, backward) of ms_deform_attn for a backend, both taking (..., value, shapes,
+    starts, loc, attn). The CPU backward is always deterministic; the GPU ones scatter with
+    atomics unless ``deterministic``. On CUDA each call passes the tuned kernel variant."""
     if backend == "triton":
         from .msda import triton as tk
 
         return tk.msda_forward, functools.partial(tk.msda_backward, deterministic=deterministic)
     forward, backward = _kernels("msda", backend)
+    backward_op = "msda_backward"
     if backend == "cuda" and deterministic:
-        backward = torch.ops.piip_C.msda_backward_deterministic
-    return forward, backward
+        backward_op = "msda_backward_deterministic"
+        backward = _private_op(backward_op)
+
+    def fwd(value, shapes, starts, loc, attn):
+        sizes = lambda t: t.msda_sizes(value.shape, loc.shape)  # noqa: E731
+        return forward(value, shapes, starts, loc, attn, *_variant("msda_forward", backend, value, sizes))
+
+    def bwd(grad_output, value, shapes, starts, loc, attn):
+        sizes = lambda t: t.msda_sizes(value.shape, loc.shape)  # noqa: E731
+        return backward(grad_output, value, shapes, starts, loc, attn, *_variant(backward_op, backend, value, sizes))
+
+    return fwd, bwd
 
 
 # --- multi-scale deformable attention --------------------------------------
@@ -313,7 +341,16 @@ def _merge_kernels(backend: str):
 
         return tk.merge_forward, tk.merge_backward
     forward, backward = _kernels("merge", backend)
-    return (lambda f, w, size, ac: forward(f, w, size[0], size[1], ac, branch_merge_out_dtype(f, w)), backward)
+
+    def fwd(f, w, size, ac):
+        variant = _variant("merge_forward", backend, f[0], lambda t: t.merge_sizes(f[0].shape, size))
+        return forward(f, w, size[0], size[1], ac, branch_merge_out_dtype(f, w), *variant)
+
+    def bwd(grad_output, f, w, ac):
+        sizes = lambda t: t.merge_sizes(grad_output.shape, grad_output.shape[2:])  # noqa: E731
+        return backward(grad_output, f, w, ac, *_variant("merge_backward", backend, f[0], sizes))
+
+    return fwd, bwd
 
 
 @torch.library.custom_op("piip::branch_merge", mutates_args=())

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 # private op -> variant names; index = the number passed to the kernel.
 VARIANTS: dict[str, tuple[str, ...]] = {
-    "msda_forward": ("lanes",),
-    "msda_backward": ("atomic",),
-    "msda_backward_deterministic": ("fixed_point",),
+    "msda_forward": ("lanes", "point_major", "flat", "block128"),
+    "msda_backward": ("atomic", "warp_aggregated", "shared_privatized"),
+    "msda_backward_deterministic": ("fixed_point", "two_pass"),
     "merge_forward": ("pixel", "rows_vectorized"),
     "merge_backward": ("gather", "fused_branches"),
 }

@@ -20,6 +20,8 @@ from piip_kernels.dca.reference import deform_cross_attn_reference
 from piip_kernels.merge.reference import branch_merge_reference
 from piip_kernels.msda.reference import ms_deform_attn_reference
 
+from piip_kernels.variants import VARIANTS
+
 from helpers import (assert_derived_close, check_dca_nonfinite, check_fixed_point_extremes, check_levels_outside_value,
                      check_merge_against_reference, check_merge_nonfinite, check_msda_nonfinite, dca_grads, dca_inputs,
                      dca_nonfinite_cases, merge_edge_cases, merge_grads, merge_inputs, merge_nonfinite_cases, msda_inputs,
@@ -32,18 +34,36 @@ pytestmark = pytest.mark.skipif(NVCC is None and os.environ.get("PIIP_REQUIRE_NV
                                 reason="needs the CUDA headers (nvcc on PATH)")
 
 class EmulatedOp(torch.autograd.Function):
-    """ms_deform_attn on the emulated kernels, so the helpers' gradient runs apply."""
+    """ms_deform_attn on the emulated kernels (forward variant `fwd`, backward variant `bwd`), so
+    the helpers' gradient runs apply."""
 
     @staticmethod
-    def forward(ctx, emu, deterministic, value, shapes, starts, loc, attn):
-        ctx.emu, ctx.deterministic = emu, deterministic
+    def forward(ctx, emu, deterministic, value, shapes, starts, loc, attn, fwd=0, bwd=0):
+        ctx.emu, ctx.deterministic, ctx.bwd = emu, deterministic, bwd
         ctx.save_for_backward(value, shapes, starts, loc, attn)
-        return emu.msda_forward(value, shapes, starts, loc, attn)
+        return emu.msda_forward(value, shapes, starts, loc, attn, variant=fwd)
 
     @staticmethod
     def backward(ctx, grad_out):
-        gv, gl, ga = ctx.emu.msda_backward(grad_out.contiguous(), *ctx.saved_tensors, deterministic=ctx.deterministic)
-        return None, None, gv, None, None, gl, ga
+        gv, gl, ga = ctx.emu.msda_backward(grad_out.contiguous(), *ctx.saved_tensors, deterministic=ctx.deterministic,
+                                           variant=ctx.bwd)
+        return None, None, gv, None, None, gl, ga, None, None
+
+
+# Every kernel variant of the msda ops (read from piip_kernels/variants.py, so a new one is tested
+# without an edit here): each forward variant with backward 0, each other backward variant with
+# forward 0, as (forward, backward).
+FORWARDS, BACKWARDS = VARIANTS["msda_forward"], VARIANTS["msda_backward"]
+VARIANT_PAIRS = [(f, 0) for f in range(len(FORWARDS))] + [(0, b) for b in range(1, len(BACKWARDS))]
+
+
+def pair_id(pair):
+    f, b = pair
+    return f"fwd-{FORWARDS[f]}" if b == 0 else f"bwd-{BACKWARDS[b]}"
+
+
+def msda_fn(emu, deterministic, pair):
+    return lambda *a: EmulatedOp.apply(emu, deterministic, *a, *pair)  # noqa: E731
 
 
 MSDA_CASES = [  # (level grids, N, Lq, M, D, P): D picks the vector width and the lanes per row
@@ -56,12 +76,14 @@ MSDA_CASES = [  # (level grids, N, Lq, M, D, P): D picks the vector width and th
 ]
 
 
-@pytest.mark.parametrize("deterministic", [False, True])
+# The deterministic (fixed-point) backward has variant 0 only in msda_cuda.cuh.
+@pytest.mark.parametrize("pair,deterministic", [(p, False) for p in VARIANT_PAIRS] + [((0, 0), True)],
+                         ids=lambda x: pair_id(x) if isinstance(x, tuple) else ("det" if x else "atomic"))
 @pytest.mark.parametrize("case", MSDA_CASES, ids=lambda c: f"L{len(c[0])}-D{c[4]}")
-def test_emulated_msda_matches_float64(emu, case, deterministic):
+def test_emulated_msda_matches_float64(emu, case, pair, deterministic):
     shapes, N, Lq, M, D, P = case
     inputs = msda_inputs(shapes, N=N, Lq=Lq, M=M, D=D, P=P, outside=0.3)
-    fn = lambda *a: EmulatedOp.apply(emu, deterministic, *a)  # noqa: E731
+    fn = msda_fn(emu, deterministic, pair)
     got, grad_out = run_with_grads(fn, inputs)
     ref, _ = run_with_grads(ms_deform_attn_reference, inputs, grad_out)
     truth = reference64(inputs, grad_out)
@@ -72,9 +94,10 @@ def test_emulated_msda_matches_float64(emu, case, deterministic):
 @pytest.mark.parametrize("dtype,loc_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
                                              (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)])
 @pytest.mark.parametrize("D", [8, 12, 24, 40])
-def test_emulated_msda_half_precision(emu, dtype, loc_dtype, D):
+@pytest.mark.parametrize("pair", VARIANT_PAIRS, ids=pair_id)
+def test_emulated_msda_half_precision(emu, dtype, loc_dtype, D, pair):
     inputs = msda_inputs([(7, 11), (3, 5)], N=2, Lq=11, M=2, D=D, P=4, dtype=dtype, loc_dtype=loc_dtype)
-    got, grad_out = run_with_grads(lambda *a: EmulatedOp.apply(emu, False, *a), inputs)
+    got, grad_out = run_with_grads(msda_fn(emu, False, pair), inputs)
     ref, _ = run_with_grads(ms_deform_attn_reference, inputs, grad_out)
     truth = reference64(inputs, grad_out)
     assert got[0].dtype == dtype and got[2].dtype == loc_dtype
@@ -95,8 +118,68 @@ def test_emulated_msda_fixed_point_extremes(emu):
                                torch.device("cpu"))
 
 
-def test_emulated_msda_levels_outside_value_give_nan(emu):
-    check_levels_outside_value(emu.msda_forward, emu.msda_backward, torch.device("cpu"))
+@pytest.mark.parametrize("pair", VARIANT_PAIRS, ids=pair_id)
+def test_emulated_msda_levels_outside_value_give_nan(emu, pair):
+    f, b = pair
+    check_levels_outside_value(lambda *a: emu.msda_forward(*a, variant=f),
+                               lambda *a: emu.msda_backward(*a, variant=b), torch.device("cpu"))
+
+
+def test_msda_variant_counts_match_the_names():
+    """msda_cuda.cuh's kForwardVariants / kBackwardVariants (what the glue and the emulation
+    accept) equal the number of names in piip_kernels/variants.py."""
+    import re
+
+    header = (Path(__file__).resolve().parents[1] / "csrc" / "msda" / "msda_cuda.cuh").read_text()
+    for const, op in (("kForwardVariants", "msda_forward"), ("kBackwardVariants", "msda_backward")):
+        m = re.search(rf"constexpr int {const} = (\d+);", header)
+        assert m, f"{const} not found in msda_cuda.cuh"
+        assert int(m.group(1)) == len(VARIANTS[op]), f"{const} = {m.group(1)}, but {op} names {VARIANTS[op]}"
+
+
+def coincident_inputs(D, level=(4, 4), Lq=64, M=2, spread=0.1):
+    """Many queries of a head sampling the same few cells of one small map: every location
+    within `spread` of the map's centre (spread 1: anywhere in it). As on PIIP's query grids,
+    where neighbouring queries sample neighbouring cells, only more so."""
+    value, shapes, starts, loc, attn = msda_inputs([level], N=1, Lq=Lq, M=M, D=D, P=4, outside=0.0, seed=4)
+    jitter = torch.rand(loc.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64) - 0.5
+    return value, shapes, starts, (0.5 + spread * jitter).to(loc.dtype), attn
+
+
+@pytest.mark.parametrize("b", range(1, len(BACKWARDS)), ids=lambda b: BACKWARDS[b])
+@pytest.mark.parametrize("D", [8, 6, 1])
+def test_emulated_msda_backward_variants_combine_coincident_atomics(emu, b, D):
+    """Where many queries sample the same cells, the aggregating / privatizing backwards issue
+    far fewer atomics into grad_value than variant 0 (one per corner, chunk and point), and
+    still give the reference's gradients."""
+    inputs = coincident_inputs(D)
+    truth_out = None
+    counts = {}
+    for variant in (0, b):
+        got, grad_out = run_with_grads(msda_fn(emu, False, (0, variant)), inputs)
+        counts[variant] = emu.last_atomics
+        if truth_out is None:
+            ref, _ = run_with_grads(ms_deform_attn_reference, inputs, grad_out)
+            truth = reference64(inputs, grad_out)
+            truth_out = True
+        for name, g, r, t in zip(["out", "grad_value", "grad_loc", "grad_attn"], got, ref, truth):
+            assert_derived_close(name, g, r, t, floor=1e-6)
+    # Variant 0: one atomic per (query, head, point, inside corner, vector of channels).
+    assert counts[0] > 1000
+    assert counts[b] * 3 < counts[0], f"{BACKWARDS[b]}: {counts[b]} atomics against {counts[0]} for variant 0"
+
+
+def test_emulated_msda_privatized_falls_back_for_large_levels(emu):
+    """A level whose band of touched rows does not fit the shared budget (6 rows x 5 x 300 fp32
+    > 8192) is scattered with global atomics as variant 0: the same count, the same gradients."""
+    b = BACKWARDS.index("shared_privatized")
+    inputs = coincident_inputs(300, level=(6, 5), Lq=16, M=1, spread=1.0)
+    results = {}
+    for variant in (0, b):
+        results[variant] = run_with_grads(msda_fn(emu, False, (0, variant)), inputs)[0], emu.last_atomics
+    assert results[0][1] == results[b][1] > 0
+    for g0, gb in zip(results[0][0], results[b][0]):
+        torch.testing.assert_close(gb, g0, rtol=1e-5, atol=1e-6)
 
 
 class EmulatedDCA(torch.autograd.Function):
@@ -252,10 +335,11 @@ def test_emulated_merge_unknown_variant_is_refused(emu):
 
 # Deterministic grad_value is NaN everywhere once a non-finite number reaches it (a fixed-point
 # sum cannot hold one), a superset of where the reference has NaN.
-@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("pair,deterministic", [(p, False) for p in VARIANT_PAIRS] + [((0, 0), True)],
+                         ids=lambda x: pair_id(x) if isinstance(x, tuple) else ("det" if x else "atomic"))
 @pytest.mark.parametrize("case", list(msda_nonfinite_cases()))
-def test_emulated_msda_non_finite_numbers_as_in_the_reference(emu, case, deterministic):
-    fn = lambda *a: EmulatedOp.apply(emu, deterministic, *a)  # noqa: E731
+def test_emulated_msda_non_finite_numbers_as_in_the_reference(emu, case, pair, deterministic):
+    fn = msda_fn(emu, deterministic, pair)
     check_msda_nonfinite(fn, msda_nonfinite_cases()[case], torch.device("cpu"),
                          superset=("grad_value",) if deterministic else ())
 
@@ -296,3 +380,9 @@ def test_emulated_unknown_variant_is_refused(emu):
         emu.msda_forward(value, shapes, starts, loc, attn, variant=len(VARIANTS["msda_forward"]))
     with pytest.raises(AssertionError, match="returned -2"):
         emu.msda_forward(value, shapes, starts, loc, attn, variant=-1)
+    grad_out = torch.ones(1, 3, 2 * 8)
+    with pytest.raises(AssertionError, match="returned -2"):
+        emu.msda_backward(grad_out, value, shapes, starts, loc, attn, variant=len(VARIANTS["msda_backward"]))
+    with pytest.raises(AssertionError, match="returned -2"):  # past fixed_point and two_pass
+        emu.msda_backward(grad_out, value, shapes, starts, loc, attn, deterministic=True,
+                          variant=len(VARIANTS["msda_backward_deterministic"]))

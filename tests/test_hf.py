@@ -450,6 +450,136 @@ def test_family_function_is_held_until_the_last_handle():
     assert modeling_mask2former.multi_scale_deformable_attention is theirs
 
 
+# Deep copies (an EMA, a frozen teacher) and pickles of a swapped model. Kernels on, and a
+# mode switch (to eval: the models are built in train mode) before copying: transformers then
+# re-kernelizes the decorated layers from the model's kernel_config, so they hold a plain bound
+# method of our layer, not the swapped value (test_deep_copy_compiles copies the swapped value).
+COPIED = ["deformable_detr", "d_fine"]
+
+
+def _swapped(family):
+    """The family's model (kernels on) whose train steps leave its eval numbers as they
+    are (BatchNorm's running statistics frozen), its inputs, and transformers' eval run."""
+    model, inputs = build(family)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = 0.0
+    want = {train: run(copy.deepcopy(model), inputs, train, count=False) for train in (False,)}
+    _kernels_on(model)
+    return model, inputs, want
+
+
+def _runs(model, inputs, ours, what, want=None):
+    for train in (True, False):  # the mode switches re-kernelize (kernels on)
+        got = run(model, inputs, train)
+        assert_runs(got, ours=ours, what=f"{what}, train={train}")
+    if want is not None:
+        assert_same(got["outputs"], want["outputs"], f"{what} outputs")
+
+
+@pytest.mark.parametrize("first_out", ["original's handle", "copy's handle"])
+@pytest.mark.parametrize("family", COPIED)
+def test_deep_copy_is_held_by_the_handle(family, first_out):
+    """A deep copy of a swapped model runs ours and is held by the same handle: remove()
+    puts transformers' code back in the original and in the copy. A later handle on the copy
+    really holds it: whichever is removed first, the copy stays ours until the other is."""
+    model, inputs, want = _swapped(family)
+    handles = [hf.use_in_transformers(model)]
+    try:
+        model.eval()
+        twin = copy.deepcopy(model)
+        _runs(twin, inputs, True, f"{family} copy", want[False])
+        handles.append(hf.use_in_transformers(twin))
+        on_copy = handles[1]
+        assert sum(on_copy.swapped.values()) > 0 and on_copy.already == sum(on_copy.swapped.values()), on_copy
+        released, holder = handles if first_out == "original's handle" else handles[::-1]
+        released.remove()
+        _runs(twin, inputs, True, f"{family} copy, {first_out} removed")
+        _runs(model, inputs, released is on_copy, f"{family} original, {first_out} removed")
+        holder.remove()
+        _runs(twin, inputs, False, f"{family} copy after both remove()", want[False])
+        _runs(model, inputs, False, f"{family} original after both remove()", want[False])
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("family", COPIED)
+def test_copies_of_copies_and_two_handles(family):
+    """Two handles on a model, a copy, a copy of the copy: each copy is held by both, and
+    goes back to transformers' code with the original when the last handle is removed."""
+    model, inputs, want = _swapped(family)
+    first, second = hf.use_in_transformers(model), hf.use_in_transformers(model)
+    try:
+        model.eval()
+        alone = sum(first.swapped.values())
+        twin = copy.deepcopy(model)
+        grandchild = copy.deepcopy(twin)
+        # the copies' places are held too, by both handles
+        assert first.swapped == second.swapped and sum(first.swapped.values()) == 3 * alone, (first, second)
+        first.remove()
+        for m, what in ((model, "original"), (twin, "copy"), (grandchild, "copy of the copy")):
+            _runs(m, inputs, True, f"{family} {what} after the first remove()")
+        second.remove()
+        for m, what in ((model, "original"), (twin, "copy"), (grandchild, "copy of the copy")):
+            _runs(m, inputs, False, f"{family} {what} after the last remove()", want[False])
+    finally:
+        first.remove()
+        second.remove()
+
+
+@pytest.mark.parametrize("how", ["pickle", "torch.save"])
+@pytest.mark.parametrize("family", COPIED)
+def test_pickled_model_comes_back_on_transformers(family, how):
+    """No handle can hold a model in another process: a swapped model pickles as
+    transformers' own (its kernel_config too), and use_in_transformers on it works."""
+    import io
+    import pickle
+
+    model, inputs, want = _swapped(family)
+    with hf.use_in_transformers(model) as handle:
+        model.eval()
+        assert (model.kernel_config is not None) == (kernels_usable() and family == "deformable_detr"), model.kernel_config
+        if how == "pickle":
+            loaded = pickle.loads(pickle.dumps(model))
+        else:
+            buffer = io.BytesIO()
+            torch.save(model, buffer)
+            buffer.seek(0)
+            loaded = torch.load(buffer, weights_only=False)
+        assert sum(handle.swapped.values()) > 0
+        _runs(model, inputs, True, f"{family} swapped original")
+    assert model.kernel_config is None and loaded.kernel_config is None  # given back; pickled as it was
+    _runs(loaded, inputs, False, f"{family} unpickled", want[False])
+    with hf.use_in_transformers(loaded) as again:
+        assert sum(again.swapped.values()) > 0 and again.already == 0, again
+        _runs(loaded, inputs, True, f"{family} unpickled, swapped again", want[False])
+    _runs(loaded, inputs, False, f"{family} unpickled, after remove()", want[False])
+
+
+@pytest.mark.parametrize("family", COPIED)
+def test_deep_copy_compiles(family):
+    """The attention blocks of a swapped model and of its deep copy compile whole
+    (fullgraph) with our op."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    model, inputs = build(family)
+    want = run(copy.deepcopy(model), inputs, True, count=False)
+    with hf.use_in_transformers(model):
+        twin = copy.deepcopy(model)
+        for m in (model, twin):
+            counters = []
+            for block in blocks(m):
+                counters.append(CompileCounterWithBackend("aot_eager"))
+                block.compile(backend=counters[-1], fullgraph=True, dynamic=False)
+            got = run(m, inputs, True, count=False)
+            assert_equal_runs(got, want, f"{family} compiled{' copy' if m is twin else ''}")
+            targets = [str(node.target) for c in counters for g in c.graphs for node in g.graph.nodes]
+            assert all(c.frame_count >= 1 for c in counters)
+            assert any("piip.ms_deform_attn" in t for t in targets) and not any("grid_sampler" in t for t in targets)
+
+
 def test_switch_for_new_models():
     handle = hf.use_in_transformers()
     try:

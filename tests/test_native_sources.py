@@ -45,9 +45,10 @@ template __global__ void probe<double>(const double*, double*);
 KERNELS = r"""
 #include "msda/msda_cuda.cuh"
 namespace piip::msda::cuda {
+// Every variant of a launch function is compiled with it (the variant is a run-time switch).
 #define INST(T, U, V) \
-  template cudaError_t launch_forward<T, U, V>(const Params<T, U>&, T*, cudaStream_t); \
-  template cudaError_t launch_backward<T, U, V>(const Params<T, U>&, const T*, const msda::cuda::GradValue&, U*, U*, T*, cudaStream_t);
+  template cudaError_t launch_forward<T, U, V>(const Params<T, U>&, T*, cudaStream_t, int); \
+  template cudaError_t launch_backward<T, U, V>(const Params<T, U>&, const T*, const msda::cuda::GradValue&, U*, U*, T*, cudaStream_t, int);
 INST(float, float, 1) INST(float, float, 2) INST(float, float, 4)
 INST(__half, __half, 1) INST(__half, __half, 2) INST(__half, __half, 4) INST(__half, __half, 8)
 INST(__half, float, 1) INST(__half, float, 2) INST(__half, float, 4) INST(__half, float, 8)
@@ -55,6 +56,10 @@ INST(__nv_bfloat16, __nv_bfloat16, 1) INST(__nv_bfloat16, __nv_bfloat16, 2) INST
 INST(__nv_bfloat16, __nv_bfloat16, 8) INST(__nv_bfloat16, float, 1) INST(__nv_bfloat16, float, 2)
 INST(__nv_bfloat16, float, 4) INST(__nv_bfloat16, float, 8)
 }
+#undef INST
+#define INST(T, U, V) \
+  template cudaError_t launch_forward<T, U, V>(const Params<T, U>&, T*, cudaStream_t); \
+  template cudaError_t launch_backward<T, U, V>(const Params<T, U>&, const T*, const msda::cuda::GradValue&, U*, U*, T*, cudaStream_t);
 #include "dca/dca_cuda.cuh"
 namespace piip::dca::cuda {
 INST(float, float, 1) INST(float, float, 2) INST(float, float, 4)
@@ -67,6 +72,14 @@ namespace piip::merge::cuda {
   template cudaError_t launch_forward<T, O>(int, const ForwardParams<T>&, O*, cudaStream_t); \
   template cudaError_t launch_backward<T, O>(int, const BranchesBackward<T, O>&, cudaStream_t);
 INST2(float, float) INST2(__half, __half) INST2(__half, float) INST2(__nv_bfloat16, __nv_bfloat16) INST2(__nv_bfloat16, float)
+}
+#include "msda/msda_two_pass.cuh"
+namespace piip::msda::two_pass {
+#define INST3(T, U, V) \
+  template cudaError_t launch_backward<T, U, V>(const cuda::Params<T, U>&, const T*, U*, U*, T*, void*, size_t, cudaStream_t);
+INST3(float, float, 1) INST3(float, float, 2) INST3(float, float, 4)
+INST3(__half, __half, 8) INST3(__half, float, 8) INST3(__half, float, 2)
+INST3(__nv_bfloat16, __nv_bfloat16, 8) INST3(__nv_bfloat16, float, 8) INST3(__nv_bfloat16, float, 1)
 }
 #include "common/fixed_point.cuh"
 namespace piip::fixed_point {
@@ -128,7 +141,7 @@ BEFORE_SM90 = r"""
 #include "dca/dca_cuda.cuh"
 template cudaError_t piip::msda::cuda::launch_backward<float, float, 4>(
     const piip::msda::cuda::Params<float, float>&, const float*, const piip::msda::cuda::GradValue&, float*, float*,
-    float*, cudaStream_t);
+    float*, cudaStream_t, int);
 template cudaError_t piip::dca::cuda::launch_backward<__half, float, 8>(
     const piip::dca::cuda::Params<__half, float>&, const __half*, const piip::msda::cuda::GradValue&, float*, float*,
     __half*, cudaStream_t);
@@ -159,9 +172,16 @@ def test_cuda_kernels_compile_for_sm90_for_every_dtype(tmp_path):
         assert spills == 0, f"{kernel} spills {spills} bytes ({regs} registers)"
         runtime_points = kernel.startswith("void piip::dca::cuda::") and re.search(r", 0>\(", kernel)
         assert frame == 0 or runtime_points, f"{kernel} has a {frame}-byte stack frame: an array went to local memory"
+    msda_backwards = ("backward_kernel", "warp_aggregated_backward_kernel", "privatized_backward_kernel")
+    for name in msda_backwards + ("point_major_forward_kernel", "flat_forward_kernel"):
+        assert any(k.startswith(f"void piip::msda::cuda::{name}<") for k in usage), f"ptxas reported no {name}"
+    assert any(k.startswith("void piip::msda::two_pass::") for k in usage), "ptxas reported no two_pass kernel"
     for kernel, (regs, _, _) in usage.items():
-        if kernel.startswith("void piip::msda::cuda::backward_kernel"):
-            assert regs <= (80 if re.search(r", 8>\(", kernel) else 64), f"{kernel} uses {regs} registers"
+        if kernel.startswith(tuple(f"void piip::msda::cuda::{name}<" for name in msda_backwards)):
+            # warp_aggregated asks for 3 blocks per SM (80 registers) at every width, the others for 4 (64)
+            # below 16-byte vectors of 16-bit values
+            wide = re.search(r", 8>\(", kernel) or "warp_aggregated" in kernel
+            assert regs <= (80 if wide else 64), f"{kernel} uses {regs} registers"
 
 
 @pytest.mark.parametrize("cu", sorted(p.relative_to(CSRC).as_posix() for p in CSRC.rglob("*.cu")))
@@ -181,5 +201,5 @@ def test_every_cuda_source_is_covered():
     kernel header must be added to KERNELS above."""
     headers = sorted(p.relative_to(CSRC).as_posix() for p in CSRC.rglob("*.cuh"))
     assert headers == ["common/fixed_point.cuh", "common/launch.cuh", "dca/dca_cuda.cuh", "merge/merge_cuda.cuh",
-                       "msda/msda_cuda.cuh"], \
+                       "msda/msda_cuda.cuh", "msda/msda_two_pass.cuh"], \
         f"instantiate the kernels of {headers} in KERNELS"

@@ -813,6 +813,39 @@ def test_state_dicts_across_optimizer_kinds(tmp_path):
     assert changed > len(saved["state"]) // 2
 
 
+@pytest.mark.parametrize("order", ["model_first", "optimizer_first"])
+def test_a_bf16_checkpoint_resumed_in_fp32_continues_from_the_masters(order):
+    """A bf16 run's checkpoint (bf16 weights, fp32 masters) resumed with fp32 weights: the step
+    starts from the masters, not from their bf16 rounding, in either loading order, and no stale
+    master is left in the optimizer's state (an fp32 copy of every weight, never updated)."""
+    import copy
+
+    a = _bf16_model()
+    opt_a = build_optimizer(a, preset=SBL, lr=1e-3)
+    _run(a, opt_a, 2)
+    ck = copy.deepcopy({"model": a.state_dict(), "opt": opt_a.state_dict()})
+    masters = [opt_a.masters[p].clone() for p in a.parameters()]
+    b = PIIP(a.cfg)   # fp32
+    opt_b = build_optimizer(b, preset=SBL, master_weights=True, lr=1e-3)
+    if order == "model_first":
+        b.load_state_dict(ck["model"])
+        opt_b.load_state_dict(ck["opt"])
+    else:
+        opt_b.load_state_dict(ck["opt"])
+        b.load_state_dict(ck["model"])
+    for g in opt_b.param_groups:
+        g["lr"] = 0.0   # the step moves nothing: what it starts from is what remains
+    _set_grads(b, 5)
+    opt_b.step()
+    differ = 0
+    for (n, p), m in zip(b.named_parameters(), masters):
+        assert torch.equal(p, m), n
+        assert "master" not in opt_b.state[p], n
+        differ += int(not torch.equal(m, m.bfloat16().float()))
+    assert differ > 0   # the masters hold more than their bf16 rounding
+    assert all("master" not in s for s in opt_b.state_dict()["state"].values())
+
+
 def test_a_copied_or_pickled_optimizer_keeps_its_masters():
     """copy.deepcopy and torch.save of the optimizer object (with its model) keep the masters,
     their link to the (copied) parameters, and the clipping norm."""

@@ -388,6 +388,29 @@ def test_save_pretrained_round_trip_in_a_fresh_process(tmp_path, task):
     torch.testing.assert_close(torch.load(tmp_path / "y.pt", weights_only=True), want, rtol=1e-5, atol=1e-6)
 
 
+def test_a_bf16_backbone_under_fp32_heads_reloads_exactly_as_the_readme_says(tmp_path):
+    """transformers' save_pretrained records one dtype (bf16, the backbone's) and from_pretrained
+    builds the whole model in it, rounding the fp32 heads; the README's way back (load in fp32,
+    then the backbone to bf16) gives every tensor its dtype and value again."""
+    from transformers import UperNetForSemanticSegmentation
+
+    torch.manual_seed(0)
+    bb = H.PIIPBackboneConfig(piip_config=tiny_config(2), out_indices=[0, 1, 2, 3])
+    model = _live(UperNetForSemanticSegmentation(tasks.upernet_config(bb, hidden_size=16, auxiliary_channels=8,
+                                                                      num_labels=3)))
+    model.backbone.to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "model")
+    want = model.state_dict()
+    plain = UperNetForSemanticSegmentation.from_pretrained(tmp_path / "model").state_dict()
+    assert any(want[k].dtype == torch.float32 and plain[k].dtype == torch.bfloat16 for k in want), "nothing to document"
+    back = UperNetForSemanticSegmentation.from_pretrained(tmp_path / "model", dtype=torch.float32)
+    back.backbone.to(torch.bfloat16)
+    got = back.state_dict()
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+
+
 # ---------------------------------------------------------------------- the official recipe
 
 def test_optimizer_groups_inside_a_task_model_match_official():

@@ -1,6 +1,7 @@
 """piip_kernels._swap: the one swap mechanism of every integration. Handles are removed in
 every order; an install that fails puts back what it changed; swapped objects are held
 weakly; a target changed by other code after the swap is left to that code."""
+import copy
 import gc
 import itertools
 import logging
@@ -164,3 +165,119 @@ def test_a_handle_holds_a_target_once():
     assert module.core is ours
     b.remove()
     assert module.core is theirs
+
+
+# ---------------------------------------------------------------------------------------------
+# Followed places: deep copies are held by the same handles; pickles carry the original
+
+class Model:
+    """A model of the places a transformers model has: a layer (its own forward, swapped as a
+    bound method), a bound function, a config (copied after the layer, as a model's
+    kernel_config is copied after its modules)."""
+
+    def __init__(self):
+        self.layer = Layer()
+        self.core = theirs
+        self.config = {"layer": "theirs"}
+
+
+def is_ours_forward(current):
+    return getattr(getattr(current, "fn", current), "__func__", None) is ours_forward
+
+
+def ours_forward(self, x):
+    return ours(x)
+
+
+def follow_all(handle, model):
+    _swap.swap(handle, model.layer, "forward", types.MethodType(ours_forward, model.layer), kind="layer",
+               what="Layer.forward", ours=is_ours_forward, follow=True)
+    _swap.swap(handle, model, "core", ours, kind="bound function", what="Model.core", follow=True)
+    _swap.swap(handle, model, "config", {"layer": "ours"}, kind="config", what="Model.config", follow=True)
+
+
+def runs(model):
+    """What each place runs now: ('ours'|'theirs') for the layer, the function, the config."""
+    return model.layer.forward(0)[0], model.core(0)[0], model.config["layer"]
+
+
+OURS3, THEIRS3 = ("ours",) * 3, ("theirs",) * 3
+
+
+@pytest.mark.parametrize("first_out", ["original's", "copy's"])
+@pytest.mark.parametrize("replaced", [False, True])
+def test_a_deep_copy_is_held_by_the_same_handles(first_out, replaced):
+    """A deep copy runs ours and is held by the original's handle; a second handle on the copy
+    joins its places; whichever is removed first, the copy stays ours until the other is.
+    ``replaced``: the layer's forward was set again by other code to ours, a plain bound
+    method (transformers re-kernelizing), so only the config's copy can take its place."""
+    model = Model()
+    a = _swap.Handle("a")
+    follow_all(a, model)
+    if replaced:
+        model.layer.forward = types.MethodType(ours_forward, model.layer)
+    twin = copy.deepcopy(model)
+    assert runs(twin) == OURS3 and a.swapped == {"layer": 2, "bound function": 2, "config": 2}
+    b = _swap.Handle("b")
+    follow_all(b, twin)
+    assert b.swapped == {"layer": 1, "bound function": 1, "config": 1} and b.already == 3
+    released, holder = (a, b) if first_out == "original's" else (b, a)
+    released.remove()
+    assert runs(twin) == OURS3 and runs(model) == (OURS3 if released is b else THEIRS3)
+    holder.remove()
+    assert runs(twin) == runs(model) == THEIRS3
+    assert "forward" not in vars(twin.layer) and twin.config == {"layer": "theirs"} and twin.core is theirs
+
+
+def test_copies_of_copies_and_two_handles():
+    model = Model()
+    a, b = _swap.Handle("a"), _swap.Handle("b")
+    follow_all(a, model)
+    follow_all(b, model)
+    twin = copy.deepcopy(model)
+    grandchild = copy.deepcopy(twin)
+    assert a.swapped == b.swapped == {"layer": 3, "bound function": 3, "config": 3}
+    assert a.already == 0 and b.already == 9
+    for handle in (b, a):
+        assert all(runs(m) == OURS3 for m in (model, twin, grandchild))
+        handle.remove()
+    assert all(runs(m) == THEIRS3 for m in (model, twin, grandchild))
+
+
+def test_copies_are_held_weakly():
+    model = Model()
+    with _swap.Handle("a") as a:
+        follow_all(a, model)
+        twin = copy.deepcopy(model)
+        ref = weakref.ref(twin.layer)
+        del twin
+        gc.collect()
+        assert ref() is None and a.swapped == {"layer": 1, "bound function": 1, "config": 1}
+
+
+def test_pickled_places_carry_the_original():
+    """Pickled while held: the original (an attribute that was absent: the class's, as read
+    then). Pickled after remove(), or a value pickled alone once given back: its plain value."""
+    import pickle
+
+    model = Model()
+    with _swap.Handle("a") as a:
+        follow_all(a, model)
+        loaded = pickle.loads(pickle.dumps(model))
+        value = model.config
+    assert runs(loaded) == THEIRS3 and loaded.core is theirs and type(loaded.config) is dict
+    assert _swap.held(loaded, "core") is None and _swap.held(loaded.layer, "forward") is None
+    assert pickle.loads(pickle.dumps(value)) == {"layer": "ours"}
+    with _swap.Handle("again") as again:
+        follow_all(again, loaded)
+        assert runs(loaded) == OURS3 and again.already == 0
+    assert runs(loaded) == THEIRS3
+
+
+def test_a_value_copied_alone_is_plain():
+    """Deep-copied outside its object, a followed value is its plain value, held by nobody."""
+    model = Model()
+    with _swap.Handle("a") as a:
+        follow_all(a, model)
+        config = copy.deepcopy(model.config)
+        assert type(config) is dict and config == {"layer": "ours"} and a.swapped["config"] == 1

@@ -91,3 +91,66 @@ def test_two_process_training_falls_checkpoints_and_resumes(tmp_path):
     assert sorted(resumed) == list(range(1, 10))
     # The first six steps are the first run's (a fresh run to 9 steps decays lr over 9 and differs).
     assert {s: resumed[s] for s in first} == first
+
+
+def _example():
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import train_segmentation
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    return train_segmentation
+
+
+def _tiny_args(tmp_path, out, steps, *extra):
+    from piip.hf import piip_config_to_dict
+
+    config = tmp_path / "tiny_piip.json"
+    config.write_text(json.dumps(piip_config_to_dict(tiny_config(2))))
+    return ["--data", str(tmp_path / "ade"), "--output-dir", str(out), "--backbone-config", str(config), "--num-labels", "3",
+            "--head-width", "16", "--size", "64", "--batch-size", "2", "--max-steps", str(steps), "--warmup-steps", "0",
+            "--lr", "5e-3", "--save-steps", "3", "--logging-steps", "1", "--bf16", *extra]
+
+
+def test_eval_only_evaluates_the_runs_checkpoint_or_refuses(tmp_path):
+    """--eval-only without --checkpoint evaluates the latest checkpoint of --output-dir (here
+    into an fp32 model: the weights are the checkpoint's bf16 values), never the freshly built
+    weights; with no checkpoint there it stops with a message."""
+    import pytest
+
+    ts = _example()
+    make_ade20k(tmp_path / "ade", n_val=1)
+    with pytest.raises(SystemExit, match="nothing to evaluate"):
+        ts.main(_tiny_args(tmp_path, tmp_path / "run", 3, "--workers", "0", "--eval-only"))
+    ts.main(_tiny_args(tmp_path, tmp_path / "run", 3, "--workers", "0", "--no-eval"))
+    trainer = ts.main([a for a in _tiny_args(tmp_path, tmp_path / "run", 3, "--workers", "0", "--eval-only")
+                       if a != "--bf16"])
+    saved = load_file(tmp_path / "run" / "checkpoint-3" / "model.safetensors")
+    state = trainer.model.state_dict()
+    assert saved.keys() <= state.keys()
+    changed = 0
+    for k, v in saved.items():
+        assert torch.equal(state[k], v.to(state[k].dtype)), k
+        changed += v.dtype == torch.bfloat16
+    assert changed > 0
+
+
+def test_resume_mid_epoch_continues_the_uninterrupted_run(tmp_path):
+    """One process, bf16 with masters: a run to 6 steps, and a second run resumed from its step-3
+    checkpoint (mid-epoch: 8 images, 4 steps per epoch) with another number of loader workers,
+    log the same losses at steps 4 to 6 (same data, same augmentation, same weights and
+    optimizer state; nothing in the step differs, so the losses are equal, not close)."""
+    import shutil
+
+    ts = _example()
+    make_ade20k(tmp_path / "ade")
+
+    def run(out, workers, *extra):
+        ts.main(_tiny_args(tmp_path, out, 6, "--workers", str(workers), "--no-eval", *extra))
+
+    run(tmp_path / "a", 0)
+    shutil.copytree(tmp_path / "a" / "checkpoint-3", tmp_path / "b" / "checkpoint-3")
+    run(tmp_path / "b", 2, "--resume")
+    whole, resumed = _losses(tmp_path / "a" / "checkpoint-6"), _losses(tmp_path / "b" / "checkpoint-6")
+    assert sorted(whole) == sorted(resumed) == list(range(1, 7))
+    assert {s: resumed[s] for s in (4, 5, 6)} == {s: whole[s] for s in (4, 5, 6)}, (whole, resumed)

@@ -1,10 +1,12 @@
 // Glue between stable-ABI tensors and the torch-free CUDA kernels of msda_cuda.cuh:
-// registers piip_C::msda_forward / piip_C::msda_backward for CUDA tensors.
+// registers piip_C::msda_forward / piip_C::msda_backward / piip_C::msda_backward_deterministic for CUDA
+// tensors.
 // Inputs are made contiguous here; kernels run on the current stream of the
 // inputs' device, and every launch is checked.
 #include "../common/cuda_glue.h"
 #include "msda_cuda.cuh"
 #include "msda_glue.h"
+#include "msda_two_pass.cuh"
 
 namespace piip {
 namespace msda {
@@ -39,7 +41,7 @@ Tensor msda_forward_cuda(const Tensor& value_, const Tensor& shapes_, const Tens
     DT* o = dev_mut_ptr<T>(out);
     const int v = cuda::vector_width<DT>(z.D, reinterpret_cast<uintptr_t>(p.value), reinterpret_cast<uintptr_t>(o));
     const cudaError_t err = cuda::with_vector_width<DT>(v, [&]<int V>() {
-      return cuda::launch_forward<DT, typename Device<U>::type, V>(p, o, stream);
+      return cuda::launch_forward<DT, typename Device<U>::type, V>(p, o, stream, static_cast<int>(variant));
     });
     cuda_glue::check_launch("ms_deform_attn forward", err);
   });
@@ -75,7 +77,7 @@ std::tuple<Tensor, Tensor, Tensor> msda_backward_cuda_impl(const Tensor& grad_ou
     const int v = cuda::vector_width<DT>(z.D, reinterpret_cast<uintptr_t>(p.value), reinterpret_cast<uintptr_t>(g));
     const cudaError_t err = cuda::with_vector_width<DT>(v, [&]<int V>() {
       return cuda::launch_backward<DT, DU, V>(p, g, gv, dev_mut_ptr<U>(grad_loc), dev_mut_ptr<U>(grad_attn),
-                                              dev_mut_ptr<T>(grad_value), stream);
+                                              dev_mut_ptr<T>(grad_value), stream, static_cast<int>(variant));
     });
     cuda_glue::check_launch("ms_deform_attn backward", err);
   });
@@ -88,10 +90,55 @@ std::tuple<Tensor, Tensor, Tensor> msda_backward_cuda(const Tensor& grad_output,
   return msda_backward_cuda_impl(grad_output, value, shapes, starts, loc, attn, false, variant);
 }
 
+// Variant 1 of the deterministic backward ("two_pass", msda_two_pass.cuh): no accumulator, one
+// workspace of the size the kernels ask for, every output written by the kernels.
+std::tuple<Tensor, Tensor, Tensor> msda_backward_two_pass_cuda(const Tensor& grad_output, const Tensor& value_,
+                                                               const Tensor& shapes_, const Tensor& starts_,
+                                                               const Tensor& loc_, const Tensor& attn_) {
+  const Sizes z = check_and_sizes(value_, shapes_, starts_, loc_, attn_, /*cuda=*/true);
+  check_grad_output(grad_output, value_, z);
+  const two_pass::Problem problem = two_pass::problem(z.N, z.S, z.M, z.Lq, z.L, z.P);
+  STD_TORCH_CHECK(two_pass::fits_int32(problem), "ms_deform_attn backward (deterministic, two_pass): ",
+                  problem.entries, " sampling corners and ", problem.cells,
+                  " value cells; this variant indexes them with int32 (at most 2^31 - 2 each): use variant 0 (fixed_point)");
+  const cuda_glue::DeviceGuard guard(value_.get_device_index());
+  const Tensor value = contig(value_), shapes = contig(shapes_), starts = contig(starts_);
+  const Tensor loc = contig(loc_), attn = contig(attn_), go = contig(grad_output);
+  if (z.N * z.Lq * z.M * z.L * z.P * z.D == 0) {
+    return {zeros_as(value), zeros_as(loc), zeros_as(attn)};
+  }
+  Tensor grad_value = alloc_like(value);
+  Tensor grad_loc = alloc_like(loc);
+  Tensor grad_attn = alloc_like(attn);
+  // Byte tensors come from torch's CUDA caching allocator, whose blocks are 512-byte aligned.
+  const size_t bytes = two_pass::workspace_bytes(problem);
+  Tensor workspace = alloc({static_cast<int64_t>(bytes)}, ScalarType::Byte, value);
+  const cudaStream_t stream = cuda_glue::current_stream(value.get_device_index());
+  cuda_glue::dispatch("ms_deform_attn", value.scalar_type(), loc.scalar_type(), [&]<typename T, typename U>() {
+    using DT = typename Device<T>::type;
+    using DU = typename Device<U>::type;
+    const auto p = params<T, U>(z, value, shapes, starts, loc, attn);
+    const DT* g = dev_ptr<T>(go);
+    DT* gv = dev_mut_ptr<T>(grad_value);
+    // Pass 1 reads value and grad_out, pass 2 grad_out and grad_value: V must suit all three.
+    const int v = std::min(cuda::vector_width<DT>(z.D, reinterpret_cast<uintptr_t>(p.value), reinterpret_cast<uintptr_t>(g)),
+                           cuda::vector_width<DT>(z.D, reinterpret_cast<uintptr_t>(gv), reinterpret_cast<uintptr_t>(g)));
+    const cudaError_t err = cuda::with_vector_width<DT>(v, [&]<int V>() {
+      return two_pass::launch_backward<DT, DU, V>(p, g, dev_mut_ptr<U>(grad_loc), dev_mut_ptr<U>(grad_attn), gv,
+                                                  workspace.mutable_data_ptr(), bytes, stream);
+    });
+    cuda_glue::check_launch("ms_deform_attn backward (deterministic, two_pass)", err);
+  });
+  return {grad_value, grad_loc, grad_attn};
+}
+
 std::tuple<Tensor, Tensor, Tensor> msda_backward_deterministic_cuda(const Tensor& grad_output, const Tensor& value,
                                                                     const Tensor& shapes, const Tensor& starts,
                                                                     const Tensor& loc, const Tensor& attn,
                                                                     int64_t variant) {
+  // 0: fixed_point (the accumulator of msda_cuda.cuh), 1: two_pass; piip_kernels/variants.py names them.
+  check_variant("ms_deform_attn backward (deterministic)", "cuda", variant, cuda::kDeterministicBackwardVariants);
+  if (variant == 1) return msda_backward_two_pass_cuda(grad_output, value, shapes, starts, loc, attn);
   return msda_backward_cuda_impl(grad_output, value, shapes, starts, loc, attn, true, variant);
 }
 

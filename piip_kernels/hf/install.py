@@ -98,6 +98,7 @@ def _is_transformers_function(obj, name: str) -> bool:
 def _ours_function(obj):
     """The name of transformers' function that ``obj`` (one of ours with its keywords
     bound) stands in for, or None."""
+    obj = obj.fn if isinstance(obj, _swap.HeldCall) else obj
     if isinstance(obj, functools.partial):
         for name, (ours, _) in FUNCTIONS.items():
             if obj.func is ours:
@@ -106,6 +107,7 @@ def _ours_function(obj):
 
 
 def _is_our_forward(obj) -> bool:
+    obj = obj.fn if isinstance(obj, _swap.HeldCall) else obj
     fn = getattr(obj, "__func__", obj)
     return fn is MultiScaleDeformableAttention.forward or getattr(fn, "func", None) is _layer_forward_with
 
@@ -148,7 +150,7 @@ def _layer(module: nn.Module, handle: Handle, msda) -> None:
     forward = MultiScaleDeformableAttention.forward if msda is None else functools.partial(_layer_forward_with, msda=msda)
     # The bound method refers back to the module: the swap keeps a predicate, not the value.
     _swap.swap(handle, module, "forward", MethodType(forward, module), kind="layer", what=what, impl=msda,
-               ours=_is_our_forward)
+               ours=_is_our_forward, follow=True)
 
 
 def _bound_functions(module: nn.Module, handle: Handle, msda) -> None:
@@ -164,7 +166,8 @@ def _bound_functions(module: nn.Module, handle: Handle, msda) -> None:
         else:
             for name, (_, params) in FUNCTIONS.items():
                 if _is_transformers_function(value, name) and not _signature_differs(value, params, f"{value.__module__}.{name}"):
-                    _swap.swap(handle, module, attr, _ours_for(name, value, msda), kind="bound function", what=what, impl=msda)
+                    _swap.swap(handle, module, attr, _ours_for(name, value, msda), kind="bound function", what=what, impl=msda,
+                               follow=True)
 
 
 def _functions_by_name(module: nn.Module, handle: Handle, msda) -> None:
@@ -218,12 +221,12 @@ def _map_ours_in_kernel_config(model: nn.Module, handle: Handle) -> None:
         entry = dict.fromkeys(KERNEL_DEVICES, LocalLayerRepository(repo_path=kernel_repo_path(), layer_name=LAYER_NAME))
         if config is None:
             _swap.swap(handle, model, "kernel_config", KernelConfig(kernel_mapping={LAYER_NAME: entry}), kind="kernel_config",
-                       what=what)
+                       what=what, follow=True)
         elif config.kernel_mapping.get(LAYER_NAME) == entry:
             handle.found_ours()
         else:
             _swap.swap(handle, config, "kernel_mapping", {**config.kernel_mapping, LAYER_NAME: entry}, kind="kernel_config",
-                       what=what)
+                       what=what, follow=True)
 
 
 def enable(model: nn.Module, msda=None, handle: Handle | None = None, quiet: bool = False) -> Handle:

@@ -76,12 +76,42 @@ class Emulated:
     def msda_backward(self, grad_out, value, shapes, starts, loc, attn, deterministic=False, variant=0):
         N, S, M, D = value.shape
         _, Lq, _, L, P, _ = loc.shape
+        if deterministic and variant == 1:
+            return self._msda_backward_two_pass(grad_out, value, shapes, starts, loc, attn)
         acc, scale = self._accumulator(value, grad_out, attn, Lq * P, deterministic)
         gv, gl, ga = (torch.full_like(t, float("nan")) for t in (value, loc, attn))
+        self._watch(acc)
         self._run("piip_emu_msda_backward", variant, CODE[value.dtype], CODE[loc.dtype], p(grad_out), p(value), p(shapes), p(starts), p(loc),
                   p(attn), p(None if deterministic else acc), p(acc if deterministic else None), p(scale), p(gv), p(gl), p(ga),
                   *i64(N, S, M, D, Lq, L, P))
+        self.last_atomics = self._watch(None)
         return gv, gl, ga
+
+    def _msda_backward_two_pass(self, grad_out, value, shapes, starts, loc, attn):
+        # As csrc/msda/msda_cuda.cu's two_pass route: one workspace of the size the kernels ask for.
+        N, S, M, D = value.shape
+        _, Lq, _, L, P, _ = loc.shape
+        self.lib.piip_emu_msda_two_pass_workspace.restype = ctypes.c_int64
+        size = self.lib.piip_emu_msda_two_pass_workspace(*i64(N, S, M, Lq, L, P))
+        assert size >= 0, "the two_pass variant needs int32 indices: too many corners or value cells"
+        # Filled with garbage (not zeros): the kernels must write everything they read. One extra
+        # 256 bytes so that the buffer can start on a 256-byte boundary, as a CUDA allocation does.
+        raw = torch.full((size + 256,), 0xA5, dtype=torch.uint8)
+        skip = -raw.data_ptr() % 256
+        workspace = raw[skip:skip + size]
+        gv, gl, ga = (torch.full_like(t, float("nan")) for t in (value, loc, attn))
+        self._run("piip_emu_msda_backward_two_pass", CODE[value.dtype], CODE[loc.dtype], p(grad_out), p(value), p(shapes),
+                  p(starts), p(loc), p(attn), p(workspace), ctypes.c_int64(size), p(gv), p(gl), p(ga),
+                  *i64(N, S, M, D, Lq, L, P))
+        return gv, gl, ga
+
+    def _watch(self, acc):
+        """Counts the fp32 atomics into `acc` from now on (None: stops); returns the count of the
+        previous watch. msda_backward leaves its count in ``last_atomics``: the atomics that
+        reached the grad_value accumulator (global memory), a float4 one counted once."""
+        fn = self.lib.piip_emu_watch_atomics
+        fn.restype = ctypes.c_long
+        return fn(p(acc), ctypes.c_int64(acc.numel() * acc.element_size() if acc is not None else 0))
 
     @staticmethod
     def _accumulator(value, grad_out, weights, points, deterministic):

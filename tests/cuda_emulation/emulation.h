@@ -9,7 +9,12 @@
 // - __syncthreads is a barrier of the block; a thread that returns drops out of both.
 // - __shared__ variables are function statics: blocks run one at a time, so each block
 //   sees its own (the kernels write them before they read them).
-// - Atomics are std::atomic_ref; float4 atomics are four scalar ones; __ldg is a load.
+// - Atomics are std::atomic_ref; float4 atomics are four scalar ones; __ldg is a load. The
+//   fp32 atomics into a watched address range (piip_emu::watch) are counted, a float4 one
+//   once, as the hardware issues it: tests use the count to see that a kernel combined its
+//   additions before they reached global memory.
+// - Warp votes and matches (__ballot_sync, __any_sync, __match_any_sync) and __shfl_sync
+//   exchange through the same slots and barriers as the shuffles, with the same checks.
 // Errors (bad shuffles, reads of exited lanes) are counted in piip_emu::errors; the tests
 // read them through piip_emu_errors().
 #pragma once
@@ -46,8 +51,13 @@ struct Warp {
   explicit Warp(int n) : bar(n) {}
   std::barrier<> bar;
   float slots[32] = {};
+  unsigned long long wide[32] = {};  // 64-bit slots: __shfl_sync of any word, votes, matches
   bool exited[32] = {};
 };
+
+// The counted address range of the fp32 atomics, and the count.
+inline std::atomic<const void*> watch_begin{nullptr}, watch_end{nullptr};
+inline std::atomic<long> watched_atomics{0};
 
 struct Block {
   explicit Block(int threads) : bar(threads) {
@@ -88,13 +98,103 @@ inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask, int width = 
   return r;
 }
 
-inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
+// Whether the calling lane and the lanes it reads are inside `mask` (the hardware leaves the
+// result undefined otherwise; our kernels must never do it).
+inline void check_lane(unsigned mask, int lane) {
+  if (!((mask >> lane) & 1u)) ++piip_emu::errors;
+}
+
+// Each lane of the warp publishes `bits`; f(slots, lane) runs between the two barriers.
+template <typename F>
+inline auto exchange(unsigned long long bits, F&& f) {
+  piip_emu::Warp& w = *piip_emu::self.block->warps[piip_emu::self.thread_idx.x / 32];
+  const int lane = static_cast<int>(piip_emu::self.thread_idx.x % 32);
+  w.wide[lane] = bits;
+  w.bar.arrive_and_wait();
+  const auto r = f(w, lane);
+  w.bar.arrive_and_wait();
+  return r;
+}
+
+template <typename W>
+inline W __shfl_sync(unsigned mask, W v, int src_lane, int width = 32) {
+  static_assert(sizeof(W) <= 8, "a word of at most 8 bytes");
+  unsigned long long bits = 0;
+  std::memcpy(&bits, &v, sizeof v);
+  const int lane = static_cast<int>(piip_emu::self.thread_idx.x % 32);
+  check_lane(mask, lane);
+  const int src = lane / width * width + src_lane % width;
+  check_lane(mask, src);
+  const unsigned long long got = exchange(bits, [&](piip_emu::Warp& w, int) {
+    if (w.exited[src]) ++piip_emu::errors;
+    return w.wide[src];
+  });
+  W r;
+  std::memcpy(&r, &got, sizeof r);
+  return r;
+}
+
+inline unsigned __ballot_sync(unsigned mask, bool pred) {
+  check_lane(mask, static_cast<int>(piip_emu::self.thread_idx.x % 32));
+  return exchange(pred ? 1ull : 0ull, [&](piip_emu::Warp& w, int) {
+    unsigned r = 0;
+    for (int i = 0; i < 32; ++i) {
+      if (!((mask >> i) & 1u)) continue;
+      if (w.exited[i]) ++piip_emu::errors;
+      else if (w.wide[i]) r |= 1u << i;
+    }
+    return r;
+  });
+}
+
+inline bool __any_sync(unsigned mask, bool pred) { return __ballot_sync(mask, pred) != 0u; }
+
+inline unsigned __match_any_sync(unsigned mask, unsigned long long key) {
+  check_lane(mask, static_cast<int>(piip_emu::self.thread_idx.x % 32));
+  return exchange(key, [&](piip_emu::Warp& w, int) {
+    unsigned r = 0;
+    for (int i = 0; i < 32; ++i) {
+      if (!((mask >> i) & 1u)) continue;
+      if (w.exited[i]) ++piip_emu::errors;
+      else if (w.wide[i] == key) r |= 1u << i;
+    }
+    return r;
+  });
+}
+
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline int __ffs(unsigned v) { return __builtin_ffs(static_cast<int>(v)); }
+
+inline float atomic_add_f32(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
+inline void count_atomic(const void* p) {
+  if (p >= piip_emu::watch_begin.load() && p < piip_emu::watch_end.load()) ++piip_emu::watched_atomics;
+}
+inline float atomicAdd(float* p, float v) {
+  count_atomic(p);
+  return atomic_add_f32(p, v);
+}
+inline int atomicMin(int* p, int v) {
+  std::atomic_ref<int> a(*p);
+  int old = a.load();
+  while (v < old && !a.compare_exchange_weak(old, v)) {
+  }
+  return old;
+}
+inline int atomicMax(int* p, int v) {
+  std::atomic_ref<int> a(*p);
+  int old = a.load();
+  while (v > old && !a.compare_exchange_weak(old, v)) {
+  }
+  return old;
+}
 inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
   return std::atomic_ref<unsigned long long>(*p).fetch_add(v);
 }
 inline float4 atomicAdd(float4* p, float4 v) {
+  count_atomic(p);
   float* f = reinterpret_cast<float*>(p);
-  return make_float4(atomicAdd(f, v.x), atomicAdd(f + 1, v.y), atomicAdd(f + 2, v.z), atomicAdd(f + 3, v.w));
+  return make_float4(atomic_add_f32(f, v.x), atomic_add_f32(f + 1, v.y), atomic_add_f32(f + 2, v.z),
+                     atomic_add_f32(f + 3, v.w));
 }
 
 template <typename W>

@@ -9,6 +9,7 @@
 #include "dca/dca_cuda.cuh"
 #include "merge/merge_cuda.cuh"
 #include "msda/msda_cuda.cuh"
+#include "msda/msda_two_pass.cuh"
 
 namespace {
 
@@ -45,6 +46,14 @@ extern "C" {
 
 long piip_emu_errors() { return piip_emu::errors.exchange(0); }
 
+// Counts the fp32 atomics into [begin, begin + bytes) from now on (a float4 atomic once); returns
+// the count since the previous call.
+long piip_emu_watch_atomics(const void* begin, int64_t bytes) {
+  piip_emu::watch_begin = begin;
+  piip_emu::watch_end = static_cast<const char*>(begin) + bytes;
+  return piip_emu::watched_atomics.exchange(0);
+}
+
 // Launches a kernel that counts its blocks into *counted through piip::launch: the return code
 // and the count show whether a grid of `blocks` was run or refused.
 int piip_emu_launch_blocks(int64_t blocks, unsigned long long* counted) {
@@ -61,7 +70,7 @@ int piip_emu_msda_forward(int variant, int t, int u, const void* value, const in
                             static_cast<const U*>(attn), N, S, M, D, Lq, L, P};
     T* o = static_cast<T*>(out);
     return static_cast<int>(k::with_vector_width<T>(k::vector_width<T>(D, addr(p.value), addr(o)), [&]<int V>() {
-      return k::launch_forward<T, U, V>(p, o, nullptr);
+      return k::launch_forward<T, U, V>(p, o, nullptr, variant);
     }));
   });
 }
@@ -71,7 +80,8 @@ int piip_emu_msda_backward(int variant, int t, int u, const void* grad_out, cons
                            void* grad_value_out, void* grad_loc, void* grad_attn, int64_t N, int64_t S, int64_t M, int64_t D,
                            int64_t Lq, int64_t L, int64_t P) {
   namespace k = piip::msda::cuda;
-  if (variant < 0 || variant >= (acc_fixed != nullptr ? k::kDeterministicBackwardVariants : k::kBackwardVariants)) return -2;
+  // The deterministic variants past 0 (two_pass) have an entry of their own below.
+  if (variant < 0 || variant >= (acc_fixed != nullptr ? 1 : k::kBackwardVariants)) return -2;
   const auto gv = grad_value(acc_f32, acc_fixed, scale);
   return dispatch(t, u, [&]<typename T, typename U>() {
     const k::Params<T, U> p{static_cast<const T*>(value), shapes, starts, static_cast<const U*>(loc),
@@ -79,7 +89,7 @@ int piip_emu_msda_backward(int variant, int t, int u, const void* grad_out, cons
     const T* g = static_cast<const T*>(grad_out);
     return static_cast<int>(k::with_vector_width<T>(k::vector_width<T>(D, addr(p.value), addr(g)), [&]<int V>() {
       return k::launch_backward<T, U, V>(p, g, gv, static_cast<U*>(grad_loc), static_cast<U*>(grad_attn),
-                                         static_cast<T*>(grad_value_out), nullptr);
+                                         static_cast<T*>(grad_value_out), nullptr, variant);
     }));
   });
 }
@@ -153,6 +163,39 @@ int piip_emu_merge_backward(int variant, int t, int o, int nb, const void* grad_
                                         align_corners != 0);
     p.partial = partial;
     return static_cast<int>(k::launch_backward<T, O>(variant, p, nullptr));
+  });
+}
+
+}  // extern "C"
+
+// --- the deterministic MSDA backward without atomics (csrc/msda/msda_two_pass.cuh) ----------
+extern "C" {
+
+// Bytes of workspace piip_emu_msda_backward_two_pass needs for these sizes; -1 when they do not
+// fit its int32 indices.
+int64_t piip_emu_msda_two_pass_workspace(int64_t N, int64_t S, int64_t M, int64_t Lq, int64_t L, int64_t P) {
+  namespace tp = piip::msda::two_pass;
+  const tp::Problem z = tp::problem(N, S, M, Lq, L, P);
+  return tp::fits_int32(z) ? static_cast<int64_t>(tp::workspace_bytes(z)) : -1;
+}
+
+// Variant 1 ("two_pass") of msda_backward_deterministic, as csrc/msda/msda_cuda.cu runs it:
+// `workspace` holds `workspace_size` bytes (aligned as a CUDA allocation), its contents ignored.
+int piip_emu_msda_backward_two_pass(int t, int u, const void* grad_out, const void* value, const int64_t* shapes,
+                                    const int64_t* starts, const void* loc, const void* attn, void* workspace,
+                                    int64_t workspace_size, void* grad_value_out, void* grad_loc, void* grad_attn, int64_t N,
+                                    int64_t S, int64_t M, int64_t D, int64_t Lq, int64_t L, int64_t P) {
+  namespace k = piip::msda::cuda;
+  return dispatch(t, u, [&]<typename T, typename U>() {
+    const k::Params<T, U> p{static_cast<const T*>(value), shapes, starts, static_cast<const U*>(loc),
+                            static_cast<const U*>(attn), N, S, M, D, Lq, L, P};
+    const T* g = static_cast<const T*>(grad_out);
+    T* gv = static_cast<T*>(grad_value_out);
+    const int v = std::min(k::vector_width<T>(D, addr(p.value), addr(g)), k::vector_width<T>(D, addr(gv), addr(g)));
+    return static_cast<int>(k::with_vector_width<T>(v, [&]<int V>() {
+      return piip::msda::two_pass::launch_backward<T, U, V>(p, g, static_cast<U*>(grad_loc), static_cast<U*>(grad_attn), gv,
+                                                            workspace, static_cast<size_t>(workspace_size), nullptr);
+    }));
   });
 }
 
