@@ -229,7 +229,8 @@ __device__ __forceinline__ float merged_at(const ForwardParams<T>& p, const floa
 // out [planes, Ho, Wo]; the band is contiguous there, rows * Wo elements, and so are the rows
 // of each map it reads. VO outputs per 16-byte store.
 template <typename T, typename O>
-__global__ void __launch_bounds__(kThreads) rows_forward_kernel(ForwardParams<T> p, RowsPlan plan, O* __restrict__ out) {
+__global__ void __launch_bounds__(kThreads)
+    rows_vectorized_forward_kernel(ForwardParams<T> p, RowsPlan plan, O* __restrict__ out) {
   constexpr int VO = 16 / static_cast<int>(sizeof(O));
   __shared__ __align__(16) unsigned char stage[kStageBytes];
   __shared__ Staged<T> rows_of[kMaxBranches];  // the rows of map b the band reads
@@ -345,7 +346,7 @@ __device__ __forceinline__ float gather_rows(const Staged<O>& g, int64_t iy, int
 // first owned row (at most a few rows before the tile); the block stages grad_output rows
 // [min_b A_b, end of the tile) once and every branch gathers from them.
 template <typename T, typename O>
-__global__ void __launch_bounds__(kThreads) fused_backward_kernel(BranchesBackward<T, O> p) {
+__global__ void __launch_bounds__(kThreads) fused_branches_backward_kernel(BranchesBackward<T, O> p) {
   __shared__ __align__(16) unsigned char stage[kStageBytes];
   __shared__ float share[kThreads];
   __shared__ int64_t own0[kMaxBranches], own1[kMaxBranches], first[kMaxBranches];
@@ -498,7 +499,7 @@ cudaError_t launch_forward(int variant, const ForwardParams<T>& p, O* out, cudaS
   if (n == 0) return cudaSuccess;
   if (variant == 1) {
     const RowsPlan plan = rows_plan<T>(p, sizeof(O));
-    return launch(rows_forward_kernel<T, O>, p.planes * plan.bands, kThreads, stream, p, plan, out);
+    return launch(rows_vectorized_forward_kernel<T, O>, p.planes * plan.bands, kThreads, stream, p, plan, out);
   }
   if (variant != 0) return cudaErrorInvalidValue;
   return launch(forward_kernel<T, O>, blocks_for(n), kThreads, stream, p, out);
@@ -579,7 +580,7 @@ template <typename T, typename O>
 cudaError_t launch_backward(int variant, const BranchesBackward<T, O>& p, cudaStream_t stream) {
   if (variant == 1) {
     if (p.planes == 0) return cudaSuccess;
-    return launch(fused_backward_kernel<T, O>, p.planes * p.tiles, kThreads, stream, p);
+    return launch(fused_branches_backward_kernel<T, O>, p.planes * p.tiles, kThreads, stream, p);
   }
   if (variant != 0) return cudaErrorInvalidValue;
   for (int b = 0; b < p.nb; ++b) {  // gather: one launch per branch
