@@ -14,8 +14,8 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "msda_forward": ("lanes", "point_major", "flat", "block128"),
     "msda_backward": ("atomic", "warp_aggregated", "shared_privatized"),
     "msda_backward_deterministic": ("fixed_point", "two_pass"),
-    "merge_forward": ("pixel",),
-    "merge_backward": ("gather",),
+    "merge_forward": ("pixel", "rows_vectorized"),
+    "merge_backward": ("gather", "fused_branches"),
 }
 
 

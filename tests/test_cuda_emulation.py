@@ -217,27 +217,41 @@ def test_emulated_deform_cross_attn_matches_float64(emu, case, dtype, determinis
 
 class EmulatedMerge(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, emu, align_corners, out_size, weights, *feats):
-        ctx.emu, ctx.align = emu, align_corners
+    def forward(ctx, emu, variants, align_corners, out_size, weights, *feats):
+        ctx.emu, ctx.variants, ctx.align = emu, variants, align_corners
         ctx.save_for_backward(weights, *feats)
-        return emu.merge_forward(list(feats), weights, out_size, align_corners, torch.promote_types(feats[0].dtype, weights.dtype))
+        return emu.merge_forward(list(feats), weights, out_size, align_corners, torch.promote_types(feats[0].dtype, weights.dtype),
+                                 variant=variants[0])
 
     @staticmethod
     def backward(ctx, grad_out):
         weights, *feats = ctx.saved_tensors
-        grads, gw = ctx.emu.merge_backward(grad_out.contiguous(), feats, weights, ctx.align)
-        return (None, None, None, gw, *grads)
+        grads, gw = ctx.emu.merge_backward(grad_out.contiguous(), feats, weights, ctx.align, variant=ctx.variants[1])
+        return (None, None, None, None, gw, *grads)
 
 
+def merge_variants():
+    """(forward variant, backward variant) numbers: every pair of piip_kernels/variants.py's names."""
+    from piip_kernels.variants import VARIANTS
+
+    fwd, bwd = VARIANTS["merge_forward"], VARIANTS["merge_backward"]
+    return [pytest.param((i, j), id=f"{f}-{b}") for i, f in enumerate(fwd) for j, b in enumerate(bwd)]
+
+
+def emulated_merge(emu, variants):
+    return lambda f, w, s, a: EmulatedMerge.apply(emu, variants, a, s, w, *f)  # noqa: E731
+
+
+@pytest.mark.parametrize("variants", merge_variants())
 @pytest.mark.parametrize("align_corners", [False, True])
 @pytest.mark.parametrize("case", [([(3, 3), (4, 4), (6, 6)], (6, 6)), ([(5, 7), (9, 11), (13, 17), (13, 17)], (13, 17)),
                                   ([(8, 8), (3, 5)], (5, 6)), ([(1, 1)], (4, 3)), ([(7, 7), (12, 12), (20, 20)], (20, 20))],
                          ids=lambda c: f"{len(c[0])}br-{c[1][0]}x{c[1][1]}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_emulated_branch_merge_matches_float64(emu, case, dtype, align_corners):
+def test_emulated_branch_merge_matches_float64(emu, case, dtype, align_corners, variants):
     sizes, out_size = case
     feats, weights = merge_inputs(sizes, N=2, C=3, dtype=dtype)
-    fn = lambda f, w, s, a: EmulatedMerge.apply(emu, a, s, w, *f)  # noqa: E731
+    fn = emulated_merge(emu, variants)
     got, grad_out = merge_grads(fn, feats, weights, out_size, align_corners)
     ref, _ = merge_grads(branch_merge_reference, feats, weights, out_size, align_corners, grad_out)
     truth, _ = merge_grads(branch_merge_reference, [f.double() for f in feats], weights.double(), out_size, align_corners,
@@ -247,12 +261,76 @@ def test_emulated_branch_merge_matches_float64(emu, case, dtype, align_corners):
         assert_derived_close("branch_merge", g, r, t, floor=1e-6 if dtype == torch.float32 else 1e-3)
 
 
+@pytest.mark.parametrize("variants", merge_variants())
 @pytest.mark.parametrize("case", merge_edge_cases(), ids=lambda c: f"{c[0]}-{c[1]}-ac{int(c[2])}")
-def test_emulated_branch_merge_edge_sizes(emu, case):
+def test_emulated_branch_merge_edge_sizes(emu, case, variants):
     sizes, out_size, align_corners = case
     feats, weights = merge_inputs(sizes, N=1, C=2)
-    fn = lambda f, w, s, a: EmulatedMerge.apply(emu, a, s, w, *f)  # noqa: E731
-    check_merge_against_reference(fn, branch_merge_reference, feats, weights, out_size, align_corners, torch.device("cpu"))
+    check_merge_against_reference(emulated_merge(emu, variants), branch_merge_reference, feats, weights, out_size,
+                                  align_corners, torch.device("cpu"))
+
+
+MERGE_STAGING_CASES = [  # (sizes, out_size, N, C): the staging variants' bands, tiles and vector stores
+    ([(14, 14), (29, 31), (42, 61)], (42, 61), 1, 3),  # Wo = 61: odd, so bands start off 16-byte boundaries
+    ([(3, 2), (5, 7)], (37, 9), 2, 11),                  # 22 planes of 37 short rows: many rows per block
+    ([(25, 3), (50, 6)], (9, 1), 1, 2),                  # Wo = 1; maps taller and wider than the output
+    ([(2, 700), (3, 1400)], (3, 6999), 1, 1),            # rows wider than the stage: read from global memory
+    ([(1, 1), (2, 3), (3, 4), (4, 6), (5, 8), (6, 9), (7, 12), (9, 13)], (9, 13), 1, 2),  # 8 branches
+    ([(40, 3)], (1, 5), 2, 2),                           # Ho = 1 from 40 rows
+]
+
+
+@pytest.mark.parametrize("variants", merge_variants())
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("case", MERGE_STAGING_CASES, ids=lambda c: f"{len(c[0])}br-{c[1][0]}x{c[1][1]}")
+def test_emulated_branch_merge_staging_sizes(emu, case, align_corners, variants):
+    sizes, out_size, N, C = case
+    feats, weights = merge_inputs(sizes, N=N, C=C)
+    check_merge_against_reference(emulated_merge(emu, variants), branch_merge_reference, feats, weights, out_size,
+                                  align_corners, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("variants", merge_variants())
+@pytest.mark.parametrize("out_16bit", [False, True], ids=["out_fp32", "out_16bit"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_emulated_branch_merge_half_precision(emu, dtype, out_16bit, variants):
+    # 16-bit maps with fp32 weights give an fp32 output (promote_types); with 16-bit weights, a 16-bit one.
+    feats, weights = merge_inputs([(9, 7), (17, 13), (35, 27)], N=2, C=3, dtype=dtype)
+    weights = weights.to(dtype) if out_16bit else weights
+    check_merge_against_reference(emulated_merge(emu, variants), branch_merge_reference, feats, weights, (35, 27), False,
+                                  torch.device("cpu"), floor=1e-3)
+
+
+def test_emulated_merge_variants_are_deterministic(emu):
+    feats, weights = merge_inputs([(7, 7), (12, 12), (20, 20)], N=2, C=4, dtype=torch.bfloat16)
+    for variants in [(1, 1), (0, 1)]:
+        runs = [merge_grads(emulated_merge(emu, variants), feats, weights, (20, 20), True)[0] for _ in range(2)]
+        for a, b in zip(*runs):
+            assert torch.equal(a, b)
+
+
+def test_merge_variant_counts_match_the_names():
+    """merge_cuda.cuh's k*Variants are the lengths of piip_kernels/variants.py's lists."""
+    import re
+
+    from piip_kernels.variants import VARIANTS
+
+    text = (Path(__file__).resolve().parents[1] / "csrc" / "merge" / "merge_cuda.cuh").read_text()
+    counts = {name: int(n) for name, n in re.findall(r"constexpr int (k\w+Variants) = (\d+);", text)}
+    assert counts == {"kForwardVariants": len(VARIANTS["merge_forward"]), "kBackwardVariants": len(VARIANTS["merge_backward"])}
+
+
+def test_emulated_merge_unknown_variant_is_refused(emu):
+    from piip_kernels.variants import VARIANTS
+
+    feats, weights = merge_inputs([(3, 3), (5, 5)], N=1, C=2)
+    grad_out = torch.randn(1, 2, 5, 5)
+    for bad in (len(VARIANTS["merge_forward"]), -1):
+        with pytest.raises(AssertionError, match="returned -2"):
+            emu.merge_forward(feats, weights, (5, 5), False, torch.float32, variant=bad)
+    for bad in (len(VARIANTS["merge_backward"]), -1):
+        with pytest.raises(AssertionError, match="returned -2"):
+            emu.merge_backward(grad_out, feats, weights, False, variant=bad)
 
 
 # Deterministic grad_value is NaN everywhere once a non-finite number reaches it (a fixed-point
@@ -274,11 +352,11 @@ def test_emulated_dca_non_finite_numbers_as_in_the_reference(emu, case, determin
                         superset=("grad_value",) if deterministic else ())
 
 
+@pytest.mark.parametrize("variants", merge_variants())
 @pytest.mark.parametrize("align_corners", [False, True])
 @pytest.mark.parametrize("case", list(merge_nonfinite_cases()))
-def test_emulated_merge_non_finite_numbers_as_in_the_reference(emu, case, align_corners):
-    fn = lambda f, w, s, a: EmulatedMerge.apply(emu, a, s, w, *f)  # noqa: E731
-    check_merge_nonfinite(fn, merge_nonfinite_cases()[case], align_corners, torch.device("cpu"))
+def test_emulated_merge_non_finite_numbers_as_in_the_reference(emu, case, align_corners, variants):
+    check_merge_nonfinite(emulated_merge(emu, variants), merge_nonfinite_cases()[case], align_corners, torch.device("cpu"))
 
 
 def test_launch_refuses_grids_past_cudas_limit(emu):

@@ -69,8 +69,8 @@ INST(__nv_bfloat16, __nv_bfloat16, 8) INST(__nv_bfloat16, float, 8) INST(__nv_bf
 #include "merge/merge_cuda.cuh"
 namespace piip::merge::cuda {
 #define INST2(T, O) \
-  template cudaError_t launch_forward<T, O>(const ForwardParams<T>&, O*, cudaStream_t); \
-  template cudaError_t launch_backward<T, O>(const BackwardParams<T, O>&, cudaStream_t);
+  template cudaError_t launch_forward<T, O>(int, const ForwardParams<T>&, O*, cudaStream_t); \
+  template cudaError_t launch_backward<T, O>(int, const BranchesBackward<T, O>&, cudaStream_t);
 INST2(float, float) INST2(__half, __half) INST2(__half, float) INST2(__nv_bfloat16, __nv_bfloat16) INST2(__nv_bfloat16, float)
 }
 #include "msda/msda_two_pass.cuh"

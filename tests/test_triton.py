@@ -346,13 +346,19 @@ for vt in ("fp32", "bf16"):
         sig = dict(out_ptr="*fp32", w_ptr="*fp32", f0="*" + vt, f1="*" + vt, f2="*" + vt, f3="*" + vt, **hw, **sc,
                    Ho="i32", Wo="i32", planes="i32", NB="constexpr", ALIGN="constexpr", ID0="constexpr", ID1="constexpr",
                    ID2="constexpr", ID3="constexpr", BLOCK="constexpr")
-        build(mk._merge_fwd_kernel, sig, {"NB": 3, "ALIGN": align, "ID0": False, "ID1": False, "ID2": True, "ID3": True,
-                                          "BLOCK": 256}, check=True)
+        # Every config the autotuner may pick (bf16 and align_corners=False), one for the others.
+        fwd = mk.FORWARD_CONFIGS if (vt, align) == ("bf16", False) else mk.FORWARD_CONFIGS[:1]
+        bwd = mk.BACKWARD_CONFIGS if (vt, align) == ("bf16", False) else mk.BACKWARD_CONFIGS[:1]
+        for c in fwd:
+            build(mk._merge_fwd_kernel, sig, {"NB": 3, "ALIGN": align, "ID0": False, "ID1": False, "ID2": True,
+                                              "ID3": True, "BLOCK": c.kwargs["BLOCK"]}, c.num_warps, check=True)
         sig = dict(grad_out_ptr="*fp32", f_ptr="*" + vt, grad_f_ptr="*" + vt, partial_ptr="*fp32", weight_ptr="*fp32",
                    H="i32", W="i32", Ho="i32", Wo="i32", sy="fp32", sx="fp32", inv_sy="fp32", inv_sx="fp32", KY="i32",
-                   KX="i32", planes="i32", ALIGN="constexpr", IDENTITY="constexpr", BLOCK="constexpr")
-        for identity in (False, True):
-            build(mk._merge_bwd_kernel, sig, {"ALIGN": align, "IDENTITY": identity, "BLOCK": 256}, check=True)
+                   KX="i32", planes="i32", SHARES="i32", ALIGN="constexpr", IDENTITY="constexpr", BLOCK="constexpr")
+        for c in bwd:
+            for identity in (False, True):
+                build(mk._merge_bwd_kernel, sig, {"ALIGN": align, "IDENTITY": identity, "BLOCK": c.kwargs["BLOCK"]},
+                      c.num_warps, check=True)
 assert not spills, "register spills:\n" + "\n".join(spills)
 print("compiled")
 """

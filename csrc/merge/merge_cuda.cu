@@ -62,7 +62,9 @@ Tensor merge_forward_cuda(const std::vector<Tensor>& features, const Tensor& wei
     }
     const auto p = cuda::forward_params<DT>(static_cast<int>(feats.size()), maps, H, W, ptr<float>(w), N * C, Ho,
                                             Wo, align_corners);
-    cuda_glue::check_launch("branch_merge forward", cuda::launch_forward<DT, typename Device<O>::type>(p, dev_mut_ptr<O>(out), stream));
+    cuda_glue::check_launch("branch_merge forward",
+                            cuda::launch_forward<DT, typename Device<O>::type>(static_cast<int>(variant), p,
+                                                                               dev_mut_ptr<O>(out), stream));
   });
   return out;
 }
@@ -80,24 +82,30 @@ std::tuple<std::vector<Tensor>, Tensor> merge_backward_cuda(const Tensor& grad_o
   const int64_t planes = go.size(0) * go.size(1), Ho = go.size(2), Wo = go.size(3);
   const Tensor w = contig(cast(weights, ScalarType::Float));
   const cudaStream_t stream = cuda_glue::current_stream(feats[0].get_device_index());
+  const int nb = static_cast<int>(feats.size());
   std::vector<Tensor> grads;
-  // Each branch's weight gradient, summed in float64 from the kernel's per-block shares.
-  Tensor grad_w = alloc({static_cast<int64_t>(feats.size())}, ScalarType::Double, feats[0]);
+  for (const auto& f : feats) grads.push_back(alloc_like(f));
+  Tensor grad_w;
   dispatch(feats[0].scalar_type(), go.scalar_type(), [&]<typename T, typename O>() {
     using DT = typename Device<T>::type;
     using DO = typename Device<O>::type;
-    for (size_t b = 0; b < feats.size(); ++b) {
-      const int64_t H = feats[b].size(2), W = feats[b].size(3);
-      Tensor gf = alloc_like(feats[b]);
-      Tensor partial = alloc({cuda::backward_blocks(planes, H, W)}, ScalarType::Float, feats[b]);
-      const auto p = cuda::backward_params<DT, DO>(dev_ptr<O>(go), dev_ptr<T>(feats[b]), dev_mut_ptr<T>(gf),
-                                                   mut_ptr<float>(partial), ptr<float>(w) + b, planes,
-                                                   H, W, Ho, Wo, align_corners);
-      cuda_glue::check_launch("branch_merge backward", cuda::launch_backward<DT, DO>(p, stream));
-      grads.push_back(gf);
-      Tensor share = torch::stable::select(grad_w, 0, static_cast<int64_t>(b));
-      torch::stable::copy_(share, torch::stable::sum(partial, std::nullopt, false, ScalarType::Double));
+    const DT* maps[cuda::kMaxBranches];
+    DT* gs[cuda::kMaxBranches];
+    int64_t H[cuda::kMaxBranches], W[cuda::kMaxBranches];
+    for (int b = 0; b < nb; ++b) {
+      maps[b] = dev_ptr<T>(feats[b]);
+      gs[b] = dev_mut_ptr<T>(grads[b]);
+      H[b] = feats[b].size(2);
+      W[b] = feats[b].size(3);
     }
+    auto p = cuda::branches_backward<DT, DO>(static_cast<int>(variant), nb, dev_ptr<O>(go), maps, gs, H, W,
+                                             ptr<float>(w), planes, Ho, Wo, align_corners);
+    // Every block's share of each weight gradient (zeros where a branch has fewer blocks),
+    // summed per branch in float64 in a fixed order.
+    Tensor partial = alloc_zeros({nb, p.shares}, ScalarType::Float, feats[0]);
+    p.partial = mut_ptr<float>(partial);
+    cuda_glue::check_launch("branch_merge backward", cuda::launch_backward<DT, DO>(static_cast<int>(variant), p, stream));
+    grad_w = torch::stable::sum(partial, std::vector<int64_t>{1}, false, ScalarType::Double);
   });
   return {grads, cast(grad_w, weights.scalar_type())};
 }

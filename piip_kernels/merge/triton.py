@@ -1,6 +1,8 @@
 """Triton backend of branch_merge (forward and gather-only backward).
 
 Kernel, launcher, wrapper, in that order. Maps are stacks of planes (N * C of them).
+The block size and warp count of both kernels are autotuned per size (FORWARD_CONFIGS,
+BACKWARD_CONFIGS; the interpreter gets one config each).
 Forward: one program writes BLOCK output pixels of one plane, computing each branch's
 bilinear taps in registers (the rule of csrc/merge/merge_math.h, i.e. torch's
 upsample_bilinear2d with an output size) and summing the weighted samples: every map is
@@ -12,6 +14,7 @@ from per-program partial sums in a fixed order. Both are deterministic.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -19,7 +22,23 @@ import triton.language as tl
 
 from ..msda.triton import INTERPRET, _row, check_shapes, launch_grid
 
-BLOCK = 1024 if INTERPRET else 256
+
+def _configs(candidates):
+    # The interpreter gets one big block (it costs about a millisecond per program).
+    if INTERPRET:
+        return [triton.Config({"BLOCK": 1024}, num_warps=4)]
+    return [triton.Config({"BLOCK": block}, num_warps=warps) for block, warps in candidates]
+
+
+# (BLOCK, num_warps) candidates: 2 to 8 pixels per thread (the backward's gather loop is
+# longer per pixel, so it leans to fewer pixels per thread).
+FORWARD_CONFIGS = _configs([(256, 2), (256, 4), (512, 4), (512, 8), (1024, 4), (1024, 8)])
+BACKWARD_CONFIGS = _configs([(128, 2), (256, 2), (256, 4), (512, 4), (512, 8), (1024, 8)])
+
+
+def _prune(configs, named_args, **kwargs):
+    # PIIP_TRITON_AUTOTUNE=0: the first config only, no timing runs (as msda/triton.py).
+    return configs[:1] if os.environ.get("PIIP_TRITON_AUTOTUNE", "1") == "0" else configs
 
 
 @triton.jit
@@ -85,8 +104,9 @@ def _axis_read(o, i, size_in, scale, ALIGN: tl.constexpr):
 
 @triton.jit
 def _merge_bwd_kernel(grad_out_ptr, f_ptr, grad_f_ptr, partial_ptr, weight_ptr, H, W, Ho, Wo, sy, sx, inv_sy, inv_sx,
-                      KY, KX, planes, ALIGN: tl.constexpr, IDENTITY: tl.constexpr, BLOCK: tl.constexpr):
-    # grad_out [planes, Ho, Wo]; f, grad_f [planes, H, W]; partial [planes, programs] fp32;
+                      KY, KX, planes, SHARES, ALIGN: tl.constexpr, IDENTITY: tl.constexpr, BLOCK: tl.constexpr):
+    # grad_out [planes, Ho, Wo]; f, grad_f [planes, H, W]; partial [planes, SHARES] fp32, zeros
+    # past this config's programs;
     # IDENTITY: the map has the output's size (its gradient is grad_out itself, as the reference's);
     # the grid is launch_grid(pixel blocks, planes)
     plane = _row()
@@ -103,7 +123,7 @@ def _merge_bwd_kernel(grad_out_ptr, f_ptr, grad_f_ptr, partial_ptr, weight_ptr, 
     w = tl.load(weight_ptr).to(tl.float32)
     f = tl.load(f_ptr + plane * H * W + k, mask=mask, other=0.0).to(tl.float32)
     tl.store(grad_f_ptr + plane * H * W + k, (w * G).to(grad_f_ptr.dtype.element_ty), mask=mask)
-    tl.store(partial_ptr + plane * tl.num_programs(0) + pid, tl.sum(f * G, axis=0), mask=plane < planes)
+    tl.store(partial_ptr + plane * SHARES + pid, tl.sum(f * G, axis=0), mask=plane < planes)
 
 
 @triton.jit
@@ -127,6 +147,14 @@ def _gather(g_base, iy, ix, mask, H, W, Ho, Wo, sy, sx, inv_sy, inv_sx, KY, KX, 
             g = tl.load(g_base + oy * Wo + ox, mask=mask & ry & rx & (oy < Ho) & (ox < Wo), other=0.0).to(tl.float32)
             G += wy * wx * g
     return G
+
+
+# The kernels autotuned per size (the sizes of the key, and the dtypes). The backward's
+# partial is zeroed again after the timing runs: a config of bigger blocks writes fewer shares.
+_fwd = triton.autotune(configs=FORWARD_CONFIGS, key=["Ho", "Wo", "planes", "H0", "W0", "H1", "W1", "H2", "W2", "H3", "W3"],
+                       prune_configs_by={"early_config_prune": _prune})(_merge_fwd_kernel)
+_bwd = triton.autotune(configs=BACKWARD_CONFIGS, key=["H", "W", "Ho", "Wo", "planes"], reset_to_zero=["partial_ptr"],
+                       prune_configs_by={"early_config_prune": _prune})(_merge_bwd_kernel)
 
 
 def _scales(H, W, Ho, Wo, align_corners):
@@ -182,9 +210,8 @@ def merge_forward(features, weights, out_size, align_corners):
         H, W = feats[min(i, len(feats) - 1)].shape[2:]
         sc += list(_scales(H, W, Ho, Wo, align_corners))
         identity[f"ID{i}"] = (H, W) == (Ho, Wo)
-    grid = launch_grid(triton.cdiv(Ho * Wo, BLOCK), N * C)
-    _merge_fwd_kernel[grid](out, w, *args, *scales, *sc, Ho, Wo, N * C, NB=len(feats), ALIGN=bool(align_corners), **identity,
-                            BLOCK=BLOCK)
+    grid = lambda meta: launch_grid(triton.cdiv(Ho * Wo, meta["BLOCK"]), N * C)  # noqa: E731
+    _fwd[grid](out, w, *args, *scales, *sc, Ho, Wo, N * C, NB=len(feats), ALIGN=bool(align_corners), **identity)
     return out
 
 
@@ -199,13 +226,14 @@ def merge_backward(grad_output, features, weights, align_corners):
         H, W = f.shape[2:]
         sy, sx = _scales(H, W, Ho, Wo, align_corners)
         gf = torch.empty_like(f, memory_format=torch.contiguous_format)
-        programs = triton.cdiv(H * W, BLOCK)
-        partial = torch.empty(N * C, programs, device=f.device, dtype=torch.float32)
+        # One share per program of the smallest block; bigger blocks leave zeros at the end.
+        shares = triton.cdiv(H * W, min(c.kwargs["BLOCK"] for c in BACKWARD_CONFIGS))
+        partial = torch.zeros(N * C, shares, device=f.device, dtype=torch.float32)
         if f.numel():
-            _merge_bwd_kernel[launch_grid(programs, N * C)](
+            _bwd[lambda meta: launch_grid(triton.cdiv(H * W, meta["BLOCK"]), N * C)](
                 go, f, gf, partial, weights[i:i + 1].float().contiguous(), H, W, Ho, Wo, sy, sx,
                 1.0 / sy if sy > 0 else 0.0, 1.0 / sx if sx > 0 else 0.0, _candidates(sy, Ho), _candidates(sx, Wo), N * C,
-                ALIGN=bool(align_corners), IDENTITY=(H, W) == (Ho, Wo), BLOCK=BLOCK)
+                shares, ALIGN=bool(align_corners), IDENTITY=(H, W) == (Ho, Wo))
         grads.append(gf)
         gw.append(partial.double().sum())
     return grads, torch.stack(gw).to(weights.dtype)

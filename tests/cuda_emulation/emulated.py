@@ -151,14 +151,17 @@ class Emulated:
 
     def merge_backward(self, grad_out, feats, weights, align_corners, variant=0):
         N, C, Ho, Wo = grad_out.shape
+        nb = len(feats)
         w = weights.float().contiguous()
-        grads, shares = [], []
-        for b, f in enumerate(feats):
-            H, W = f.shape[2:]
-            partial = torch.full((self.lib.piip_emu_merge_backward_blocks(*i64(N * C, H, W)),), float("nan"))
-            gf = torch.full_like(f, float("nan"))
-            self._run("piip_emu_merge_backward", variant, CODE[f.dtype], CODE[grad_out.dtype], p(grad_out), p(f), p(gf), p(partial),
-                      ctypes.c_void_p(w.data_ptr() + 4 * b), *i64(N * C, H, W, Ho, Wo), int(align_corners))
-            grads.append(gf)
-            shares.append(partial.double().sum())  # as the glue: block shares summed in double
-        return grads, torch.stack(shares).to(weights.dtype)
+        H = (ctypes.c_int64 * nb)(*[f.shape[2] for f in feats])
+        W = (ctypes.c_int64 * nb)(*[f.shape[3] for f in feats])
+        codes = (variant, CODE[feats[0].dtype], CODE[grad_out.dtype], nb)
+        shares = self.lib.piip_emu_merge_backward_blocks(*codes, H, W, *i64(N * C, Ho, Wo), int(align_corners))
+        assert shares >= 0, f"piip_emu_merge_backward_blocks returned {shares}"
+        partial = torch.zeros(nb, shares)  # as the glue: zeros where a branch has fewer blocks
+        grads = [torch.full_like(f, float("nan")) for f in feats]
+        maps = (ctypes.c_void_p * nb)(*[f.data_ptr() for f in feats])
+        outs = (ctypes.c_void_p * nb)(*[g.data_ptr() for g in grads])
+        self._run("piip_emu_merge_backward", *codes, p(grad_out), maps, outs, p(partial), p(w), H, W,
+                  *i64(N * C, Ho, Wo), int(align_corners))
+        return grads, partial.double().sum(1).to(weights.dtype)  # as the glue: shares summed in double

@@ -132,22 +132,37 @@ int piip_emu_merge_forward(int variant, int t, int o, int nb, const void* const*
   return dispatch(t, o, [&]<typename T, typename O>() {
     const auto p = k::forward_params<T>(nb, reinterpret_cast<const T* const*>(maps), H, W, weights, planes, Ho, Wo,
                                         align_corners != 0);
-    return static_cast<int>(k::launch_forward<T, O>(p, static_cast<O*>(out), nullptr));
+    return static_cast<int>(k::launch_forward<T, O>(variant, p, static_cast<O*>(out), nullptr));
   });
 }
 
-long piip_emu_merge_backward_blocks(int64_t planes, int64_t H, int64_t W) { return piip::merge::cuda::backward_blocks(planes, H, W); }
-
-int piip_emu_merge_backward(int variant, int t, int o, const void* grad_out, const void* map, void* grad_map, float* partial,
-                            const float* weight, int64_t planes, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
-                            int align_corners) {
+// The length of each branch's row of weight-gradient shares (`partial` is [nb, this], zeroed),
+// or -2 for an unknown variant.
+long piip_emu_merge_backward_blocks(int variant, int t, int o, int nb, const int64_t* H, const int64_t* W, int64_t planes,
+                                    int64_t Ho, int64_t Wo, int align_corners) {
   namespace k = piip::merge::cuda;
   if (variant < 0 || variant >= k::kBackwardVariants) return -2;
   return dispatch(t, o, [&]<typename T, typename O>() {
-    const auto p = k::backward_params<T, O>(static_cast<const O*>(grad_out), static_cast<const T*>(map),
-                                            static_cast<T*>(grad_map), partial, weight, planes, H, W, Ho, Wo,
-                                            align_corners != 0);
-    return static_cast<int>(k::launch_backward<T, O>(p, nullptr));
+    const T* none[k::kMaxBranches] = {};
+    T* out[k::kMaxBranches] = {};
+    return static_cast<int>(k::branches_backward<T, O>(variant, nb, nullptr, none, out, H, W, nullptr, planes, Ho, Wo,
+                                                       align_corners != 0).shares);
+  });
+}
+
+// Every branch at once, as the glue: maps[b] and grad_maps[b] [planes, H[b], W[b]], weights [nb],
+// partial [nb, piip_emu_merge_backward_blocks(...)] zeroed.
+int piip_emu_merge_backward(int variant, int t, int o, int nb, const void* grad_out, const void* const* maps,
+                            void* const* grad_maps, float* partial, const float* weights, const int64_t* H,
+                            const int64_t* W, int64_t planes, int64_t Ho, int64_t Wo, int align_corners) {
+  namespace k = piip::merge::cuda;
+  if (variant < 0 || variant >= k::kBackwardVariants) return -2;
+  return dispatch(t, o, [&]<typename T, typename O>() {
+    auto p = k::branches_backward<T, O>(variant, nb, static_cast<const O*>(grad_out), reinterpret_cast<const T* const*>(maps),
+                                        reinterpret_cast<T* const*>(grad_maps), H, W, weights, planes, Ho, Wo,
+                                        align_corners != 0);
+    p.partial = partial;
+    return static_cast<int>(k::launch_backward<T, O>(variant, p, nullptr));
   });
 }
 
