@@ -2,7 +2,7 @@
 (piip_kernels/variants.py) on the shapes of bench/data/shapes.md and writes the tuned
 dispatch table (piip_kernels/tuned/<arch>.json) that piip_kernels.tuned reads at run time.
 
-    bash bench/gpu_check.sh --install-only && python bench/sweep.py --budget-s 480   # on a GPU
+    bash bench/gpu_check.sh --install-only && python bench/sweep.py --budget-s 420   # on a GPU
     python bench/sweep.py --plan                       # the case list and its estimated time
     python bench/sweep.py --dry-run --out-dir /tmp/s   # CPU: emulated CUDA kernels, tiny shapes
 
