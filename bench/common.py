@@ -137,10 +137,9 @@ def timer(device: torch.device, graph: bool = False):
     return graph_time_ms if graph else (lambda fn: time_ms(fn, device))
 
 
-def graph_time_ms(fn, reps: int = 20, inner: int = 5) -> float | None:
-    """Median GPU time of fn() in milliseconds, without the CPU's launch overhead: fn is
-    captured once in a CUDA graph and replayed `inner` times between each pair of events.
-    None when fn cannot be captured (it synchronises with the host, for example)."""
+def capture_graph(fn):
+    """fn captured in a CUDA graph after a warm-up (and Triton autotuning) on a side stream,
+    replayed once; None when fn cannot be captured (it synchronises with the host, for example)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up (and Triton autotuning) outside the capture
@@ -157,6 +156,16 @@ def graph_time_ms(fn, reps: int = 20, inner: int = 5) -> float | None:
         return None
     graph.replay()
     torch.cuda.synchronize()
+    return graph
+
+
+def graph_time_ms(fn, reps: int = 20, inner: int = 5) -> float | None:
+    """Median GPU time of fn() in milliseconds, without the CPU's launch overhead: fn is
+    captured once in a CUDA graph (capture_graph) and replayed `inner` times between each pair
+    of events. None when fn cannot be captured."""
+    graph = capture_graph(fn)
+    if graph is None:
+        return None
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

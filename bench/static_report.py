@@ -264,7 +264,11 @@ def triton_rows(tool: str, out_dir: Path) -> list[dict]:
                     res = subprocess.run([tool, "--dump-resource-usage", str(cubin)], capture_output=True, text=True, check=True)
                     (u,) = parse_cuobjdump(res.stdout).values()
                     # Triton's shared memory is dynamic (launch-time), which cuobjdump does not see.
-                    u["smem"] = max(u["smem"], int(getattr(compiled.metadata, "shared", 0) or 0))
+                    try:
+                        dynamic = int(compiled.metadata.shared or 0)
+                    except AttributeError:  # a Triton without the field
+                        dynamic = 0
+                    u["smem"] = max(u["smem"], dynamic)
                     blocks, occ, limiter = occupancy(u["registers"], u["smem"], 32 * warps)
                     row.update(**u, blocks_per_sm=blocks, occupancy=occ, limited_by=limiter)
                 except Exception as err:  # noqa: BLE001 - reported in the table, not fatal

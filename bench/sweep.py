@@ -53,7 +53,7 @@ if "--dry-run" in sys.argv[1:]:
 
 import torch  # noqa: E402
 
-from common import copy_bandwidth_gbs, device_name, environment, format_table, progress  # noqa: E402
+from common import capture_graph, copy_bandwidth_gbs, device_name, environment, format_table, progress  # noqa: E402
 
 from piip_kernels import tuned  # noqa: E402
 from piip_kernels.variants import VARIANTS  # noqa: E402
@@ -303,27 +303,6 @@ def baseline_steps(case: Case, op: str, device, dry: bool) -> dict:
 # --- timing ---------------------------------------------------------------------------------------
 
 
-def capture(fn):
-    """fn captured in a CUDA graph (after warm-up on a side stream), or None if it cannot be."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            fn()
-    except Exception as err:  # noqa: BLE001 - any capture failure means "time it eagerly"
-        progress(f"    (no CUDA graph: {type(err).__name__}: {str(err).splitlines()[0][:100]})")
-        torch.cuda.synchronize()
-        return None
-    graph.replay()
-    torch.cuda.synchronize()
-    return graph
-
-
 def interleaved(steps: dict, device, rounds: int, inner: int) -> dict:
     """name -> median ms of one call, from ``rounds`` rounds that each time every step once,
     back to back. On a GPU each step is a CUDA-graph replay (``inner`` of them between two
@@ -331,7 +310,7 @@ def interleaved(steps: dict, device, rounds: int, inner: int) -> dict:
     (the dry run) an eager call timed with perf_counter."""
     times = {n: [] for n in steps}
     if device.type == "cuda":
-        graphs = {n: capture(fn) for n, fn in steps.items()}
+        graphs = {n: capture_graph(fn) for n, fn in steps.items()}
         for _ in range(rounds):
             for n, fn in steps.items():
                 run = graphs[n].replay if graphs[n] is not None else fn

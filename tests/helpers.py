@@ -136,6 +136,16 @@ DATA = {
 }
 
 
+
+def assert_msda_close(got, grad_out, inputs, floor):
+    """``got`` = (out, grad_value, grad_loc, grad_attn) of a run of ms_deform_attn with
+    ``grad_out`` on ``inputs``: each within assert_derived_close's bound of the same-dtype
+    reference against float64."""
+    ref, _ = run_with_grads(ms_deform_attn_reference, inputs, grad_out)
+    truth = reference64(inputs, grad_out)
+    for name, g, r, t in zip(["out", "grad_value", "grad_loc", "grad_attn"], got, ref, truth):
+        assert_derived_close(name, g, r, t, floor=floor)
+
 def data_path(kind: str, rel: str):
     """Path of a data file carried by the repository (``kind``: "official" or "paper").
     A missing file fails the test: the data is part of the repository, never optional."""

@@ -18,14 +18,13 @@ import torch
 
 from piip_kernels.dca.reference import deform_cross_attn_reference
 from piip_kernels.merge.reference import branch_merge_reference
-from piip_kernels.msda.reference import ms_deform_attn_reference
 
 from piip_kernels.variants import VARIANTS
 
-from helpers import (assert_derived_close, check_dca_nonfinite, check_fixed_point_extremes, check_levels_outside_value,
+from helpers import (assert_derived_close, assert_msda_close, check_dca_nonfinite, check_fixed_point_extremes, check_levels_outside_value,
                      check_merge_against_reference, check_merge_nonfinite, check_msda_nonfinite, dca_grads, dca_inputs,
                      dca_nonfinite_cases, merge_edge_cases, merge_grads, merge_inputs, merge_nonfinite_cases, msda_inputs,
-                     msda_nonfinite_cases, reference64, run_with_grads)
+                     msda_nonfinite_cases, run_with_grads)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emulation"))
 from emulated import NVCC  # noqa: E402  (the `emu` fixture is in conftest.py)
@@ -85,10 +84,7 @@ def test_emulated_msda_matches_float64(emu, case, pair, deterministic):
     inputs = msda_inputs(shapes, N=N, Lq=Lq, M=M, D=D, P=P, outside=0.3)
     fn = msda_fn(emu, deterministic, pair)
     got, grad_out = run_with_grads(fn, inputs)
-    ref, _ = run_with_grads(ms_deform_attn_reference, inputs, grad_out)
-    truth = reference64(inputs, grad_out)
-    for name, g, r, t in zip(["out", "grad_value", "grad_loc", "grad_attn"], got, ref, truth):
-        assert_derived_close(name, g, r, t, floor=1e-6)
+    assert_msda_close(got, grad_out, inputs, floor=1e-6)
 
 
 @pytest.mark.parametrize("dtype,loc_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
@@ -98,11 +94,8 @@ def test_emulated_msda_matches_float64(emu, case, pair, deterministic):
 def test_emulated_msda_half_precision(emu, dtype, loc_dtype, D, pair):
     inputs = msda_inputs([(7, 11), (3, 5)], N=2, Lq=11, M=2, D=D, P=4, dtype=dtype, loc_dtype=loc_dtype)
     got, grad_out = run_with_grads(msda_fn(emu, False, pair), inputs)
-    ref, _ = run_with_grads(ms_deform_attn_reference, inputs, grad_out)
-    truth = reference64(inputs, grad_out)
     assert got[0].dtype == dtype and got[2].dtype == loc_dtype
-    for name, g, r, t in zip(["out", "grad_value", "grad_loc", "grad_attn"], got, ref, truth):
-        assert_derived_close(name, g, r, t, floor=1e-3)
+    assert_msda_close(got, grad_out, inputs, floor=1e-3)
 
 
 def test_emulated_msda_deterministic_is_bit_identical(emu):
@@ -153,17 +146,11 @@ def test_emulated_msda_backward_variants_combine_coincident_atomics(emu, b, D):
     far fewer atomics into grad_value than variant 0 (one per corner, chunk and point), and
     still give the reference's gradients."""
     inputs = coincident_inputs(D)
-    truth_out = None
     counts = {}
     for variant in (0, b):
         got, grad_out = run_with_grads(msda_fn(emu, False, (0, variant)), inputs)
         counts[variant] = emu.last_atomics
-        if truth_out is None:
-            ref, _ = run_with_grads(ms_deform_attn_reference, inputs, grad_out)
-            truth = reference64(inputs, grad_out)
-            truth_out = True
-        for name, g, r, t in zip(["out", "grad_value", "grad_loc", "grad_attn"], got, ref, truth):
-            assert_derived_close(name, g, r, t, floor=1e-6)
+        assert_msda_close(got, grad_out, inputs, floor=1e-6)
     # Variant 0: one atomic per (query, head, point, inside corner, vector of channels).
     assert counts[0] > 1000
     assert counts[b] * 3 < counts[0], f"{BACKWARDS[b]}: {counts[b]} atomics against {counts[0]} for variant 0"

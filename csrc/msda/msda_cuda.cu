@@ -48,6 +48,25 @@ Tensor msda_forward_cuda(const Tensor& value_, const Tensor& shapes_, const Tens
   return out;
 }
 
+// The contiguous inputs and the outputs of a backward call, made inside its DeviceGuard. With no
+// sampled product at all (`empty`) the outputs are zeros and no kernel runs; otherwise they are
+// allocated for the kernels to write.
+struct BackwardCall {
+  Sizes z;
+  Tensor value, shapes, starts, loc, attn, go;
+  bool empty;
+  Tensor grad_value, grad_loc, grad_attn;
+
+  BackwardCall(const Sizes& z_, const Tensor& grad_output, const Tensor& value_, const Tensor& shapes_,
+               const Tensor& starts_, const Tensor& loc_, const Tensor& attn_)
+      : z(z_), value(contig(value_)), shapes(contig(shapes_)), starts(contig(starts_)), loc(contig(loc_)),
+        attn(contig(attn_)), go(contig(grad_output)), empty(z.N * z.Lq * z.M * z.L * z.P * z.D == 0),
+        grad_value(empty ? zeros_as(value) : alloc_like(value)), grad_loc(empty ? zeros_as(loc) : alloc_like(loc)),
+        grad_attn(empty ? zeros_as(attn) : alloc_like(attn)) {}
+
+  std::tuple<Tensor, Tensor, Tensor> grads() const { return {grad_value, grad_loc, grad_attn}; }
+};
+
 std::tuple<Tensor, Tensor, Tensor> msda_backward_cuda_impl(const Tensor& grad_output, const Tensor& value_,
                                                            const Tensor& shapes_, const Tensor& starts_,
                                                            const Tensor& loc_, const Tensor& attn_, bool deterministic,
@@ -57,14 +76,10 @@ std::tuple<Tensor, Tensor, Tensor> msda_backward_cuda_impl(const Tensor& grad_ou
   const Sizes z = check_and_sizes(value_, shapes_, starts_, loc_, attn_, /*cuda=*/true);
   check_grad_output(grad_output, value_, z);
   const cuda_glue::DeviceGuard guard(value_.get_device_index());
-  const Tensor value = contig(value_), shapes = contig(shapes_), starts = contig(starts_);
-  const Tensor loc = contig(loc_), attn = contig(attn_), go = contig(grad_output);
-  if (z.N * z.Lq * z.M * z.L * z.P * z.D == 0) {
-    return {zeros_as(value), zeros_as(loc), zeros_as(attn)};
-  }
-  Tensor grad_value = alloc_like(value);
-  Tensor grad_loc = alloc_like(loc);
-  Tensor grad_attn = alloc_like(attn);
+  BackwardCall c(z, grad_output, value_, shapes_, starts_, loc_, attn_);
+  if (c.empty) return c.grads();
+  const Tensor &value = c.value, &shapes = c.shapes, &starts = c.starts, &loc = c.loc, &attn = c.attn, &go = c.go;
+  Tensor &grad_value = c.grad_value, &grad_loc = c.grad_loc, &grad_attn = c.grad_attn;
   const cudaStream_t stream = cuda_glue::current_stream(value.get_device_index());
   // An entry of level l can receive one contribution from each of the Lq * P points on that level.
   const cuda_glue::GradValueAccumulator accum(value, go, &attn, static_cast<double>(z.Lq) * z.P, deterministic, stream);
@@ -81,7 +96,7 @@ std::tuple<Tensor, Tensor, Tensor> msda_backward_cuda_impl(const Tensor& grad_ou
     });
     cuda_glue::check_launch("ms_deform_attn backward", err);
   });
-  return {grad_value, grad_loc, grad_attn};
+  return c.grads();
 }
 
 std::tuple<Tensor, Tensor, Tensor> msda_backward_cuda(const Tensor& grad_output, const Tensor& value,
@@ -102,14 +117,10 @@ std::tuple<Tensor, Tensor, Tensor> msda_backward_two_pass_cuda(const Tensor& gra
                   problem.entries, " sampling corners and ", problem.cells,
                   " value cells; this variant indexes them with int32 (at most 2^31 - 2 each): use variant 0 (fixed_point)");
   const cuda_glue::DeviceGuard guard(value_.get_device_index());
-  const Tensor value = contig(value_), shapes = contig(shapes_), starts = contig(starts_);
-  const Tensor loc = contig(loc_), attn = contig(attn_), go = contig(grad_output);
-  if (z.N * z.Lq * z.M * z.L * z.P * z.D == 0) {
-    return {zeros_as(value), zeros_as(loc), zeros_as(attn)};
-  }
-  Tensor grad_value = alloc_like(value);
-  Tensor grad_loc = alloc_like(loc);
-  Tensor grad_attn = alloc_like(attn);
+  BackwardCall c(z, grad_output, value_, shapes_, starts_, loc_, attn_);
+  if (c.empty) return c.grads();
+  const Tensor &value = c.value, &shapes = c.shapes, &starts = c.starts, &loc = c.loc, &attn = c.attn, &go = c.go;
+  Tensor &grad_value = c.grad_value, &grad_loc = c.grad_loc, &grad_attn = c.grad_attn;
   // Byte tensors come from torch's CUDA caching allocator, whose blocks are 512-byte aligned.
   const size_t bytes = two_pass::workspace_bytes(problem);
   Tensor workspace = alloc({static_cast<int64_t>(bytes)}, ScalarType::Byte, value);
@@ -129,7 +140,7 @@ std::tuple<Tensor, Tensor, Tensor> msda_backward_two_pass_cuda(const Tensor& gra
     });
     cuda_glue::check_launch("ms_deform_attn backward (deterministic, two_pass)", err);
   });
-  return {grad_value, grad_loc, grad_attn};
+  return c.grads();
 }
 
 std::tuple<Tensor, Tensor, Tensor> msda_backward_deterministic_cuda(const Tensor& grad_output, const Tensor& value,

@@ -68,6 +68,14 @@ struct alignas(sizeof(T) * V) Vec {
   T v[V];
 };
 
+// out[0 .. V) = the V elements at src (one aligned vector load), in fp32.
+template <typename T, int V>
+__device__ __forceinline__ void load_floats(const T* src, float (&out)[V]) {
+  const Vec<T, V> g = *reinterpret_cast<const Vec<T, V>*>(src);
+#pragma unroll
+  for (int i = 0; i < V; ++i) out[i] = to_f(g.v[i]);
+}
+
 // One vector through the read-only data cache (ld.global.nc). For value in the backwards:
 // the kernel never writes it, but the compiler cannot prove that grad_value's atomics do
 // not alias it and would otherwise use ordinary loads.
@@ -180,10 +188,8 @@ __device__ __forceinline__ void scatter_point(const T* value, const T* g_row, in
                                               const Bilinear<float>& b, float a, int lane, int GP, int64_t chunks,
                                               float s[4], Sink&& sink) {
   for (int64_t c = lane; c < chunks; c += GP) {
-    const Vec<T, V> g = *reinterpret_cast<const Vec<T, V>*>(g_row + c * V);
     float gf[V];
-#pragma unroll
-    for (int i = 0; i < V; ++i) gf[i] = to_f(g.v[i]);
+    load_floats<T, V>(g_row + c * V, gf);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       if (b.idx[k] < 0) continue;
@@ -388,48 +394,82 @@ __global__ void __launch_bounds__(kThreads) point_major_forward_kernel(Params<T,
 template <int V>
 constexpr int kBackwardMinBlocks = V >= 8 ? 3 : 4;
 
-template <typename T, typename U, int V>
-__global__ void __launch_bounds__(kThreads, kBackwardMinBlocks<V>)
-    backward_kernel(Params<T, U> p, const T* __restrict__ grad_out, GradValue gv,
-                                U* __restrict__ grad_loc, U* __restrict__ grad_attn, int GP) {
-  const Group grp = my_group(GP);
-  // Lanes past the last row stay to take part in the shuffles of their group.
-  const int64_t row = grp.row;
-  const bool live = row < p.N * p.Lq * p.M;
-  const int lane = grp.lane;
+// Point pt's bilinear setup and weight where its level fits (the return value: the point lies
+// inside the level); a is 0 and b unset where the level does not fit.
+template <typename T, typename U>
+__device__ __forceinline__ bool load_point(const Params<T, U>& p, int64_t pt, int64_t H, int64_t W, bool fits,
+                                           Bilinear<float>& b, float& a) {
+  a = 0.f;
+  if (!fits) return false;
+  a = to_f(p.attn[pt]);
+  return make_bilinear<float>(to_f(p.loc[2 * pt]), to_f(p.loc[2 * pt + 1]), H, W, b);
+}
+
+// The per-point frame every backward variant shares, for one row (n, q, m) served by a group
+// of GP lanes (`live`: a real row; lanes past the last row stay for the shuffles of their
+// group): for each level and point, the bilinear setup (ok: the point lies inside its level;
+// a: its weight), the corner dot products s started at this lane's zero-dot share gz,
+// `scatter(level_off, b, a, ok, s)` (the variant's grad_value work, which adds this lane's
+// corner dot products to s), the group's sums, and on its first lane the location and weight
+// gradients (NaN for a level that does not fit), then `record(pt, cell, b, a, ok)` with `cell` the
+// flat [N, S, M] index of the level's first pixel for this image and head.
+template <typename T, typename U, typename Scatter, typename Record>
+__device__ __forceinline__ void backward_points(const Params<T, U>& p, int64_t row, bool live, const Group& grp, int GP,
+                                                float gz, U* __restrict__ grad_loc, U* __restrict__ grad_attn,
+                                                Scatter&& scatter, Record&& record) {
   const int64_t m = live ? row % p.M : 0;
   const int64_t n = live ? row / (p.Lq * p.M) : 0;
-  const int64_t chunks = p.D / V;
-  const double scale = fixed_scale(gv);
-  // This lane's share of the dot product of the row with a corner that is not loaded.
-  const float gz = live ? zero_dot_share<T, V>(grad_out + row * p.D, lane, GP, chunks) : 0.f;
   for (int64_t l = 0; l < p.L; ++l) {
     const int64_t H = live ? p.shapes[2 * l] : 1, W = live ? p.shapes[2 * l + 1] : 1;
     const int64_t start = live ? p.starts[l] : 0;
     const bool fits = live && level_fits(H, W, start, p.S);  // else its gradients are NaN
-    const int64_t level_off = fits ? ((n * p.S + start) * p.M + m) * p.D : 0;
+    const int64_t cell = (n * p.S + start) * p.M + m;
+    const int64_t level_off = fits ? cell * p.D : 0;
     for (int64_t pp = 0; pp < p.P; ++pp) {
       const int64_t pt = (row * p.L + l) * p.P + pp;
       Bilinear<float> b;
-      bool ok = false;
-      float a = 0.f;
-      if (fits) {
-        ok = make_bilinear<float>(to_f(p.loc[2 * pt]), to_f(p.loc[2 * pt + 1]), H, W, b);
-        a = to_f(p.attn[pt]);
-      }
+      float a;
+      const bool ok = load_point(p, pt, H, W, fits, b, a);
       // Corners outside the level (all four for a point outside it) keep the zero dot product.
       float s[4] = {gz, gz, gz, gz};
-      if (ok) scatter_point<T, V>(p.value, grad_out + row * p.D, level_off, p.M * p.D, b, a, gv, scale, lane, GP, chunks, s);
+      scatter(level_off, b, a, ok, s);
       group_sum4(s, grp.mask, GP);
-      if (live && lane == 0) {
+      if (live && grp.lane == 0) {
         float ga = quiet_nan(), gx = quiet_nan(), gy = quiet_nan();  // a level that does not fit
         if (fits) point_grads<float>(b, s, a, H, W, ga, gx, gy);
         grad_attn[pt] = from_f<U>(ga);
         grad_loc[2 * pt] = from_f<U>(gx);
         grad_loc[2 * pt + 1] = from_f<U>(gy);
+        record(pt, cell, b, a, ok);
       }
     }
   }
+}
+
+// The no-op `record` of the variants that keep nothing per point.
+struct NoRecord {
+  __device__ __forceinline__ void operator()(int64_t, int64_t, const Bilinear<float>&, float, bool) const {}
+};
+
+template <typename T, typename U, int V>
+__global__ void __launch_bounds__(kThreads, kBackwardMinBlocks<V>)
+    backward_kernel(Params<T, U> p, const T* __restrict__ grad_out, GradValue gv,
+                                U* __restrict__ grad_loc, U* __restrict__ grad_attn, int GP) {
+  const Group grp = my_group(GP);
+  const int64_t row = grp.row;
+  const bool live = row < p.N * p.Lq * p.M;
+  const int64_t chunks = p.D / V;
+  const double scale = fixed_scale(gv);
+  // This lane's share of the dot product of the row with a corner that is not loaded.
+  const float gz = live ? zero_dot_share<T, V>(grad_out + row * p.D, grp.lane, GP, chunks) : 0.f;
+  backward_points(p, row, live, grp, GP, gz, grad_loc, grad_attn,
+                  [&](int64_t level_off, const Bilinear<float>& b, float a, bool ok, float s[4]) {
+                    if (ok) {
+                      scatter_point<T, V>(p.value, grad_out + row * p.D, level_off, p.M * p.D, b, a, gv, scale, grp.lane,
+                                          GP, chunks, s);
+                    }
+                  },
+                  NoRecord{});
 }
 
 // Row (n, q, m) of index r in (n, m, q) order: the row orders of the scatter variants below,
@@ -484,9 +524,7 @@ __device__ __forceinline__ void aggregated_scatter_point(const T* value, const T
 #pragma unroll
     for (int i = 0; i < V; ++i) gf[i] = 0.f;
     if (on) {
-      const Vec<T, V> g = *reinterpret_cast<const Vec<T, V>*>(g_row + c * V);
-#pragma unroll
-      for (int i = 0; i < V; ++i) gf[i] = to_f(g.v[i]);
+      load_floats<T, V>(g_row + c * V, gf);
     }
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
@@ -529,43 +567,19 @@ __global__ void __launch_bounds__(kThreads, 3)
   const Group grp = my_group(GP);
   const bool live = grp.row < p.N * p.Lq * p.M;
   const int64_t row = live ? query_major_row(p, grp.row) : 0;
-  const int lane = grp.lane;
-  const int64_t m = row % p.M;
-  const int64_t n = row / (p.Lq * p.M);
   const int64_t chunks = p.D / V;
-  const float gz = live ? zero_dot_share<T, V>(grad_out + row * p.D, lane, GP, chunks) : 0.f;
-  for (int64_t l = 0; l < p.L; ++l) {
-    const int64_t H = live ? p.shapes[2 * l] : 1, W = live ? p.shapes[2 * l + 1] : 1;
-    const int64_t start = live ? p.starts[l] : 0;
-    const bool fits = live && level_fits(H, W, start, p.S);
-    const int64_t level_off = fits ? ((n * p.S + start) * p.M + m) * p.D : 0;
-    for (int64_t pp = 0; pp < p.P; ++pp) {
-      const int64_t pt = (row * p.L + l) * p.P + pp;
-      Bilinear<float> b;
-      bool ok = false;
-      float a = 0.f;
-      if (fits) {
-        ok = make_bilinear<float>(to_f(p.loc[2 * pt]), to_f(p.loc[2 * pt + 1]), H, W, b);
-        a = to_f(p.attn[pt]);
-      }
-      float s[4] = {gz, gz, gz, gz};
-      if (GP < 32) {
-        aggregated_scatter_point<T, V>(p.value, grad_out + row * p.D, level_off, p.M * p.D, b, a, ok, gv, lane, GP,
-                                       chunks, s);
-      } else if (ok) {
-        scatter_point<T, V>(p.value, grad_out + row * p.D, level_off, p.M * p.D, b, a, GradValue{gv, nullptr, nullptr},
-                            0.0, lane, GP, chunks, s);
-      }
-      group_sum4(s, grp.mask, GP);
-      if (live && lane == 0) {
-        float ga = quiet_nan(), gx = quiet_nan(), gy = quiet_nan();
-        if (fits) point_grads<float>(b, s, a, H, W, ga, gx, gy);
-        grad_attn[pt] = from_f<U>(ga);
-        grad_loc[2 * pt] = from_f<U>(gx);
-        grad_loc[2 * pt + 1] = from_f<U>(gy);
-      }
-    }
-  }
+  const float gz = live ? zero_dot_share<T, V>(grad_out + row * p.D, grp.lane, GP, chunks) : 0.f;
+  backward_points(p, row, live, grp, GP, gz, grad_loc, grad_attn,
+                  [&](int64_t level_off, const Bilinear<float>& b, float a, bool ok, float s[4]) {
+                    if (GP < 32) {
+                      aggregated_scatter_point<T, V>(p.value, grad_out + row * p.D, level_off, p.M * p.D, b, a, ok, gv,
+                                                     grp.lane, GP, chunks, s);
+                    } else if (ok) {
+                      scatter_point<T, V>(p.value, grad_out + row * p.D, level_off, p.M * p.D, b, a,
+                                          GradValue{gv, nullptr, nullptr}, 0.0, grp.lane, GP, chunks, s);
+                    }
+                  },
+                  NoRecord{});
 }
 
 // Shared-memory budget of the privatized backward: 8192 fp32 (32 KB) per block.
@@ -631,12 +645,8 @@ __global__ void __launch_bounds__(kThreads, kBackwardMinBlocks<V>)
     for (int64_t pp = 0; pp < p.P; ++pp) {
       const int64_t pt = (row * p.L + l) * p.P + pp;
       Bilinear<float> b;
-      bool ok = false;
-      float a = 0.f;
-      if (fits) {
-        ok = make_bilinear<float>(to_f(p.loc[2 * pt]), to_f(p.loc[2 * pt + 1]), H, W, b);
-        a = to_f(p.attn[pt]);
-      }
+      float a;
+      const bool ok = load_point(p, pt, H, W, fits, b, a);
       float s[4] = {gz, gz, gz, gz};
       if (ok) {
         scatter_point<T, V>(p.value, grad_out + row * p.D, level_off, stride, b, a, lane, GP, chunks, s,

@@ -130,10 +130,8 @@ template <typename T, int V>
 __device__ __forceinline__ void dot_point(const T* value, const T* g_row, int64_t map, int64_t stride,
                                           const Bilinear<float>& b, int lane, int GP, int64_t chunks, float s[4]) {
   for (int64_t c = lane; c < chunks; c += GP) {
-    const Vec<T, V> g = *reinterpret_cast<const Vec<T, V>*>(g_row + c * V);
     float gf[V];
-#pragma unroll
-    for (int i = 0; i < V; ++i) gf[i] = to_f(g.v[i]);
+    cuda::load_floats<T, V>(g_row + c * V, gf);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       if (b.idx[k] < 0) continue;
@@ -158,47 +156,26 @@ __global__ void __launch_bounds__(kThreads, cuda::kBackwardMinBlocks<V>)
   // Lanes past the last row stay to take part in the shuffles of their group.
   const int64_t row = grp.row;
   const bool live = row < p.N * p.Lq * p.M;
-  const int lane = grp.lane;
-  const int64_t m = live ? row % p.M : 0;
-  const int64_t n = live ? row / (p.Lq * p.M) : 0;
   const int64_t chunks = p.D / V;
   const int32_t unused = static_cast<int32_t>(p.N * p.S * p.M);
-  const float gz = live ? cuda::zero_dot_share<T, V>(grad_out + row * p.D, lane, GP, chunks) : 0.f;
-  for (int64_t l = 0; l < p.L; ++l) {
-    const int64_t H = live ? p.shapes[2 * l] : 1, W = live ? p.shapes[2 * l + 1] : 1;
-    const int64_t start = live ? p.starts[l] : 0;
-    const bool fits = live && level_fits(H, W, start, p.S);  // else its gradients are NaN, its corners unused
-    const int64_t level_off = fits ? ((n * p.S + start) * p.M + m) * p.D : 0;
-    for (int64_t pp = 0; pp < p.P; ++pp) {
-      const int64_t pt = (row * p.L + l) * p.P + pp;
-      Bilinear<float> b;
-      bool ok = false;
-      float a = 0.f;
-      if (fits) {
-        ok = make_bilinear<float>(to_f(p.loc[2 * pt]), to_f(p.loc[2 * pt + 1]), H, W, b);
-        a = to_f(p.attn[pt]);
-      }
-      float s[4] = {gz, gz, gz, gz};
-      if (ok) dot_point<T, V>(p.value, grad_out + row * p.D, level_off, p.M * p.D, b, lane, GP, chunks, s);
-      cuda::group_sum4(s, grp.mask, GP);
-      if (live && lane == 0) {
-        float ga = cuda::quiet_nan(), gx = cuda::quiet_nan(), gy = cuda::quiet_nan();
-        if (fits) point_grads<float>(b, s, a, H, W, ga, gx, gy);
-        grad_attn[pt] = from_f<U>(ga);
-        grad_loc[2 * pt] = from_f<U>(gx);
-        grad_loc[2 * pt + 1] = from_f<U>(gy);
+  const float gz = live ? cuda::zero_dot_share<T, V>(grad_out + row * p.D, grp.lane, GP, chunks) : 0.f;
+  // A level that does not fit gives NaN gradients and leaves its corners unused (ok is false).
+  cuda::backward_points(
+      p, row, live, grp, GP, gz, grad_loc, grad_attn,
+      [&](int64_t level_off, const Bilinear<float>& b, float, bool ok, float s[4]) {
+        if (ok) dot_point<T, V>(p.value, grad_out + row * p.D, level_off, p.M * p.D, b, grp.lane, GP, chunks, s);
+      },
+      [&](int64_t pt, int64_t cell, const Bilinear<float>& b, float a, bool ok) {
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
           const int64_t e = pt * 4 + k;
           const bool used = ok && b.idx[k] >= 0;
-          // The cell of pixel start + idx of image n, head m.
-          keys[e] = used ? static_cast<int32_t>((n * p.S + start + b.idx[k]) * p.M + m) : unused;
+          // The cell of the level's pixel idx for this image and head ([N, S, M] flat).
+          keys[e] = used ? static_cast<int32_t>(cell + b.idx[k] * p.M) : unused;
           ids[e] = static_cast<int32_t>(e);
           coef[e] = used ? a * b.w[k] : 0.f;
         }
-      }
-    }
-  }
+      });
 }
 
 // The sort kernels are templates on the index type K (always int32_t) only so that, as every
@@ -211,11 +188,11 @@ __device__ __forceinline__ int64_t first_item() {
 
 __device__ __forceinline__ int digit_of(int32_t key, int shift) { return (key >> shift) & (kBins - 1); }
 
-// counts[d * tiles + tile] = how many keys of the tile have digit d.
+// per_thread[d][t] = how many of thread t's keys (first_item()'s kItems, below n) have digit d;
+// the caller's barrier then makes every thread's counts visible.
 template <typename K>
-__global__ void __launch_bounds__(kThreads)
-    radix_count(const K* __restrict__ keys, int64_t n, int shift, int32_t* __restrict__ counts, int64_t tiles) {
-  __shared__ int32_t per_thread[kBins][kThreads];
+__device__ __forceinline__ void count_digits(const K* __restrict__ keys, int64_t n, int shift,
+                                             int32_t (&per_thread)[kBins][kThreads]) {
   int32_t c[kBins];
 #pragma unroll
   for (int d = 0; d < kBins; ++d) c[d] = 0;
@@ -225,6 +202,14 @@ __global__ void __launch_bounds__(kThreads)
   }
 #pragma unroll
   for (int d = 0; d < kBins; ++d) per_thread[d][threadIdx.x] = c[d];
+}
+
+// counts[d * tiles + tile] = how many keys of the tile have digit d.
+template <typename K>
+__global__ void __launch_bounds__(kThreads)
+    radix_count(const K* __restrict__ keys, int64_t n, int shift, int32_t* __restrict__ counts, int64_t tiles) {
+  __shared__ int32_t per_thread[kBins][kThreads];
+  count_digits(keys, n, shift, per_thread);
   __syncthreads();
   if (threadIdx.x < kBins) {
     int32_t sum = 0;
@@ -270,15 +255,7 @@ __global__ void __launch_bounds__(kThreads)
     radix_scatter(const K* __restrict__ keys_in, const K* __restrict__ ids_in, K* __restrict__ keys_out,
                   K* __restrict__ ids_out, int64_t n, int shift, const int32_t* __restrict__ scanned, int64_t tiles) {
   __shared__ int32_t per_thread[kBins][kThreads];
-  int32_t c[kBins];
-#pragma unroll
-  for (int d = 0; d < kBins; ++d) c[d] = 0;
-  const int64_t first = first_item();
-  for (int i = 0; i < kItems; ++i) {
-    if (first + i < n) ++c[digit_of(keys_in[first + i], shift)];
-  }
-#pragma unroll
-  for (int d = 0; d < kBins; ++d) per_thread[d][threadIdx.x] = c[d];
+  count_digits(keys_in, n, shift, per_thread);
   __syncthreads();
   if (threadIdx.x < kBins) {  // exclusive scan over the threads, one digit per scanning thread
     int32_t acc = scanned[threadIdx.x * tiles + blockIdx.x];
@@ -289,8 +266,10 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   __syncthreads();
+  int32_t c[kBins];  // where this thread's next key of each digit goes
 #pragma unroll
   for (int d = 0; d < kBins; ++d) c[d] = per_thread[d][threadIdx.x];
+  const int64_t first = first_item();
   for (int i = 0; i < kItems; ++i) {
     if (first + i >= n) break;
     const int32_t key = keys_in[first + i];

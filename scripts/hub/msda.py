@@ -26,38 +26,47 @@ _GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 if "triton" in KERNEL_DEVICES:
     from . import triton_msda
 
+    def _triton_variant(variant: int) -> None:
+        # The same schema as the compiled variants (their `int variant`); Triton has one kernel each.
+        if variant != 0:
+            raise ValueError(f"{NAMESPACE}: the Triton kernels have one variant (0), not {variant}")
+
     @torch.library.custom_op(f"{NAMESPACE}::msda_forward", mutates_args=())
     def _forward(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
-                 attention_weights: Tensor) -> Tensor:
+                 attention_weights: Tensor, variant: int = 0) -> Tensor:
+        _triton_variant(variant)
         return triton_msda.msda_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
     @torch.library.custom_op(f"{NAMESPACE}::msda_backward", mutates_args=())
     def _backward(grad_output: Tensor, value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
-                  sampling_locations: Tensor, attention_weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                  sampling_locations: Tensor, attention_weights: Tensor, variant: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        _triton_variant(variant)
         return triton_msda.msda_backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
                                          attention_weights)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::msda_forward")
-def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, variant=0):
     N, _, M, D = value.shape
     return value.new_empty(N, sampling_locations.shape[1], M * D)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::msda_backward")
-def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, variant=0):
     return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    # The five tensors; the last input is the kernel variant (an int, as every op of the schemas
+    # in csrc/registration.cpp takes), which the backward's default kernel does not need.
+    ctx.save_for_backward(*inputs[:5])
 
 
 def _grads(ctx, grad_output):
     value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
     grad_value, grad_loc, grad_attn = ops.msda_backward(grad_output.contiguous(), value, spatial_shapes,
                                                         level_start_index, sampling_locations, attention_weights)
-    return grad_value, None, None, grad_loc, grad_attn
+    return grad_value, None, None, grad_loc, grad_attn, None
 
 
 torch.library.register_autograd(f"{NAMESPACE}::msda_forward", _grads, setup_context=_setup_context)
