@@ -72,7 +72,6 @@ def _ours(core, theirs):
 
 def _is_forward_calling(name: str):
     def check(current) -> bool:
-        current = current.fn if isinstance(current, _swap.HeldCall) else current  # a swap that follows copies
         fn = getattr(current, "__func__", None)
         return getattr(fn, "__wrapped_by_piip__", (None, None, None))[1] == name
     return check
@@ -105,10 +104,9 @@ def swap_function_by_name(owner: str, module_name: str, class_name: str, name: s
                 continue
             forward = forward_calling(type(module).forward, name, ours)
             # The bound method refers back to the module: the swap keeps a predicate, not the value.
-            # follow: a deep copy of the model (an EMA copy) is held by this handle too; a pickled
-            # model carries their forward.
-            _swap.swap(handle, module, "forward", forward.__get__(module), kind="layer", what=what, ours=is_ours,
-                       follow=True)
+            # Not `follow` (as the transformers and RT-DETRv2 swaps are): torch.compile cannot
+            # build guards through a wrapper around a forward with globals of its own.
+            _swap.swap(handle, module, "forward", forward.__get__(module), kind="layer", what=what, ours=is_ours)
     if handle.taken() == 0:
         _swap.log_once(f"{owner}: found no {module_name}.{class_name} in {type(model).__name__}")
     return handle
