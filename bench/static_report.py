@@ -388,7 +388,8 @@ def main(argv=None) -> int:
             if tool is None and tri_note.startswith("not run (--"):
                 tri_note = "not run: no cuobjdump (pip install -c constraints.txt nvidia-cuda-cuobjdump)"
             if tool:
-                tri, tri_note = triton_rows(tool, Path(tmp)), f"cuobjdump: {tool}"
+                tri, tri_note = triton_rows(tool, Path(tmp)), "cuobjdump " + subprocess.run(
+                    [tool, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
     nvcc_version = subprocess.run([shutil.which("nvcc") or "nvcc", "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
     cols = ["op", "variant", "kernel", "registers", "spill_stores", "spill_loads", "stack", "smem", "blocks_per_sm", "occupancy",
             "limited_by"]
